@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first, so the package's torch requirement pulls nothing bigger.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test,demo]"
+	touch $(STAMP)
+
+.PHONY: venv demo test test-fast gpu-check
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lowrank demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# On the GPU machine, from a source checkout (no network): every GPU test and benchmark.
+gpu-check:
+	python3 -m bench.gpu_check --out bench/results/gpu-$$(date +%Y%m%d-%H%M%S)

@@ -1,0 +1,1 @@
+"""CUDA C kernels through CuPy: <op>.cu sources and <op>.py lazy loaders/launchers."""

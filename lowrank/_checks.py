@@ -1,0 +1,39 @@
+"""Input validation shared by the public entry points: clear errors, raised early."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_matrix(A, name: str = "A", *, finite: bool = True) -> None:
+    """Raise TypeError/ValueError unless ``A`` is a floating tensor with >= 2 dims."""
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {A.dtype}; expected one of float32, float64, bfloat16, float16"
+        )
+    if A.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (got shape {tuple(A.shape)})")
+    if A.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(A.shape)})")
+    if finite and not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{name} contains NaN or Inf entries")
+
+
+def check_rank(k, m: int, n: int, name: str = "k") -> int:
+    """Return ``k`` as an int after checking 1 <= k <= min(m, n)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    if k > min(m, n):
+        raise ValueError(f"{name}={k} exceeds min(m, n) = {min(m, n)} of a {m} x {n} matrix")
+    return k
+
+
+def sketch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the sketch products: float64 for float64 weights, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

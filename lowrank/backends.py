@@ -1,0 +1,114 @@
+"""Backend dispatch for the three ops: ``sketch``, ``fused_sgd_sketch``, ``postprocess``.
+
+``backend`` is one of "auto", "torch", "triton", "cupy". "auto" picks the fastest available for
+the tensor's device: Triton on CUDA when it imports, else torch. Asking explicitly for a backend
+that is not available raises :class:`BackendUnavailable`; nothing falls back silently.
+
+The kernels live in the repository's top-level ``kernels/`` folder, installed as
+``lowrank.kernels``. From a plain source checkout (no install, as on the GPU machine) that
+folder is mapped onto ``lowrank.kernels`` on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .fused_sgd_sketch import fused_sgd_sketch_torch
+from .postprocess import postprocess_torch
+from .sketch import sketch_torch
+
+BACKENDS = ("auto", "torch", "triton", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (package missing, or no GPU)."""
+
+
+def _kernels_package():
+    """Import ``lowrank.kernels``, mapping the source tree's ``kernels/`` when not installed."""
+    name = "lowrank.kernels"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        pass
+    src = Path(__file__).resolve().parent.parent / "kernels"
+    if not (src / "__init__.py").exists():
+        raise BackendUnavailable("lowrank.kernels is not installed and no kernels/ folder was found")
+    spec = importlib.util.spec_from_file_location(name, src / "__init__.py",
+                                                  submodule_search_locations=[str(src)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_module(backend: str, op: str):
+    """The module of ``op`` for ``backend`` (e.g. lowrank.kernels.triton.sketch)."""
+    _kernels_package()
+    return importlib.import_module(f"lowrank.kernels.{backend}.{op}")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cupy_available() -> bool:
+    return importlib.util.find_spec("cupy") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Map "auto" to a concrete backend for ``device`` and check that the choice can run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "torch":
+        return backend
+    if backend == "triton":
+        if not triton_available():
+            raise BackendUnavailable("backend='triton' needs Triton: pip install 'lowrank-spectra[triton]'")
+        if device.type != "cuda" and not _interpreting():
+            raise BackendUnavailable(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+        return backend
+    # cupy
+    if not cupy_available():
+        raise BackendUnavailable("backend='cupy' needs CuPy: pip install 'lowrank-spectra[cupy]'")
+    if device.type != "cuda":
+        raise BackendUnavailable("backend='cupy' needs CUDA tensors")
+    return backend
+
+
+def sketch(W, U, V, *, backend: str = "torch"):
+    """Op ``sketch`` on the given concrete backend; see :func:`lowrank.sketch.sketch_torch`."""
+    if backend == "torch":
+        return sketch_torch(W, U, V)
+    return getattr(kernel_module(backend, "sketch"), f"sketch_{backend}")(W, U, V)
+
+
+def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", **hyper):
+    """Op ``fused_sgd_sketch``; see :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`."""
+    if backend == "torch":
+        return fused_sgd_sketch_torch(W, G, buf, U, V, **hyper)
+    fn = getattr(kernel_module(backend, "fused_sgd_sketch"), f"fused_sgd_sketch_{backend}")
+    return fn(W, G, buf, U, V, **hyper)
+
+
+def postprocess(Y, Z, U, V, *, seed: int, step: int, backend: str = "torch"):
+    """Op ``postprocess``. Only CuPy has its own kernel; Triton uses the torch reference."""
+    if backend == "cupy":
+        return kernel_module("cupy", "postprocess").postprocess_cupy(Y, Z, U, V, seed=seed, step=step)
+    return postprocess_torch(Y, Z, U, V, seed=seed, step=step)

@@ -1,0 +1,57 @@
+"""Op ``fused_sgd_sketch``: the torch.optim.SGD update followed by the sketch of the updated W.
+
+Reference and CPU backend of the fused kernels in ``kernels/``. The update follows
+``torch.optim.SGD`` exactly (same operation order, so trajectories match bit for bit on the CPU):
+
+    g = -G if maximize else G
+    g = g + wd * W                                  (coupled weight decay)
+    if momentum != 0:
+        buf = clone(g)                              (first step, buf is None)
+        buf = momentum * buf + (1 - dampening) * g  (later steps)
+        g = g + momentum * buf if nesterov else buf
+    W = W - lr * g
+
+then ``sketch`` of the updated W (see :mod:`lowrank.sketch`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sketch import SketchOut, as_batched, sketch_torch
+
+
+def sgd_update_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None, *, lr,
+                     weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
+                     nesterov: bool = False, maximize: bool = False) -> torch.Tensor | None:
+    """In-place SGD update of W; returns the momentum buffer (new one on the first step).
+
+    ``lr`` may be a float or a 0-d tensor. Mirrors ``torch.optim.sgd._single_tensor_sgd``.
+    """
+    g = G if not maximize else -G
+    if weight_decay != 0:
+        g = g.add(W, alpha=weight_decay)
+    if momentum != 0:
+        if buf is None:
+            buf = g.detach().clone()
+        else:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    if isinstance(lr, torch.Tensor):
+        if lr.requires_grad:
+            W.addcmul_(g, lr, value=-1)
+        else:
+            W.add_(g, alpha=-lr.item())  # torch.optim.SGD also reads a tensor lr as a scalar
+    else:
+        W.add_(g, alpha=-lr)
+    return buf
+
+
+def fused_sgd_sketch_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
+                           U: torch.Tensor, V: torch.Tensor, *, lr, weight_decay: float = 0.0,
+                           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                           maximize: bool = False) -> tuple[SketchOut, torch.Tensor | None]:
+    """Update W in place (and buf), then sketch the updated W. Returns (sketch, buf)."""
+    buf = sgd_update_torch(W, G, buf, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                           dampening=dampening, nesterov=nesterov, maximize=maximize)
+    return sketch_torch(as_batched(W), U, V), buf

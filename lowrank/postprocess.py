@@ -1,0 +1,105 @@
+"""Op ``postprocess``: the small float64 linear algebra that turns sketches into spectra and bases.
+
+From the sketches Y = W V (b, m, k) and Z = W^T U (b, n, k) of one step:
+
+    Gy = Y^T Y,  Gz = Z^T Z                  (k x k Gram matrices, float64)
+    Gy = Qy diag(ly) Qy^T                    (symmetric eigendecomposition, descending)
+    sigma_y = sqrt(ly),  sigma_z = sqrt(lz)  lower bounds of the true top-k singular values:
+                                             sigma_i(W V) <= sigma_i(W) for orthonormal V
+    sigma = max(sigma_y, sigma_z)            still a lower bound, the better of the two
+    U_next = Y Qy diag(ly)^-1/2              Ritz vectors: orthonormal, column i estimates u_i
+    V_next = Z Qz diag(lz)^-1/2
+
+Rank deficiency (a zero matrix, rank < k, dead neurons, duplicated columns) makes some ly tiny:
+those columns are refilled with seeded Gaussian vectors, projected off the good columns, and the
+whole basis is re-orthonormalised by two rounds of Cholesky-QR (well conditioned by then, so
+``cholesky_ex`` cannot fail). No data-dependent branch: the refill is computed for every column
+and selected with ``torch.where``, so no NaN, no exception, no host synchronisation for the
+branch. (``torch.linalg.eigh`` itself may synchronise on CUDA; the CuPy kernel avoids that.)
+
+The drift between consecutive bases is recorded as the k x k overlaps U_old^T U_next and
+V_old^T V_next, whose singular values are the cosines of the principal angles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Eigenvalues of a float64 Gram matrix below this fraction of the largest are rounding noise
+# (sigma_i / sigma_1 < ~1e-7: the level of float32 sketch products); their directions are refilled.
+GRAM_RELATIVE_FLOOR = 1e-14
+# Below this absolute value the Gram matrix is treated as zero (a zero weight matrix). float64
+# keeps 1e-30-scaled weights (Gram ~1e-60) well above it.
+GRAM_ABSOLUTE_FLOOR = 1e-280
+
+
+class PostOut(NamedTuple):
+    sigma: torch.Tensor  # (b, k) float64, descending: max(sigma_y, sigma_z)
+    sigma_y: torch.Tensor  # (b, k) float64, singular values of Y = W V
+    sigma_z: torch.Tensor  # (b, k) float64, singular values of Z = W^T U
+    U: torch.Tensor  # (b, m, k) next left basis (dtype of the old one)
+    V: torch.Tensor  # (b, n, k) next right basis
+    overlap_u: torch.Tensor  # (b, k, k) float64, U_old^T U_next
+    overlap_v: torch.Tensor  # (b, k, k) float64, V_old^T V_next
+
+
+def _cholesky_qr(X: torch.Tensor) -> torch.Tensor:
+    """One Cholesky-QR round on a well-conditioned float64 batch (b, p, k)."""
+    G = X.transpose(-2, -1) @ X
+    L, _ = torch.linalg.cholesky_ex(G)
+    # X = Q L^T  =>  Q = X L^-T, computed as a triangular solve on the right.
+    return torch.linalg.solve_triangular(L.transpose(-2, -1), X, upper=True, left=False)
+
+
+def ritz_basis(S: torch.Tensor, refill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal Ritz basis of the sketch S (b, p, k) in float64, and its singular values.
+
+    ``refill`` (b, p, k) supplies candidate vectors for directions S does not span.
+    Returns (Q (b, p, k), sigma (b, k) descending).
+    """
+    S = S.to(torch.float64)
+    gram = S.transpose(-2, -1) @ S
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
+    evals = evals.clamp_min(0.0)
+    top = evals[..., :1]
+    good = (evals > GRAM_RELATIVE_FLOOR * top) & (evals > GRAM_ABSOLUTE_FLOOR)  # (b, k)
+    scale = torch.where(good, evals, torch.ones_like(evals)).rsqrt()
+    Q = (S @ evecs) * scale.unsqueeze(-2)
+    Q = torch.where(good.unsqueeze(-2), Q, torch.zeros_like(Q))
+    # Refill: project the candidates off the good columns (twice, for float64 orthogonality).
+    R = refill.to(torch.float64)
+    for _ in range(2):
+        R = R - Q @ (Q.transpose(-2, -1) @ R)
+    Q = torch.where(good.unsqueeze(-2), Q, R)
+    # Good columns come first (descending order), so the triangular factor leaves them in place
+    # up to rounding while it orthonormalises the refilled ones.
+    Q = _cholesky_qr(_cholesky_qr(Q))
+    sigma = torch.where(good, evals.sqrt(), torch.zeros_like(evals))
+    return Q, sigma
+
+
+def refill_candidates(shape, seed: int, step: int, device) -> torch.Tensor:
+    """Gaussian candidates for null directions; deterministic in (seed, step), drawn on ``device``."""
+    g = torch.Generator(device=device).manual_seed((int(seed) * 7919 + int(step)) % (2**63 - 1))
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float64)
+
+
+def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
+                      *, seed: int = 0, step: int = 0) -> PostOut:
+    """Reference post-processing of one step's sketches (see the module docstring).
+
+    Y (b, m, k), Z (b, n, k), U_old (b, m, k), V_old (b, n, k). ``seed`` and ``step`` make
+    the refill of rank-deficient directions reproducible.
+    """
+    b, m, k = Y.shape
+    n = Z.shape[-2]
+    Uq, sigma_y = ritz_basis(Y, refill_candidates((b, m, k), seed, 2 * step, Y.device))
+    Vq, sigma_z = ritz_basis(Z, refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
+    overlap_u = U_old.to(torch.float64).transpose(-2, -1) @ Uq
+    overlap_v = V_old.to(torch.float64).transpose(-2, -1) @ Vq
+    sigma = torch.maximum(sigma_y, sigma_z)
+    return PostOut(sigma, sigma_y, sigma_z, Uq.to(U_old.dtype), Vq.to(V_old.dtype),
+                   overlap_u, overlap_v)

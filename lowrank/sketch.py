@@ -1,0 +1,94 @@
+"""The sketch pass (reference and CPU backend) and the seeded start bases.
+
+Op ``sketch``: for W (b, m, n) and thin orthonormal bases U (b, m, k), V (b, n, k):
+
+    Y = W V          (b, m, k)   sketch of the column space
+    Z = W^T U        (b, n, k)   sketch of the row space
+    fro2 = ||W||_F^2 (b,)        exact, accumulated in float64 (1e30-scaled fp32 weights must not overflow)
+    row_sq           (b, m)      sums of squares of each row of W (vanishing neurons), float64
+
+The Triton and CuPy kernels implement the same contract; ``kernels/`` holds them and the tests
+compare each against :func:`sketch_torch`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+import torch
+
+from ._checks import sketch_dtype
+
+
+class SketchOut(NamedTuple):
+    Y: torch.Tensor  # (b, m, k) in the sketch dtype (float32, float64 for float64 weights)
+    Z: torch.Tensor  # (b, n, k)
+    fro2: torch.Tensor  # (b,) float64
+    row_sq: torch.Tensor  # (b, m) float64
+
+
+def as_batched(W: torch.Tensor) -> torch.Tensor:
+    """View a weight as a batch of matrices: (m, n) -> (1, m, n); conv (o, i, kh, kw) -> (1, o, i*kh*kw).
+
+    A 3-D input is taken as already batched (b, m, n).
+    """
+    if W.dim() == 2:
+        return W.unsqueeze(0)
+    if W.dim() == 3:
+        return W
+    return W.reshape(1, W.shape[0], -1)
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """(m, n) that a parameter of ``shape`` is tracked as: conv kernels become (out, in*kh*kw)."""
+    m = int(shape[0])
+    n = 1
+    for s in shape[1:]:
+        n *= int(s)
+    return m, n
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A per-matrix seed that is the same in every process (crc32, not Python's salted hash)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def gaussian(shape, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Seeded standard normal numbers drawn on the CPU in float64, so any device gets the same."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def orthonormal_columns(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormalise the columns of a batch (b, p, k), p >= k, by Householder QR in float64."""
+    Q, R = torch.linalg.qr(X.to(torch.float64))
+    # Fix the sign so the result is a function of X alone (positive diagonal of R).
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (Q * sign.unsqueeze(-2)).to(X.dtype)
+
+
+def init_bases(m: int, n: int, k: int, *, seed: int = 0, batch: int = 1, device=None,
+               dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded Gaussian start bases U (batch, m, k) and V (batch, n, k), orthonormal columns.
+
+    Identical for a given (seed, shape) on every device and process: drawn on the CPU in float64.
+    """
+    U = orthonormal_columns(gaussian((batch, m, k), seed, dtype=torch.float64))
+    V = orthonormal_columns(gaussian((batch, n, k), seed + 1, dtype=torch.float64))
+    return U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)
+
+
+def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> SketchOut:
+    """Reference sketch pass over W (b, m, n) (or (m, n)) with bases U (b, m, k), V (b, n, k).
+
+    Products run in float32 (float64 for float64 weights), whatever the weight dtype.
+    """
+    W = as_batched(W)
+    cdt = sketch_dtype(W.dtype)
+    Wc = W.to(cdt)
+    Y = torch.matmul(Wc, V.to(cdt))
+    Z = torch.matmul(Wc.transpose(-2, -1), U.to(cdt))
+    row_sq = W.to(torch.float64).square().sum(dim=-1)
+    return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq)

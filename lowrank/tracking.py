@@ -1,0 +1,135 @@
+"""The tracking core shared by SpectralSGD, SpectrumTracker and the one-shot estimates.
+
+A :class:`MatrixTracker` holds the state of one tracked matrix (tensors and ints only): the bases
+U (m x k), V (n x k) and the last step's estimates. Each step, a backend computes the sketches of
+the current W (with or without the SGD update), and :meth:`MatrixTracker.absorb` runs the small
+post-processing and swaps in the new state, all on the device with no host synchronisation.
+A step whose sketches are not finite (NaN/Inf weights) keeps the previous bases and estimates and
+raises the ``nonfinite`` flag instead of poisoning later steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import backends, metrics
+from .sketch import SketchOut, init_bases, name_seed
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    """The spectrum of one matrix at one step. Tensors are on the tracker's device, float64.
+
+    sigma: top-r singular values, descending (estimated lower bounds); step: the tracked step
+    count; the other fields are the metrics of :mod:`lowrank.metrics` (see each for what is exact).
+    """
+
+    name: str
+    shape: tuple
+    step: int
+    sigma: torch.Tensor
+    fro_norm: torch.Tensor
+    spectral_norm: torch.Tensor
+    stable_rank: torch.Tensor
+    energy_fraction: torch.Tensor
+    numerical_rank: torch.Tensor
+    numerical_rank_upper: torch.Tensor
+    rank_censored: torch.Tensor
+    effective_rank: torch.Tensor
+    effective_rank_lower: torch.Tensor
+    effective_rank_upper: torch.Tensor
+    convergence: torch.Tensor
+    subspace_drift: torch.Tensor
+    near_zero_rows: torch.Tensor
+    nonfinite: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain Python numbers and lists (one host sync), e.g. for printing or JSON."""
+        out = {"name": self.name, "shape": list(self.shape), "step": self.step}
+        for key, value in self.__dict__.items():
+            if isinstance(value, torch.Tensor):
+                out[key] = value.tolist()
+        for key, value in self.extra.items():
+            out[key] = value.tolist() if isinstance(value, torch.Tensor) else value
+        return out
+
+
+STATE_KEYS = ("U", "V", "sigma", "sigma_y", "sigma_z", "sigma_prev", "fro2", "row_sq",
+              "overlap_u", "nonfinite")
+
+
+class MatrixTracker:
+    """State and step logic for one tracked matrix of shape (m, n) with sketch width k."""
+
+    def __init__(self, name: str, shape: tuple[int, int], k: int, *, seed: int = 0,
+                 device=None, basis_dtype=torch.float32):
+        m, n = shape
+        self.name, self.shape, self.k = name, (m, n), k
+        self.seed = name_seed(seed, name)
+        self.step = 0
+        self.U, self.V = init_bases(m, n, k, seed=self.seed, device=device, dtype=basis_dtype)
+        f64 = dict(device=device, dtype=torch.float64)
+        self.sigma = torch.zeros(1, k, **f64)
+        self.sigma_y = torch.zeros(1, k, **f64)
+        self.sigma_z = torch.zeros(1, k, **f64)
+        self.sigma_prev = torch.zeros(1, k, **f64)
+        self.fro2 = torch.zeros(1, **f64)
+        self.row_sq = torch.zeros(1, m, **f64)
+        self.overlap_u = torch.zeros(1, k, k, **f64)
+        self.nonfinite = torch.zeros(1, dtype=torch.bool, device=device)
+
+    def absorb(self, sk: SketchOut, *, backend: str = "torch") -> None:
+        """Post-process one step's sketches and advance the state (no host sync)."""
+        finite = (torch.isfinite(sk.fro2) & torch.isfinite(sk.Y).flatten(1).all(-1)
+                  & torch.isfinite(sk.Z).flatten(1).all(-1))  # (1,)
+        fb = finite.view(-1, 1, 1)
+        Y = torch.where(fb, sk.Y, torch.zeros_like(sk.Y))
+        Z = torch.where(fb, sk.Z, torch.zeros_like(sk.Z))
+        post = backends.postprocess(Y, Z, self.U, self.V, seed=self.seed, step=self.step,
+                                    backend=backend)
+        f1 = finite.view(-1, 1)
+        self.U = torch.where(fb, post.U, self.U)
+        self.V = torch.where(fb, post.V, self.V)
+        self.sigma_prev = torch.where(f1, self.sigma, self.sigma_prev)
+        self.sigma = torch.where(f1, post.sigma, self.sigma)
+        self.sigma_y = torch.where(f1, post.sigma_y, self.sigma_y)
+        self.sigma_z = torch.where(f1, post.sigma_z, self.sigma_z)
+        self.overlap_u = torch.where(fb, post.overlap_u, self.overlap_u)
+        self.fro2 = torch.where(finite, sk.fro2, self.fro2)
+        self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
+        self.nonfinite = ~finite
+        self.step += 1
+
+    def metrics(self, r: int, tol: float = 1e-3) -> dict[str, torch.Tensor]:
+        """Metrics of the latest step, each of shape (1, ...)."""
+        prev = self.sigma_prev if self.step > 1 else None
+        out = metrics.summarize(self.sigma, self.sigma_y, self.sigma_z, prev, self.fro2,
+                                self.row_sq, self.overlap_u if self.step > 1 else None,
+                                self.shape, r, tol)
+        if "subspace_drift" not in out:
+            out["subspace_drift"] = torch.ones_like(self.fro2)
+        out["nonfinite"] = self.nonfinite
+        return out
+
+    def result(self, r: int, tol: float = 1e-3) -> SpectrumResult:
+        """A :class:`SpectrumResult` of the latest step (batch dimension dropped)."""
+        values = {key: value[0] for key, value in self.metrics(r, tol).items()}
+        return SpectrumResult(name=self.name, shape=self.shape, step=self.step, **values)
+
+    def state_dict(self) -> dict:
+        out = {key: getattr(self, key) for key in STATE_KEYS}
+        out["step"] = self.step
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in STATE_KEYS:
+            current = getattr(self, key)
+            value = state[key]
+            if value.shape != current.shape:
+                raise ValueError(f"tracker state {key!r} of {self.name!r} has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(current.shape)}")
+            setattr(self, key, value.to(device=current.device, dtype=current.dtype).clone())
+        self.step = int(state["step"])
