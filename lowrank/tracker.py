@@ -1,0 +1,72 @@
+"""SpectrumTracker: spectral tracking beside any optimizer (AdamW, Adam, Muon, ...)."""
+
+from __future__ import annotations
+
+import torch
+
+from .trackset import TrackedSet, check_positive_int
+
+
+class SpectrumTracker:
+    """Track the spectrum of every weight matrix of a model, whatever updates it.
+
+    Call :meth:`step` after ``optimizer.step()``, or :meth:`attach` the tracker to the optimizer
+    (through its step post-hook). Each ``every``-th call reads each tracked matrix once (the
+    sketch-only pass) and advances its tracker. Results and metrics are those of
+    :class:`lowrank.SpectralSGD`; the arguments of the same name mean the same.
+
+    ``model_or_named_params``: an ``nn.Module`` (its ``named_parameters()``), or an iterable
+    of (name, tensor) pairs.
+    """
+
+    def __init__(self, model_or_named_params, rank: int = 8, every: int = 1, *,
+                 sketch_rank=None, audit_every: int = 0, backend: str = "auto", seed: int = 0,
+                 include=None, exclude=None, rank_tol: float = 1e-3, log=None):
+        if isinstance(model_or_named_params, torch.nn.Module):
+            named = list(model_or_named_params.named_parameters())
+        else:
+            named = list(model_or_named_params)
+            if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+                       and isinstance(x[1], torch.Tensor) for x in named):
+                raise TypeError("SpectrumTracker takes an nn.Module or (name, tensor) pairs, "
+                                "e.g. model.named_parameters()")
+        if not named:
+            raise ValueError("SpectrumTracker got no parameters")
+        self.every = check_positive_int(every, "every")
+        self.calls = 0
+        self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
+                                  backend=backend, rank_tol=rank_tol, audit_every=audit_every,
+                                  track_grad=False, include=include, exclude=exclude, log=log)
+        if not self.tracked.trackers:
+            raise ValueError("no parameter with 2 or more dimensions to track")
+        if log is not None:
+            log.update_config({"tracker": "SpectrumTracker", "rank": rank, "every": every,
+                               "sketch_rank": sketch_rank, "seed": seed, "backend": backend,
+                               "rank_tol": rank_tol,
+                               "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Sketch every tracked matrix (on every ``every``-th call)."""
+        if self.calls % self.every == 0:
+            names = list(self.tracked.trackers)
+            for name in names:
+                self.tracked.sketch_only(name)
+            self.tracked.after_step(self.calls, names)
+        self.calls += 1
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`step` after every ``optimizer.step()``; returns the hook handle
+        (``handle.remove()`` detaches)."""
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+    def spectra(self):
+        """Mapping parameter name -> :class:`lowrank.SpectrumResult` of its latest tracked step."""
+        return self.tracked.spectra()
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, **self.tracked.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+        self.tracked.load_state_dict(state)
