@@ -1,0 +1,216 @@
+"""Batched post-processing on a GPU: CuPy kernels vs the torch reference vs plain torch.linalg.
+
+    python3 -m bench.bench_postprocess_gpu --out DIR      (or run(DIR) from bench.gpu_check)
+
+For b in {1, 32, 256} matrices and k in {16, 32, 64}, with m = n = 4096 sketches Y (b, m, k),
+Z (b, n, k) (fp32, a decaying spectrum) and orthonormal fp32 bases, times:
+
+- ``cupy``: :func:`lowrank.kernels.cupy.postprocess.postprocess_cupy` (eager launches);
+- ``cupy_graph``: the same captured once in a CUDA graph and replayed (no launch overhead);
+- ``torch_reference``: :func:`lowrank.postprocess.postprocess_torch` (eigh + Cholesky-QR);
+- ``linalg_eigh`` / ``linalg_qr`` / ``linalg_svdvals``: the bare batched torch.linalg call a user
+  would write instead (float64, both sides), for scale.
+
+Before timing, the CuPy result is checked against the reference (``check``: max relative error of
+sigma over values >= 1e-3 sigma_1, and the orthonormality error of U). ``host_syncs`` counts the
+synchronisations torch reports in one call under ``torch.cuda.set_sync_debug_mode("warn")``
+(it sees torch's own syncs only, e.g. inside ``torch.linalg.eigh``; the CuPy kernels have none by
+construction: no device-to-host copy, no data-dependent host branch). Times: median, 20th and
+80th percentile in ms from ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run),
+or from CUDA events around single calls when Triton is missing. One CSV row per measurement in
+DIR/postprocess.csv with device name, library versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import subprocess
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+COLUMNS = ["op", "provider", "b", "m", "n", "k", "median_ms", "p20_ms", "p80_ms", "host_syncs",
+           "check", "device_name", "torch_version", "cupy_version", "triton_version", "commit",
+           "date", "error"]
+BATCHES = (1, 32, 256)
+KS = (16, 32, 64)
+M = N = 4096
+
+
+def _versions() -> dict:
+    import torch
+
+    out = {"torch_version": torch.__version__, "cupy_version": "", "triton_version": ""}
+    for name in ("cupy", "triton"):
+        try:
+            out[f"{name}_version"] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 (absent or broken: reported as empty)
+            pass
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).resolve().parent.parent,
+                                       timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out["commit"] = ""
+    out["device_name"] = torch.cuda.get_device_name()
+    out["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return out
+
+
+def _time_ms(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms."""
+    import torch
+
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        p20, p50, p80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=5, rep=200)
+        return p50, p20, p80
+    times = []
+    for _ in range(20):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+def count_host_syncs(fn) -> int:
+    """Synchronisations torch reports during one call of ``fn`` (its sync debug mode)."""
+    import torch
+
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def _inputs(b: int, k: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    decay = torch.logspace(0, -3, k, device=dev)  # a spectrum with structure, well above the floor
+    Y = torch.randn(b, M, k, device=dev, generator=g) * decay
+    Z = torch.randn(b, N, k, device=dev, generator=g) * decay
+    U = torch.linalg.qr(torch.randn(b, M, k, device=dev, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(b, N, k, device=dev, generator=g))[0]
+    return Y, Z, U, V
+
+
+def run(out_dir, batches=BATCHES, ks=KS) -> Path:
+    """Measure every (b, k) and provider; rows are appended to out_dir/postprocess.csv as they come."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_postprocess_gpu needs a CUDA GPU")
+    from lowrank.backends import kernel_module
+    from lowrank.postprocess import postprocess_torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "postprocess.csv"
+    env = _versions()
+    new = not path.exists()
+    f = path.open("a", newline="")
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    if new:
+        writer.writeheader()
+
+    def write(**row):
+        row = {**env, "op": "postprocess", "m": M, "n": N, **row}
+        writer.writerow({c: row.get(c, "") for c in COLUMNS})
+        f.flush()
+
+    try:
+        pp_cupy = kernel_module("cupy", "postprocess").postprocess_cupy
+    except Exception as exc:  # noqa: BLE001 (reported as a row, the torch rows still run)
+        pp_cupy = None
+        write(provider="cupy", error=f"{type(exc).__name__}: {exc}"[:500])
+    for b in batches:
+        for k in ks:
+            try:
+                Y, Z, U, V = _inputs(b, k)
+            except Exception as exc:  # noqa: BLE001
+                write(provider="inputs", b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
+                continue
+            Y64, Z64 = Y.double(), Z.double()
+            providers = {
+                "torch_reference": lambda: postprocess_torch(Y, Z, U, V, seed=0, step=1),
+                "linalg_eigh": lambda: (torch.linalg.eigh(Y64.mT @ Y64), torch.linalg.eigh(Z64.mT @ Z64)),
+                "linalg_qr": lambda: (torch.linalg.qr(Y64), torch.linalg.qr(Z64)),
+                "linalg_svdvals": lambda: (torch.linalg.svdvals(Y64), torch.linalg.svdvals(Z64)),
+            }
+            check = ""
+            if pp_cupy is not None:
+                providers["cupy"] = lambda: pp_cupy(Y, Z, U, V, seed=0, step=1)
+                try:
+                    ours = pp_cupy(Y, Z, U, V, seed=0, step=1)
+                    ref = postprocess_torch(Y, Z, U, V, seed=0, step=1)
+                    s1 = ref.sigma[:, :1]
+                    big = ref.sigma >= 1e-3 * s1
+                    rel = ((ours.sigma - ref.sigma).abs() / ref.sigma.clamp_min(1e-300))[big].max()
+                    Uq = ours.U.double()
+                    eye = torch.eye(k, device="cuda", dtype=torch.float64)
+                    orth = (Uq.mT @ Uq - eye).abs().max()
+                    check = f"sigma rel err {rel.item():.1e}; U orth err {orth.item():.1e}"
+                    providers["cupy_graph"] = _graph_of(lambda: pp_cupy(Y, Z, U, V, seed=0, step=1))
+                except Exception as exc:  # noqa: BLE001
+                    write(provider="cupy", b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
+                    providers.pop("cupy", None)
+            for name, fn in providers.items():
+                try:
+                    fn()  # warm-up (compilation, workspace)
+                    syncs = count_host_syncs(fn) if name != "cupy_graph" else 0
+                    med, p20, p80 = _time_ms(fn)
+                    write(provider=name, b=b, k=k, median_ms=med, p20_ms=p20, p80_ms=p80,
+                          host_syncs=syncs, check=check if name.startswith("cupy") else "")
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    write(provider=name, b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
+            del Y, Z, U, V, Y64, Z64, providers
+            torch.cuda.empty_cache()
+    f.close()
+    return path
+
+
+def _graph_of(fn):
+    """``fn`` captured once in a CUDA graph (after an eager warm-up); returns graph.replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.bench_postprocess_gpu")
+    parser.add_argument("--out", required=True, help="folder for postprocess.csv")
+    args = parser.parse_args(argv)
+    print(run(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

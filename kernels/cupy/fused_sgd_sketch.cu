@@ -1,0 +1,200 @@
+// Op `fused_sgd_sketch` (and `sketch`, the same pass with the update switched off).
+//
+// For each matrix W (m x n) of a batch, in one pass over W:
+//     (optional) torch.optim.SGD update of W and of its momentum buffer, in fp32 (fp64) arithmetic
+//     Y = W V   (m x k)    Z = W^T U   (n x k)    row_sq = sums of squares of rows    fro2 = sum
+// of the *updated* W as stored (rounded to its dtype), exactly what the torch reference sketches.
+//
+// Work decomposition (grid = row bands x column chunks x batch, 256 threads per block):
+//   a block owns BM = 64 rows and a chunk of columns, and sweeps that chunk in tiles of BN = 32
+//   columns. Each tile is updated, written back, staged in shared memory as acc_t, then
+//     Y_band (64 x k)  += W_tile (64 x 32) @ V_tile (32 x k)   accumulated in shared memory over
+//                                                               the sweep, one atomicAdd per
+//                                                               element at the end (plain store
+//                                                               when there is a single chunk)
+//     Z_tile (32 x k)   = W_tile^T @ U_band (64 x k)           atomicAdd into Z: the cross-band
+//                                                               reduction happens in L2
+//   U_band is loaded once per block. k is processed in chunks of 32 (one warp lane per column
+//   of the sketch), so any k works; shared memory grows as (64*33 + 160 k) elements.
+// Plain fp32 FMA, no tensor cores: every product is exact-fp32 like the torch reference
+// (TF32 off). The number of Z atomics is n * k * m / 64; it is the price of one pass over W.
+// Atomics make Y, Z (and the float64 fro2/row_sq) depend on the order blocks finish: results
+// are reproducible to rounding, not bit for bit. The update itself (W, buf) is elementwise and
+// bitwise deterministic.
+// All offsets are 64-bit (i64), so matrices beyond 2^31 elements are fine.
+#include "common.cuh"
+
+#define FS_BM 64
+#define FS_BN 32
+#define FS_THREADS 256
+#define FS_KC 32
+#define FS_LD (FS_BN + 1)  // padded row of the staged tile: conflict-free column reads
+
+template <class D>
+__device__ __forceinline__ void fused_body(
+    typename D::store_t* __restrict__ W,        // (b, m, n) weights, strides sW*; updated in place
+    const typename D::store_t* __restrict__ G,  // (b, m, n) gradient (ignored when update == 0)
+    typename D::store_t* __restrict__ buf,      // (b, m, n) momentum buffer or null
+    const typename D::acc_t* __restrict__ U,    // (b, m, k) contiguous rows; batch stride sUb (0: shared)
+    const typename D::acc_t* __restrict__ V,    // (b, n, k) contiguous rows; batch stride sVb
+    typename D::acc_t* __restrict__ Y,          // (b, m, k) zero-initialised output
+    typename D::acc_t* __restrict__ Z,          // (b, n, k) zero-initialised output
+    double* __restrict__ fro2,                  // (b,) zero-initialised output
+    double* __restrict__ row_sq,                // (b, m) zero-initialised output
+    i64 m, i64 n, int k, i64 sUb, i64 sVb,
+    i64 sWb, i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb, i64 sBm, i64 sBn,
+    i64 cols_per_chunk,                         // multiple of FS_BN
+    int update,                                 // 0: sketch only; 1: SGD update first
+    const typename D::acc_t* lr_ptr,            // 0-d device lr or null (then lr is used)
+    typename D::acc_t lr, typename D::acc_t weight_decay, typename D::acc_t momentum,
+    typename D::acc_t dampening,
+    int nesterov, int maximize,
+    int init_buf)                               // 1: first step, buf = g (torch clones g)
+{
+    typedef typename D::acc_t A;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    A* Ws = reinterpret_cast<A*>(smem_raw);  // FS_BM x FS_LD  staged updated tile
+    A* Us = Ws + FS_BM * FS_LD;              // FS_BM x k      U rows of this band
+    A* Vs = Us + FS_BM * k;                  // FS_BN x k      V rows of this tile
+    A* Ys = Vs + FS_BN * k;                  // FS_BM x k      Y accumulator of this band
+
+    const int t = threadIdx.x, tx = t & 31, ty = t >> 5;  // 8 warps; a warp shares ty
+    const i64 bi = blockIdx.z;
+    const i64 r0 = (i64)blockIdx.x * FS_BM;
+    const i64 c_begin = (i64)blockIdx.y * cols_per_chunk;
+    const i64 c_end = min(n, c_begin + cols_per_chunk);
+
+    typename D::store_t* Wb = W + bi * sWb;
+    const typename D::store_t* Gb = update ? G + bi * sGb : nullptr;
+    typename D::store_t* Bb = buf ? buf + bi * sBb : nullptr;
+    const A* Ub = U + bi * sUb;
+    const A* Vb = V + bi * sVb;
+    A* Yb = Y + bi * m * (i64)k;
+    A* Zb = Z + bi * n * (i64)k;
+    const bool has_momentum = update && momentum != A(0);
+    const A lr_v = (update && lr_ptr) ? *lr_ptr : lr;
+
+    for (int e = t; e < FS_BM * k; e += FS_THREADS) {
+        const int r = e / k;
+        const i64 gr = r0 + r;
+        Us[e] = gr < m ? Ub[r0 * k + e] : A(0);
+        Ys[e] = A(0);
+    }
+
+    double rs[FS_BM / 8];  // this thread's partial sums of squares of rows ty + 8 i
+#pragma unroll
+    for (int i = 0; i < FS_BM / 8; ++i) rs[i] = 0.0;
+
+    for (i64 c0 = c_begin; c0 < c_end; c0 += FS_BN) {
+        __syncthreads();  // the previous tile's readers are done with Ws / Vs (and Us is ready)
+        const i64 gc = c0 + tx;
+#pragma unroll
+        for (int i = 0; i < FS_BM / 8; ++i) {
+            const int r = ty + 8 * i;
+            const i64 gr = r0 + r;
+            A wf = A(0);
+            if (gr < m && gc < c_end) {
+                const i64 iw = gr * sWm + gc * sWn;
+                A w = D::load(Wb, iw);
+                if (update) {
+                    // torch.optim.SGD (_single_tensor_sgd), same operation order, fp32 arithmetic.
+                    A g = D::load(Gb, gr * sGm + gc * sGn);
+                    if (maximize) g = -g;
+                    if (weight_decay != A(0)) g = g + weight_decay * w;
+                    if (has_momentum) {
+                        const i64 ib = gr * sBm + gc * sBn;
+                        A bv = init_buf ? g : D::load(Bb, ib) * momentum + (A(1) - dampening) * g;
+                        D::store(Bb, ib, bv);
+                        bv = D::round(bv);  // later uses see the buffer as stored, like torch
+                        g = nesterov ? g + momentum * bv : bv;
+                    }
+                    w = w - lr_v * g;
+                    D::store(Wb, iw, w);
+                    w = D::round(w);  // sketch the weight as stored
+                }
+                wf = w;
+            }
+            Ws[r * FS_LD + tx] = wf;
+            rs[i] += (double)wf * (double)wf;  // exact square in fp64 (fro2 must not overflow)
+        }
+        // V rows c0 .. c0+31 are one contiguous block of 32 k elements: coalesced.
+        for (int e = t; e < FS_BN * k; e += FS_THREADS) {
+            const int c = e / k;
+            Vs[e] = (c0 + c) < c_end ? Vb[c0 * k + e] : A(0);
+        }
+        __syncthreads();
+
+        for (int kc = 0; kc < k; kc += FS_KC) {
+            const int j = kc + tx;
+            if (j < k) {  // only the last chunk of a k that is not a multiple of 32 diverges
+                // Y: this thread owns rows ty*8 .. ty*8+7 of column j. Ws reads are warp broadcasts.
+                A acc[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] = A(0);
+#pragma unroll 8
+                for (int c = 0; c < FS_BN; ++c) {
+                    const A v = Vs[c * k + j];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] += Ws[(ty * 8 + i) * FS_LD + c] * v;
+                }
+#pragma unroll
+                for (int i = 0; i < 8; ++i) Ys[(ty * 8 + i) * k + j] += acc[i];
+                // Z: this thread owns columns ty*4 .. ty*4+3 of the tile, sketch column j.
+                A z[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) z[i] = A(0);
+#pragma unroll 8
+                for (int r = 0; r < FS_BM; ++r) {
+                    const A u = Us[r * k + j];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) z[i] += Ws[r * FS_LD + ty * 4 + i] * u;
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const i64 zc = c0 + ty * 4 + i;
+                    if (zc < c_end) atomicAdd(&Zb[zc * k + j], z[i]);  // a warp hits 32 consecutive floats
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    const bool single_chunk = gridDim.y == 1;
+    for (int e = t; e < FS_BM * k; e += FS_THREADS) {
+        const int r = e / k;
+        if (r0 + r < m) {
+            if (single_chunk) Yb[r0 * k + e] = Ys[e];
+            else atomicAdd(&Yb[r0 * k + e], Ys[e]);
+        }
+    }
+    double total = 0.0;
+#pragma unroll
+    for (int i = 0; i < FS_BM / 8; ++i) {
+        const double v = warp_sum(rs[i]);  // the 32 lanes of a warp hold the same row
+        const i64 gr = r0 + ty + 8 * i;
+        if (tx == 0 && gr < m) {
+            atomicAdd(&row_sq[bi * m + gr], v);
+            total += v;
+        }
+    }
+    if (tx == 0) atomicAdd(&fro2[bi], total);
+}
+
+// One entry point per weight dtype (extern "C": stable names for RawModule.get_function).
+#define FS_ENTRY(NAME, D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FS_THREADS) NAME(                               \
+        D::store_t* W, const D::store_t* G, D::store_t* buf, const D::acc_t* U,                   \
+        const D::acc_t* V, D::acc_t* Y, D::acc_t* Z, double* fro2, double* row_sq, i64 m, i64 n, \
+        int k, i64 sUb, i64 sVb, i64 sWb, i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb,  \
+        i64 sBm, i64 sBn, i64 cols_per_chunk, int update, const D::acc_t* lr_ptr, D::acc_t lr,  \
+        D::acc_t weight_decay, D::acc_t momentum, D::acc_t dampening, int nesterov,              \
+        int maximize, int init_buf) {                                                             \
+        fused_body<D>(W, G, buf, U, V, Y, Z, fro2, row_sq, m, n, k, sUb, sVb, sWb, sWm, sWn, sGb, \
+                      sGm, sGn, sBb, sBm, sBn, cols_per_chunk, update, lr_ptr, lr, weight_decay,  \
+                      momentum, dampening, nesterov, maximize, init_buf);                         \
+    }
+
+FS_ENTRY(fused_sgd_sketch_f32, F32)
+FS_ENTRY(fused_sgd_sketch_bf16, BF16)
+FS_ENTRY(fused_sgd_sketch_f16, F16)
+FS_ENTRY(fused_sgd_sketch_f64, F64)

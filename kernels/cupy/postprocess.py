@@ -1,0 +1,195 @@
+"""CuPy launcher of op ``postprocess``: batched float64 spectra, Ritz bases, refill, overlaps.
+
+Kernels: ``postprocess.cu`` (its header comment gives the pipeline and the numerics). Contract
+and reference: :func:`lowrank.postprocess.postprocess_torch`; returns the same
+:class:`lowrank.postprocess.PostOut`.
+
+Differences from the reference, by design:
+
+- Refill candidates for rank-deficient directions come from a counter-based hash (splitmix64 +
+  Box-Muller) of (seed, 2 step + side, batch, row, column), not from a torch.Generator: no
+  generator state, so the call is safe inside CUDA graph capture, and ``step`` may be a CUDA
+  tensor read by the kernel (a replayed graph then advances it). The candidates differ from the
+  reference's, so refilled columns agree with it only as a subspace (the orthogonal complement
+  of the kept directions). Pass ``refill=(Ry, Rz)`` to use given candidates instead (the tests
+  pass the reference's to compare column by column).
+- Eigenvectors come from a Jacobi solver, cuSOLVER's from another algorithm: columns of U/V (and
+  of the overlaps) may differ in sign from the reference, and within clusters of (nearly) equal
+  singular values by a rotation. Sigma, the spanned subspaces, orthonormality and the singular
+  values of the overlaps are the same to float64 rounding.
+
+No host synchronisation, no data-dependent branch on the host, no CuPy allocation: every buffer
+is a torch tensor on the caller's current stream, so the function can be captured in a CUDA
+graph once it has run eagerly (compilation and module loading happen on the first call).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowrank.postprocess import PostOut
+
+from . import _loader
+
+CU = "postprocess.cu"
+THREADS, TILE = 256, 32  # PP_THREADS, PP_T in the .cu
+# Jacobi stops when ||offdiag(A)||_F <= JACOBI_TOL ||A||_F (backward-stable level, reached in
+# 6-10 sweeps for k <= 64); MAX_SWEEPS only guards against a pathological stall.
+JACOBI_TOL = 1e-15
+MAX_SWEEPS = 40
+_SKETCH = {torch.float32: "f32", torch.float64: "f64"}
+_BASIS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def eig_shared_bytes(k: int, v_shared: bool) -> int:
+    """Dynamic shared memory of pp_eig (layout in the kernel: A, [V], lam, scale, 6 pair arrays,
+    32 reduction slots, then int pair indices and the permutation)."""
+    npairs = (k + 1) // 2
+    return 8 * (k * k * (2 if v_shared else 1) + 2 * k + 6 * npairs + 32) + 4 * (2 * npairs + k)
+
+
+def _chunks(pmax: int, blocks_per_chunk: int, target: int) -> tuple[int, int]:
+    """Row chunks of a Gram pass: enough blocks to fill the GPU, >= 256 rows per chunk."""
+    chunks = max(1, min(-(-pmax // 256), -(-target // blocks_per_chunk)))
+    rows = -(-(-(-pmax // chunks)) // TILE) * TILE
+    return -(-pmax // rows), rows
+
+
+def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
+                     *, seed: int = 0, step=0, refill=None) -> PostOut:
+    """Post-process one step's sketches of b matrices on the GPU (see the module docstring).
+
+    Y (b, m, k), Z (b, n, k): sketches (float32 or float64; others are converted to float64).
+    U_old (b, m, k), V_old (b, n, k): the bases that made them (one dtype: float32, float64,
+    bfloat16 or float16; the new bases get it). Needs m >= k and n >= k (k <= ~160: the Jacobi
+    matrix lives in shared memory). ``seed`` (int) and ``step`` (int, or a 1-element integer
+    CUDA tensor read on the device) fix the refill candidates; ``refill`` optionally gives them
+    as float64 (b, m, k) and (b, n, k) tensors. Returns PostOut (sigma, sigma_y, sigma_z: (b, k)
+    float64 descending; U, V; overlap_u, overlap_v: (b, k, k) float64).
+    """
+    op = "postprocess_cupy"
+    device = _loader.check_cuda(op, Y=Y, Z=Z, U_old=U_old, V_old=V_old)
+    if Y.dim() != 3 or Z.dim() != 3 or U_old.shape != Y.shape or V_old.shape != Z.shape \
+            or Y.shape[0] != Z.shape[0] or Y.shape[2] != Z.shape[2]:
+        raise ValueError(f"{op}: expected Y (b, m, k), Z (b, n, k), U_old like Y, V_old like Z; got "
+                         f"{tuple(Y.shape)}, {tuple(Z.shape)}, {tuple(U_old.shape)}, {tuple(V_old.shape)}")
+    b, m, k = Y.shape
+    n = Z.shape[1]
+    if k < 1 or m < k or n < k:
+        raise ValueError(f"{op}: need 1 <= k <= min(m, n); got m={m}, n={n}, k={k}")
+    if U_old.dtype != V_old.dtype or U_old.dtype not in _BASIS:
+        raise TypeError(f"{op}: U_old and V_old must share one dtype of float32, float64, bfloat16, "
+                        f"float16; got {U_old.dtype}, {V_old.dtype}")
+    _loader.grid_dim_check(op, "2 * batch", 2 * b)
+    sdt = Y.dtype if (Y.dtype == Z.dtype and Y.dtype in _SKETCH) else torch.float64
+    Yc = Y.detach().to(sdt).contiguous()
+    Zc = Z.detach().to(sdt).contiguous()
+    Uc = U_old.detach().contiguous()
+    Vc = V_old.detach().contiguous()
+
+    step_t = None
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype.is_complex:
+            raise ValueError(f"{op}: a tensor step must be one integer, got {step.dtype} {tuple(step.shape)}")
+        if step.device.type == "cuda":
+            step_t = step.detach().reshape(()).to(device=device, dtype=torch.int64)
+            step = 0
+        else:
+            step = int(step)  # a CPU tensor: no device sync
+    seed_u = np.uint64(int(seed) % 2**64)
+
+    limit = _loader.max_shared_bytes(device)
+    v_shared = eig_shared_bytes(k, True) <= limit - 1024  # keep headroom below the opt-in limit
+    if eig_shared_bytes(k, False) > limit - 1024:
+        raise ValueError(f"{op}: k = {k} is too large for the one-block eigen solver "
+                         f"({eig_shared_bytes(k, False)} bytes of shared memory, limit {limit})")
+
+    f64 = dict(device=device, dtype=torch.float64)
+    z2 = 2 * b
+    nt = -(-k // TILE)
+    pmax = max(m, n)
+    target = 4 * _loader.sm_count(device)
+
+    # p x k float64 workspaces, one tensor per side.
+    Ry, Rz = torch.empty((b, m, k), **f64), torch.empty((b, n, k), **f64)
+    Qy, Qz = torch.empty((b, m, k), **f64), torch.empty((b, n, k), **f64)
+    Xy, Xz = torch.empty((b, m, k), **f64), torch.empty((b, n, k), **f64)
+    if refill is not None:
+        Ry.copy_(refill[0])
+        Rz.copy_(refill[1])
+    # k x k float64 workspaces, stacked over the 2b problems.
+    C1 = torch.empty((z2, k, k), **f64)
+    M1 = torch.empty((z2, k, k), **f64)
+    N1 = torch.empty((z2, k, k), **f64)
+    good = torch.empty((z2, k), **f64)
+    Vg = torch.empty((z2, k, k), **f64) if not v_shared else None
+    W1 = torch.empty((z2, 2 * k, k), **f64)
+    scratch = torch.empty((z2, 2, k, k), **f64)
+    T = torch.empty((z2, k, k), **f64)
+    # Outputs.
+    sigma = torch.empty((b, k), **f64)
+    sigma_y = torch.empty((b, k), **f64)
+    sigma_z = torch.empty((b, k), **f64)
+    U_new = torch.empty((b, m, k), device=device, dtype=U_old.dtype)
+    V_new = torch.empty((b, n, k), device=device, dtype=V_old.dtype)
+    overlap_u = torch.empty((b, k, k), **f64)
+    overlap_v = torch.empty((b, k, k), **f64)
+
+    chunks_a, rows_a = _chunks(pmax, z2 * 2 * nt * nt, target)
+    chunks_c, rows_c = _chunks(pmax, z2 * 3 * nt * nt, target)
+    chunks_e, rows_e = _chunks(pmax, z2 * 2 * nt * nt, target)
+    part_a = torch.empty((z2, chunks_a, 2, k, k), **f64)
+    part_c = torch.empty((z2, chunks_c, 3, k, k), **f64)
+    part_e = torch.empty((z2, chunks_e, 2, k, k), **f64)
+
+    fn = lambda name: _loader.function(CU, name, device)  # noqa: E731
+    refill_k = fn("pp_refill")
+    gram_s, gram_64, gram_u = fn(f"pp_gram_{_SKETCH[sdt]}"), fn("pp_gram_f64"), fn(f"pp_gram_{_BASIS[Uc.dtype]}")
+    apply_s, apply_64 = fn(f"pp_apply_{_SKETCH[sdt]}_f64"), fn("pp_apply_f64_f64")
+    apply_u = fn(f"pp_apply_f64_{_BASIS[Uc.dtype]}")
+    eig_k, mid_k, fin_k = fn("pp_eig"), fn("pp_mid"), fn("pp_fin")
+
+    i64, i32 = np.int64, np.int32
+    dims = (i64(b), i64(m), i64(n))
+    rows_tiles = -(-pmax // TILE)
+    block = (THREADS, 1, 1)
+    kk = i64(k * k)
+    with _loader.on_torch_stream(device):
+        c = _loader.as_cupy
+        if refill is None:
+            blocks = max(1, min(-(-pmax * k // THREADS), 1024))
+            refill_k((blocks, z2, 1), block, (c(Ry), c(Rz), *dims, i32(k), seed_u, i64(step), c(step_t)))
+        # Pass A: [S^T S, S^T R]  (sel: term 1 takes B from R -> bit 3)
+        gram_s((chunks_a, 2 * nt * nt, z2), block,
+               (c(Yc), c(Zc), c(Ry), c(Rz), *dims, i32(k), i32(2), i32(0b1000), i64(rows_a), c(part_a)))
+        eig_k((z2, 1, 1), block,
+              (c(part_a), i32(chunks_a), i64(b), i32(k), c(Vg), i32(v_shared), c(C1), c(M1), c(N1),
+               c(good), c(sigma_y), c(sigma_z), i32(MAX_SWEEPS), np.float64(JACOBI_TOL)),
+              shared_mem=eig_shared_bytes(k, v_shared))
+        # Pass B: Q = S C1 ; R1 = R - S N1 (in place over R)
+        grid_apply = (rows_tiles, nt, z2)
+        apply_s(grid_apply, block, (c(Yc), c(Zc), c(C1), kk, None, None, None, i64(0), None, None,
+                                    np.float64(1.0), c(Qy), c(Qz), *dims, i32(k)))
+        apply_s(grid_apply, block, (c(Yc), c(Zc), c(N1), kk, None, None, None, i64(0), c(Ry), c(Rz),
+                                    np.float64(-1.0), c(Ry), c(Rz), *dims, i32(k)))
+        # Pass C: [Q^T Q, Q^T R1, R1^T R1]  (sel: term 1 B from R1 -> bit 3; term 2 both -> bits 4, 5)
+        gram_64((chunks_c, 3 * nt * nt, z2), block,
+                (c(Qy), c(Qz), c(Ry), c(Rz), *dims, i32(k), i32(3), i32(0b111000), i64(rows_c), c(part_c)))
+        mid_k((z2, 1, 1), block,
+              (c(part_c), i32(chunks_c), i64(b), i32(k), c(good), c(scratch), c(W1),
+               c(sigma_y), c(sigma_z), c(sigma)),
+              shared_mem=8 * k * k)
+        # Pass D: X1 = Q W1_top + R1 W1_bottom
+        apply_64(grid_apply, block, (c(Qy), c(Qz), c(W1), i64(2 * k * k), c(Ry), c(Rz), c(W1[:, k:]),
+                                     i64(2 * k * k), None, None, np.float64(1.0), c(Xy), c(Xz), *dims, i32(k)))
+        # Pass E: [X1^T X1, U_old^T X1]  (sel: term 0 both from X1 -> bits 0, 1; term 1 B from X1 -> bit 3)
+        gram_u((chunks_e, 2 * nt * nt, z2), block,
+               (c(Uc), c(Vc), c(Xy), c(Xz), *dims, i32(k), i32(2), i32(0b1011), i64(rows_e), c(part_e)))
+        fin_k((z2, 1, 1), block,
+              (c(part_e), i32(chunks_e), i64(b), i32(k), c(scratch), c(T), c(overlap_u), c(overlap_v)),
+              shared_mem=8 * k * k)
+        # Pass F: U_next = X1 T in the basis dtype
+        apply_u(grid_apply, block, (c(Xy), c(Xz), c(T), kk, None, None, None, i64(0), None, None,
+                                    np.float64(1.0), c(U_new), c(V_new), *dims, i32(k)))
+    return PostOut(sigma, sigma_y, sigma_z, U_new, V_new, overlap_u, overlap_v)

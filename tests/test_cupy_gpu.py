@@ -1,0 +1,214 @@
+"""CuPy kernels on a GPU: torch references, the Triton kernel, host syncs, CUDA graph capture.
+
+Skipped without CUDA or CuPy. The comparison helpers and the tolerance table are those of
+tests/test_cupy_kernels.py (which runs the same kernels under a CPU emulation), so a case that
+passes there and fails here points at what the emulation cannot see: concurrency between blocks,
+NVRTC, DLPack, streams.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+pytest.importorskip("cupy")
+
+from lowrank.backends import kernel_module  # noqa: E402
+from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch, sgd_update_torch  # noqa: E402
+from lowrank.postprocess import postprocess_torch, refill_candidates  # noqa: E402
+from test_cupy_kernels import (  # noqa: E402
+    HYPERS, PP_CASES, UNIT, _orth, _postprocess_case, check_postprocess, check_sketch, gamma)
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+F64 = torch.float64
+FS = kernel_module("cupy", "fused_sgd_sketch")
+SK = kernel_module("cupy", "sketch")
+PP = kernel_module("cupy", "postprocess")
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmul():
+    """The references must not use TF32 (the kernels are exact fp32)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4097, 123, 16), (3, 257, 1031, 64), (1, 64, 4096, 128)],
+                         ids=["4097x123_k16", "b3_257x1031_k64", "64x4096_k128"])
+def test_sketch_matches_reference(dtype, shape):
+    b, m, n, k = shape
+    W = torch.randn(b, m, n, generator=_gen(1), device=DEV, dtype=F64).to(dtype)
+    U = torch.randn(b, m, k, generator=_gen(2), device=DEV)
+    V = torch.randn(b, n, k, generator=_gen(3), device=DEV)
+    check_sketch(SK.sketch_cupy(W, U, V), W, U, V)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("hyper", list(HYPERS) + ["lr_cuda_tensor"])
+def test_fused_step_matches_torch_sgd(dtype, hyper):
+    cfg = dict(HYPERS.get(hyper, dict(momentum=0.9, nesterov=True)))
+    if hyper == "lr_cuda_tensor":
+        cfg["lr"] = torch.tensor(0.07, device=DEV)  # read by the kernel
+    m, n, k = 300, 517, 32
+    W0 = torch.randn(m, n, generator=_gen(7), device=DEV, dtype=F64)
+    Gs = [torch.randn(m, n, generator=_gen(8 + s), device=DEV, dtype=F64) for s in range(3)]
+    U = torch.randn(1, m, k, generator=_gen(11), device=DEV)
+    V = torch.randn(1, n, k, generator=_gen(12), device=DEV)
+    Wk, Wt, W64 = W0.to(dtype).clone(), W0.to(dtype).clone(), W0.clone()
+    bk = bt = b64 = None
+    for G in Gs:
+        out, bk = FS.fused_sgd_sketch_cupy(Wk, G.to(dtype), bk, U, V, **cfg)
+        _, bt = fused_sgd_sketch_torch(Wt, G.to(dtype), bt, U, V, **cfg)
+        b64 = sgd_update_torch(W64, G, b64, **cfg)
+        check_sketch(out, Wk.unsqueeze(0), U, V)
+    for got, mine, exact in ((Wk, Wt, W64), (bk, bt, b64)):
+        if exact is None:
+            assert got is None and mine is None
+            continue
+        err = (got.double() - exact).abs().max()
+        err_torch = (mine.double() - exact).abs().max()
+        # One ulp per step for the fused multiply-add (see test_cupy_kernels).
+        assert err <= 2 * err_torch + len(Gs) * 2 * UNIT[dtype] * exact.abs().max(), (err, err_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_step_agrees_with_triton(dtype):
+    try:
+        triton_fs = kernel_module("triton", "fused_sgd_sketch")
+        fn = triton_fs.fused_sgd_sketch_triton
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"Triton fused kernel unavailable: {exc}")
+    m, n, k = 1000, 777, 32
+    W0 = torch.randn(m, n, generator=_gen(20), device=DEV).to(dtype)
+    G = torch.randn(m, n, generator=_gen(21), device=DEV).to(dtype)
+    U = torch.randn(1, m, k, generator=_gen(22), device=DEV)
+    V = torch.randn(1, n, k, generator=_gen(23), device=DEV)
+    hyper = dict(lr=0.05, weight_decay=1e-2, momentum=0.9, nesterov=True)
+    Wc, Wt = W0.clone(), W0.clone()
+    oc, bc = FS.fused_sgd_sketch_cupy(Wc, G, None, U, V, **hyper)
+    ot, bt = fn(Wt, G, None, U, V, **hyper)
+    # Same fp32 formula, rounded once to the dtype: at most one ulp apart (FMA contraction).
+    ulp = 2 * UNIT[dtype] * W0.double().abs().max()
+    assert (Wc.double() - Wt.double()).abs().max() <= ulp
+    assert torch.equal(bc, bt)  # first step: buf = g, no rounding choice
+    Wb = Wc.unsqueeze(0).double()
+    by = 2 * gamma(n) * (Wb.abs() @ V.double().abs()) + 2 * gamma(n) * ulp * V.double().abs().sum(-2, keepdim=True)
+    assert ((oc.Y.double() - ot.Y.double()).abs() <= 2 * by).all()
+    torch.testing.assert_close(oc.fro2, ot.fro2, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("case", PP_CASES)
+def test_postprocess_matches_reference(case):
+    Y, Z, U, V = (t.to(DEV) for t in _postprocess_case(case))
+    b, m, k = Y.shape
+    n = Z.shape[1]
+    ref = postprocess_torch(Y, Z, U, V, seed=3, step=5)
+    refill = (refill_candidates((b, m, k), 3, 10, DEV), refill_candidates((b, n, k), 3, 11, DEV))
+    out = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=5, refill=refill)
+    check_postprocess(out, ref, U, V, same_refill=True)
+    own = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=5)
+    check_postprocess(own, ref, U, V, same_refill=False)
+
+
+@pytest.mark.parametrize("b,m,n,k", [(8, 512, 384, 64), (2, 1024, 1024, 128), (33, 129, 4097, 16)])
+def test_postprocess_batched_sizes(b, m, n, k):
+    """Larger k (several tiles, V of the Jacobi solver in global memory at k = 128) and b."""
+    Y = torch.randn(b, m, k, generator=_gen(30), device=DEV)
+    Z = torch.randn(b, n, k, generator=_gen(31), device=DEV)
+    Y[0, :, k // 2:] = 0  # a rank-deficient member of the batch
+    U = torch.stack([_orth(m, k, 40 + i) for i in range(b)]).float().to(DEV)
+    V = torch.stack([_orth(n, k, 90 + i) for i in range(b)]).float().to(DEV)
+    ref = postprocess_torch(Y, Z, U, V, seed=1, step=2)
+    refill = (refill_candidates((b, m, k), 1, 4, DEV), refill_candidates((b, n, k), 1, 5, DEV))
+    out = PP.postprocess_cupy(Y, Z, U, V, seed=1, step=2, refill=refill)
+    check_postprocess(out, ref, U, V, same_refill=True)
+
+
+def test_postprocess_and_fused_step_do_not_sync():
+    """torch's sync debug mode sees no synchronisation in the CuPy path (after a warm-up)."""
+    m, n, k = 256, 200, 16
+    W = torch.randn(m, n, device=DEV)
+    G = torch.randn(m, n, device=DEV)
+    U = _orth(m, k, 1).float().to(DEV)[None]
+    V = _orth(n, k, 2).float().to(DEV)[None]
+    lr = torch.tensor(0.1, device=DEV)
+
+    def step():
+        sk, _ = FS.fused_sgd_sketch_cupy(W, G, None, U, V, lr=lr)
+        return PP.postprocess_cupy(sk.Y, sk.Z, U, V, seed=0, step=1)
+
+    step()  # compile and load outside the checked region
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+def test_graph_captured_tracked_step_replays_like_eager():
+    """Fused step + post-processing captured in a CUDA graph, replayed from the same state.
+
+    W and buf are elementwise, hence bitwise reproducible. Y, Z are fp32 sums reduced with
+    atomics in whatever order blocks finish, so they (and what follows) agree to rounding: the
+    sketch within its rounding bound, the float64 post-processing to ~1e-5 relative (fp32
+    rounding of the sketch, propagated through well-conditioned k x k algebra).
+    """
+    m, n, k = 1024, 768, 32
+    W0 = torch.randn(m, n, generator=_gen(50), device=DEV)
+    G = torch.randn(m, n, generator=_gen(51), device=DEV)
+    buf0 = torch.randn(m, n, generator=_gen(52), device=DEV)
+    U = _orth(m, k, 53).float().to(DEV)[None]
+    V = _orth(n, k, 54).float().to(DEV)[None]
+    lr = torch.tensor(0.01, device=DEV)
+    W, buf = W0.clone(), buf0.clone()
+
+    def tracked_step():
+        sk, _ = FS.fused_sgd_sketch_cupy(W, G, buf, U, V, lr=lr, momentum=0.9, weight_decay=1e-4)
+        return sk, PP.postprocess_cupy(sk.Y, sk.Z, U, V, seed=7, step=3)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, loads modules, sizes torch's pool
+        for _ in range(2):
+            tracked_step()
+    torch.cuda.current_stream().wait_stream(side)
+
+    W.copy_(W0)
+    buf.copy_(buf0)
+    eager_sk, eager_post = tracked_step()
+    eager_W, eager_buf = W.clone(), buf.clone()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_sk, graph_post = tracked_step()
+    W.copy_(W0)
+    buf.copy_(buf0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(W, eager_W) and torch.equal(buf, eager_buf)
+    bound = 2 * gamma(n) * (eager_W.abs().double() @ V[0].double().abs())
+    assert ((graph_sk.Y[0].double() - eager_sk.Y[0].double()).abs() <= bound).all()
+    torch.testing.assert_close(graph_sk.fro2, eager_sk.fro2, rtol=1e-12, atol=0)
+    for name in ("sigma", "sigma_y", "sigma_z", "overlap_u", "overlap_v"):
+        torch.testing.assert_close(getattr(graph_post, name), getattr(eager_post, name),
+                                   rtol=1e-5, atol=1e-5 * float(eager_post.sigma.max()), msg=name)
+    # Replaying again with a new lr value (read on the device) moves W further.
+    lr.fill_(0.0)
+    W_before = W.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(W, W_before)  # lr = 0 and the buffer term scaled by it: W unchanged
+    assert torch.isfinite(graph_post.U).all()
+

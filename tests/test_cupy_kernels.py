@@ -1,0 +1,665 @@
+"""CuPy backend on the CPU: the CUDA C sources compile, and the kernels run right under emulation.
+
+Nothing here needs a GPU or CuPy:
+
+1. ``nvcc -arch=sm_90 -cubin`` compiles every ``kernels/cupy/*.cu`` (skipped without nvcc). Every
+   dtype variant is an explicit ``extern "C"`` entry point, so one nvcc call per file compiles
+   every template instance; the launchers only ask for entry points that exist.
+2. The CUDA kernels themselves run on the CPU. The test builds each ``.cu`` as the loader builds
+   it for NVRTC (common.cuh pasted in) and compiles it with g++ against a small emulation of the
+   CUDA subset the kernels use: the threads of a block are ucontext coroutines switched at
+   ``__syncthreads``, run in forward or reverse order (a missing barrier then reads stale or
+   garbage data in one of the two orders), dynamic shared memory starts as NaN bytes, atomics
+   are plain adds, blocks run one after the other. The Python launchers run unchanged with CPU
+   tensors standing in for CuPy arrays (only the loader's CuPy, stream and device plumbing is
+   replaced), and every result is compared with the torch reference.
+3. Without CuPy or a GPU the modules import, and every entry point raises BackendUnavailable.
+
+Not visible here, left to tests/test_cupy_gpu.py: concurrency between blocks (atomics), NVRTC,
+DLPack and stream handling, CUDA graph capture, speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowrank import backends
+from lowrank.backends import BackendUnavailable, kernel_module, resolve_backend
+from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch, sgd_update_torch
+from lowrank.postprocess import GRAM_RELATIVE_FLOOR, postprocess_torch, refill_candidates
+from lowrank.sketch import as_batched, sketch_torch
+
+F64 = torch.float64
+CUPY_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cupy"
+CU_FILES = sorted(p.name for p in CUPY_DIR.glob("*.cu"))
+LOADER = kernel_module("cupy", "_loader")
+FS = kernel_module("cupy", "fused_sgd_sketch")
+SK = kernel_module("cupy", "sketch")
+PP = kernel_module("cupy", "postprocess")
+
+# ---------------------------------------------------------------------------------------------
+# Tolerance table (shared with tests/test_cupy_gpu.py)
+# ---------------------------------------------------------------------------------------------
+U32, U64 = 2.0**-24, 2.0**-53
+# Unit roundoff of each weight dtype: rounding the stored result alone costs half an ulp.
+UNIT = {torch.float32: U32, torch.float64: U64, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Singular values: the Gram matrix squares the condition number, so an eigenvalue is known to
+# ~eps l_1 absolutely: sigma_i to ~eps (s_1/s_i)^2 relatively. Above 1e-3 s_1 that is < 1e-10;
+# below, the absolute error is at most sqrt(eps l_1) ~ 1.5e-8 s_1 (bound 1e-7 s_1, with margin).
+SIGMA_RTOL, SIGMA_RTOL_FROM = 1e-10, 1e-3
+SIGMA_ATOL_REL_TO_S1 = 1e-7
+# Bases: two rounds of Cholesky-QR give orthonormality to float64 rounding; then the basis is
+# stored in its dtype (float32: ~6e-8 per entry, k of them in a column's dot products).
+ORTHO_ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 5e-2}
+# A Ritz vector of an isolated singular value is determined to ~eps l_1 / gap; clusters whose
+# relative gap is below CLUSTER_GAP are compared as subspaces (their projectors).
+CLUSTER_GAP = 1e-6
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n: |fl(x.y) - x.y| <= gamma_n |x|.|y| for any summation order."""
+    return n * u / (1 - n * u)
+
+
+def check_sketch(out, W3, U, V):
+    """Kernel sketch vs the torch reference of the same W: rigorous rounding bounds."""
+    ref = sketch_torch(W3, U, V)
+    n, m = W3.shape[-1], W3.shape[-2]
+    u = U64 if W3.dtype == F64 else U32
+    Wa = W3.double().abs()
+    by = (gamma(n, u) * 2) * (Wa @ V.double().abs()) + 1e-300  # kernel's and reference's error
+    bz = (gamma(m, u) * 2) * (Wa.transpose(-2, -1) @ U.double().abs()) + 1e-300
+    assert out.Y.dtype == ref.Y.dtype and out.Y.shape == ref.Y.shape
+    assert ((out.Y.double() - ref.Y.double()).abs() <= by).all()
+    assert ((out.Z.double() - ref.Z.double()).abs() <= bz).all()
+    # fro2 and row_sq sum exact float64 squares: only summation order differs.
+    torch.testing.assert_close(out.row_sq, ref.row_sq, rtol=gamma(n, U64) * 2, atol=0)
+    torch.testing.assert_close(out.fro2, ref.fro2, rtol=gamma(m * n, U64) * 2, atol=0)
+
+
+def clusters(sigma: torch.Tensor) -> list[list[int]]:
+    """Index groups of (nearly) equal singular values, relative gap below CLUSTER_GAP."""
+    s = sigma.tolist()
+    groups = [[0]]
+    scale = max(s[0], 1e-300)
+    for i in range(1, len(s)):
+        if abs(s[i - 1] - s[i]) <= CLUSTER_GAP * scale:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def check_postprocess(out, ref, U_old, V_old, *, same_refill: bool):
+    """CuPy post-processing vs the torch reference (see the tolerance table).
+
+    Columns may differ in sign (Jacobi vs cuSOLVER), and within clusters of equal singular values
+    by a rotation, so single columns are compared up to sign and clusters by their projectors.
+    With different refill candidates (same_refill False) the refilled columns are only checked
+    for orthonormality against the kept ones.
+    """
+    b, k = out.sigma.shape
+    for name in ("sigma", "sigma_y", "sigma_z", "U", "V", "overlap_u", "overlap_v"):
+        a = getattr(out, name)
+        r = getattr(ref, name)
+        assert a.shape == r.shape and a.dtype == r.dtype, name
+        assert torch.isfinite(a).all(), name
+    assert torch.equal(out.sigma, torch.maximum(out.sigma_y, out.sigma_z))
+    for side, Uo, Qk, Qr, sk, sr, ok, orf in (
+            ("u", U_old, out.U, ref.U, out.sigma_y, ref.sigma_y, out.overlap_u, ref.overlap_u),
+            ("v", V_old, out.V, ref.V, out.sigma_z, ref.sigma_z, out.overlap_v, ref.overlap_v)):
+        I = torch.eye(k, dtype=F64, device=Qk.device)
+        for i in range(b):
+            s1 = float(sr[i, 0])
+            err = (sk[i] - sr[i]).abs()
+            assert (err <= SIGMA_ATOL_REL_TO_S1 * s1).all(), (side, i, err.max())
+            big = sr[i] >= SIGMA_RTOL_FROM * s1
+            assert (err[big] <= SIGMA_RTOL * sr[i][big]).all(), (side, i, (err[big] / sr[i][big]).max())
+            assert torch.equal(sk[i] == 0, sr[i] == 0), (side, i, "refilled directions differ")
+            Q, R = Qk[i].double(), Qr[i].double()
+            assert (Q.T @ Q - I).abs().max() <= ORTHO_ATOL[Qk.dtype], (side, i)
+            tol = ORTHO_ATOL[Qk.dtype]
+            good = (sr[i] > 0).nonzero().flatten().tolist()
+            kept = set(range(k)) if same_refill else set(good)
+            lam = sr[i].double() ** 2
+            drift = 0.0  # perturbation carried to later columns by the Cholesky-QR mixing
+            for group in clusters(sr[i]):
+                others = [j for j in range(k) if j not in group]
+                gap = min((abs(float(lam[a] - lam[c])) for a in group for c in others),
+                          default=math.inf)
+                smin = float(sr[i][group].min())
+                if smin > 0:
+                    # Eigenvector error ~ eps l_1 / gap, amplified by s_1 / s_j in U = S E / s.
+                    drift = max(drift, 1e3 * U64 * float(lam[0]) / max(gap, 1e-300) * s1 / smin)
+                g = [j for j in group if j in kept]
+                bound = 10 * tol + 1e-12 + drift
+                if not g or bound >= 0.5:
+                    continue
+                if len(group) == 1:
+                    j = g[0]
+                    sign = 1.0 if float(Q[:, j] @ R[:, j]) >= 0 else -1.0
+                    assert (sign * Q[:, j] - R[:, j]).abs().max() <= bound, (side, i, j)
+                else:
+                    Pk = Q[:, g] @ Q[:, g].T
+                    Pr = R[:, g] @ R[:, g].T
+                    assert (Pk - Pr).abs().max() <= 2 * bound, (side, i, g)
+            if not same_refill:
+                bad = [j for j in range(k) if j not in good]
+                if bad and good:
+                    assert (Q[:, good].T @ Q[:, bad]).abs().max() <= 10 * tol
+            # Overlap = U_old^T U_next (from the float64 basis before its rounding).
+            ov = Uo[i].double().T @ Q
+            assert (ok[i] - ov).abs().max() <= 10 * tol + 1e-12, (side, i)
+            # Principal-angle cosines do not depend on signs or rotations within clusters.
+            if same_refill:
+                torch.testing.assert_close(torch.linalg.svdvals(ok[i].cpu()),
+                                           torch.linalg.svdvals(orf[i].cpu()), rtol=0,
+                                           atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. nvcc
+# ---------------------------------------------------------------------------------------------
+def _entry_points(cu_name: str) -> set[str]:
+    src = (CUPY_DIR / cu_name).read_text()
+    names = set(re.findall(r'extern "C" __global__ void __launch_bounds__\(\w+\) (\w+)\(', src))
+    names |= set(re.findall(r"^(?:PP_GRAM_ENTRY|PP_APPLY_ENTRY|FS_ENTRY)\((\w+)", src, re.M))
+    return names - {"NAME"}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("cu", CU_FILES)
+def test_cu_compiles_with_nvcc_for_sm90(cu, tmp_path):
+    """Every kernel and every dtype instance compiles (one nvcc call: explicit entry points)."""
+    out = tmp_path / (cu + ".cubin")
+    proc = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(out), cu],
+                          cwd=CUPY_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # Each entry point is a global symbol of the cubin.
+    data = out.read_bytes()
+    for name in _entry_points(cu):
+        assert name.encode() in data, name
+
+
+def test_launchers_only_ask_for_existing_entry_points():
+    fused = _entry_points("fused_sgd_sketch.cu")
+    assert {f"fused_sgd_sketch_{s}" for s in FS._SUFFIX.values()} <= fused
+    post = _entry_points("postprocess.cu")
+    wanted = {"pp_refill", "pp_eig", "pp_mid", "pp_fin", "pp_gram_f64", "pp_apply_f64_f64"}
+    wanted |= {f"pp_gram_{s}" for s in PP._SKETCH.values()}
+    wanted |= {f"pp_gram_{s}" for s in PP._BASIS.values()}
+    wanted |= {f"pp_apply_{s}_f64" for s in PP._SKETCH.values()}
+    wanted |= {f"pp_apply_f64_{s}" for s in PP._BASIS.values()}
+    assert wanted <= post, wanted - post
+
+
+def test_loader_source_inlines_common_header():
+    for cu in CU_FILES:
+        text = LOADER.source(cu)
+        assert '#include "common.cuh"' not in text
+        assert "struct BF16" in text and "mix64" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Host emulation of the kernels
+# ---------------------------------------------------------------------------------------------
+EMU_HEADER = r"""
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <vector>
+#include <utility>
+#include <algorithm>
+#include <ucontext.h>
+using std::min;
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+static unsigned char* emu_dyn_smem = nullptr;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+#define __shared__ static  /* blocks run one at a time: a static is block-shared */
+static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+static inline double __longlong_as_double(unsigned long long u) { double d; std::memcpy(&d, &u, 8); return d; }
+static inline double cospi(double x) { return std::cos(M_PI * x); }
+static inline float emu_h2f(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+static inline unsigned short emu_f2h(float f) { _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h; }
+static inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
+static inline double atomicAdd(double* p, double v) { double o = *p; *p = o + v; return o; }
+static ucontext_t emu_main;
+static std::vector<ucontext_t> emu_ctx;
+static std::vector<std::vector<char>> emu_stacks;
+static std::vector<int> emu_state;  /* 0 runnable, 1 at a barrier, 2 finished */
+static int emu_cur = 0, emu_reverse = 0;
+static void (*emu_body)() = nullptr;
+static inline void __syncthreads() { emu_state[emu_cur] = 1; swapcontext(&emu_ctx[emu_cur], &emu_main); }
+static double emu_slot[1024];
+static inline double __shfl_down_sync(unsigned, double v, int off) {
+    /* only ever called by all threads of the block together (warp_sum) */
+    const int t = threadIdx.x;
+    emu_slot[t] = v;
+    __syncthreads();
+    const double r = (t & 31) + off < 32 ? emu_slot[t + off] : v;
+    __syncthreads();
+    return r;
+}
+static void emu_entry() { emu_body(); emu_state[emu_cur] = 2; }
+static void emu_run_block(int nthreads) {
+    emu_ctx.assign(nthreads, ucontext_t());
+    emu_stacks.resize(nthreads);
+    emu_state.assign(nthreads, 0);
+    for (int t = 0; t < nthreads; ++t) {
+        emu_stacks[t].resize(1 << 16);
+        getcontext(&emu_ctx[t]);
+        emu_ctx[t].uc_stack.ss_sp = emu_stacks[t].data();
+        emu_ctx[t].uc_stack.ss_size = emu_stacks[t].size();
+        emu_ctx[t].uc_link = &emu_main;
+        makecontext(&emu_ctx[t], emu_entry, 0);
+    }
+    for (;;) {
+        for (int i = 0; i < nthreads; ++i) {
+            const int t = emu_reverse ? nthreads - 1 - i : i;
+            if (emu_state[t] != 0) continue;
+            emu_cur = t;
+            threadIdx.x = t;
+            swapcontext(&emu_main, &emu_ctx[t]);
+        }
+        bool done = true;
+        for (int t = 0; t < nthreads; ++t)
+            if (emu_state[t] == 1) { emu_state[t] = 0; done = false; }
+        if (done) break;
+    }
+}
+template <class... Args> struct EmuCall {
+    static inline void (*fn)(Args...) = nullptr;
+    static inline void** params = nullptr;
+    template <size_t... I> static void call(std::index_sequence<I...>) { fn(*reinterpret_cast<Args*>(params[I])...); }
+    static void entry() { call(std::index_sequence_for<Args...>{}); }
+};
+template <class... Args>
+static void emu_launch(void (*fn)(Args...), int gx, int gy, int gz, int bx, long smem, void** params) {
+    EmuCall<Args...>::fn = fn;
+    EmuCall<Args...>::params = params;
+    emu_body = &EmuCall<Args...>::entry;
+    std::vector<unsigned char> dyn(smem > 0 ? smem : 1);
+    emu_dyn_smem = dyn.data();
+    gridDim.x = gx; gridDim.y = gy; gridDim.z = gz; blockDim.x = bx;
+    for (int z = 0; z < gz; ++z)
+        for (int y = 0; y < gy; ++y)
+            for (int x = 0; x < gx; ++x) {
+                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
+                std::memset(dyn.data(), 0xff, dyn.size());  /* NaN bytes: uninitialised reads show */
+                emu_run_block(bx);
+            }
+}
+extern "C" void emu_set_reverse(int r) { emu_reverse = r; }
+"""
+# The two PTX conversions of common.cuh, replaced by their host equivalents.
+EMU_ASM = {
+    'asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));': "f = emu_h2f(h);",
+    'asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));': "h = emu_f2h(v);",
+}
+EMU_SCALARS = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64,
+               np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+EMU_SHARED_LIMIT = 227 * 1024  # H100's opt-in shared memory per block
+EMU_SM_COUNT = 2  # few "SMs": the launchers then split columns/rows into several chunks
+
+
+class EmuKernel:
+    """Stands in for a cupy RawKernel: same call signature, strict argument types."""
+
+    shared_size_bytes = 0
+
+    def __init__(self, lib, name):
+        self.fn = getattr(lib, "emu_" + name)
+        self.name = name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        assert shared_mem <= EMU_SHARED_LIMIT, (self.name, shared_mem)
+        objs = []
+        for a in args:
+            if a is None:
+                objs.append(ctypes.c_void_p(0))
+            elif isinstance(a, torch.Tensor):
+                objs.append(ctypes.c_void_p(a.data_ptr()))
+            elif type(a) in EMU_SCALARS:  # the launchers must pass the kernel's C types
+                objs.append(EMU_SCALARS[type(a)](a.item()))
+            else:
+                raise TypeError(f"{self.name}: argument of type {type(a).__name__}")
+        params = (ctypes.c_void_p * len(objs))(
+            *[ctypes.cast(ctypes.pointer(o), ctypes.c_void_p) for o in objs])
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        self.fn(*(ctypes.c_int(v) for v in g), ctypes.c_int(block[0]), ctypes.c_long(shared_mem),
+                params)
+
+
+def _build_emulation(cu: str, workdir: Path):
+    text = LOADER.source(cu).replace("#pragma once", "")
+    for a, b in EMU_ASM.items():
+        assert a in text, a
+        text = text.replace(a, b)
+    ext = "extern __shared__ __align__(16) unsigned char smem_raw[];"
+    assert ext in text
+    text = text.replace(ext, "unsigned char* smem_raw = emu_dyn_smem;")
+    exports = "\n".join(
+        f'extern "C" void emu_{n}(int gx, int gy, int gz, int bx, long smem, void** p) '
+        f"{{ emu_launch({n}, gx, gy, gz, bx, smem, p); }}" for n in sorted(_entry_points(cu)))
+    cpp = workdir / (cu + ".cpp")
+    so = workdir / (cu + ".so")
+    cpp.write_text(EMU_HEADER + "\n" + text + "\n" + exports + "\n")
+    proc = subprocess.run(["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+                           "-o", str(so), str(cpp)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ctypes.CDLL(str(so))
+
+
+@pytest.fixture(scope="session")
+def emu_libs(tmp_path_factory):
+    if shutil.which("g++") is None or not sys.platform.startswith("linux"):
+        pytest.skip("the kernel emulation needs g++ and ucontext (Linux)")
+    work = tmp_path_factory.mktemp("cupy_emu")
+    return {cu: _build_emulation(cu, work) for cu in CU_FILES}
+
+
+def _emulate(order, emu_libs, monkeypatch):
+    """Run the launchers on CPU tensors with the emulated kernels (threads in the given order)."""
+    for lib in emu_libs.values():
+        lib.emu_set_reverse(1 if order == "reverse" else 0)
+
+    def check_cuda(op, **tensors):
+        devices = {t.device for t in tensors.values() if t is not None}
+        assert devices == {torch.device("cpu")}, devices
+        return torch.device("cpu")
+
+    monkeypatch.setattr(LOADER, "function", lambda cu, name, device: EmuKernel(emu_libs[cu], name))
+    monkeypatch.setattr(LOADER, "check_cuda", check_cuda)
+    monkeypatch.setattr(LOADER, "on_torch_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(LOADER, "as_cupy", lambda t: None if t is None else t.detach())
+    monkeypatch.setattr(LOADER, "max_shared_bytes", lambda device: EMU_SHARED_LIMIT)
+    monkeypatch.setattr(LOADER, "sm_count", lambda device: EMU_SM_COUNT)
+    return order
+
+
+@pytest.fixture
+def emulated(emu_libs, monkeypatch):
+    """Emulated kernels, threads of a block in forward order."""
+    return _emulate("forward", emu_libs, monkeypatch)
+
+
+@pytest.fixture(params=["forward", "reverse"])
+def emulated_both(request, emu_libs, monkeypatch):
+    """Emulated kernels in both thread orders: a missing __syncthreads fails one of them."""
+    return _emulate(request.param, emu_libs, monkeypatch)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(1, 70, 45, 5), (2, 33, 97, 37), (1, 1, 7, 1)],
+                         ids=["70x45_k5", "b2_33x97_k37", "1x7_k1"])
+def test_emulated_sketch_matches_reference(emulated, dtype, shape):
+    b, m, n, k = shape
+    W = torch.randn(b, m, n, generator=_gen(1), dtype=F64).to(dtype)
+    U = torch.randn(b, m, k, generator=_gen(2))
+    V = torch.randn(b, n, k, generator=_gen(3))
+    check_sketch(SK.sketch_cupy(W, U, V), W, U, V)
+
+
+def test_emulated_sketch_strided_and_broadcast_bases(emulated_both):
+    W = torch.randn(45, 70, generator=_gen(4)).T  # (70, 45), column-major: strided rows
+    U = torch.randn(70, 3, generator=_gen(5))
+    V = torch.randn(1, 45, 3, generator=_gen(6))
+    out = SK.sketch_cupy(W, U, V)
+    assert out.Y.shape == (1, 70, 3)
+    check_sketch(out, W.unsqueeze(0), U.unsqueeze(0), V)
+
+
+HYPERS = {
+    "plain": dict(lr=0.1),
+    "wd_momentum": dict(lr=0.05, weight_decay=0.01, momentum=0.9),
+    "all": dict(lr=0.05, weight_decay=0.1, momentum=0.9, dampening=0.1, nesterov=True, maximize=True),
+    "lr_cpu_tensor": dict(lr=torch.tensor(0.03, dtype=F64), momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("hyper", list(HYPERS), ids=list(HYPERS))
+def test_emulated_fused_step_matches_torch_sgd(emulated, dtype, hyper):
+    """Two steps (first-step buffer init, then the update) against torch, and the sketch.
+
+    Low precision: error vs a float64 run <= 2 x torch's own error in that dtype + one ulp per
+    step (the kernel computes in fp32 and rounds once; torch rounds after every operation; and the
+    kernel's w - lr g may be one fused multiply-add where torch rounds the product first, which
+    also makes float64 differ from the float64 reference by up to an ulp per step).
+    """
+    cfg = HYPERS[hyper]
+    m, n, k = 37, 70, 6
+    W0 = torch.randn(m, n, generator=_gen(7), dtype=F64)
+    Gs = [torch.randn(m, n, generator=_gen(8 + s), dtype=F64) for s in range(2)]
+    U = torch.randn(1, m, k, generator=_gen(11))
+    V = torch.randn(1, n, k, generator=_gen(12))
+    Wk, Wt, W64 = W0.to(dtype).clone(), W0.to(dtype).clone(), W0.clone()
+    bk = bt = b64 = None
+    for G in Gs:
+        version = Wk._version
+        out, bk = FS.fused_sgd_sketch_cupy(Wk, G.to(dtype), bk, U, V, **cfg)
+        assert Wk._version > version  # autograd sees the in-place update
+        _, bt = fused_sgd_sketch_torch(Wt, G.to(dtype), bt, U, V, **cfg)
+        b64 = sgd_update_torch(W64, G, b64, **cfg)
+        check_sketch(out, Wk.unsqueeze(0), U, V)  # the sketch of the weight as stored
+    for got, mine, exact in ((Wk, Wt, W64), (bk, bt, b64)):
+        if exact is None:
+            assert got is None and mine is None
+            continue
+        assert got.dtype == dtype and got.shape == exact.shape and got.stride() == exact.stride()
+        err = (got.double() - exact).abs().max()
+        err_torch = (mine.double() - exact).abs().max()
+        ulp = 2 * UNIT[dtype] * exact.abs().max()
+        assert err <= 2 * err_torch + len(Gs) * ulp, (err, err_torch)
+
+
+def test_emulated_fused_conv_weight_and_strided_gradient(emulated_both):
+    W0 = torch.randn(8, 3, 3, 3, generator=_gen(13))
+    G = torch.randn(3, 3, 3, 8, generator=_gen(14)).permute(3, 0, 1, 2)  # non-contiguous
+    U = torch.randn(8, 4, generator=_gen(15))
+    V = torch.randn(1, 27, 4, generator=_gen(16))
+    Wk, Wt = W0.clone(), W0.clone()
+    out, bk = FS.fused_sgd_sketch_cupy(Wk, G, None, U, V, lr=0.1, momentum=0.5)
+    _, bt = fused_sgd_sketch_torch(Wt, G, None, U.unsqueeze(0), V, lr=0.1, momentum=0.5)
+    torch.testing.assert_close(Wk, Wt, rtol=2 * U32, atol=2 * U32)
+    torch.testing.assert_close(bk, bt, rtol=0, atol=0)  # buf = g: no arithmetic on the first step
+    check_sketch(out, as_batched(Wk), U.unsqueeze(0), V)
+
+
+def test_emulated_fused_without_sketch_and_without_momentum(emulated):
+    W0 = torch.randn(20, 33, generator=_gen(17))
+    G = torch.randn(20, 33, generator=_gen(18))
+    Wk, Wt = W0.clone(), W0.clone()
+    out, buf = FS.fused_sgd_sketch_cupy(Wk, G, None, None, None, lr=0.2)
+    sgd_update_torch(Wt, G, None, lr=0.2)
+    assert out is None and buf is None
+    torch.testing.assert_close(Wk, Wt, rtol=2 * U32, atol=2 * U32)
+
+
+def _orth(p, k, seed):
+    return torch.linalg.qr(torch.randn(p, k, generator=_gen(seed), dtype=F64))[0]
+
+
+def _spectrum(p, k, s, seed):
+    """p x k sketch with singular values s (float64)."""
+    return _orth(p, k, seed) @ torch.diag(torch.as_tensor(s, dtype=F64)) @ _orth(k, k, seed + 1).T
+
+
+def _postprocess_case(case):
+    """(Y, Z, U_old, V_old) of a named test case."""
+    if case == "random_f32":
+        b, m, n, k = 2, 70, 50, 6
+        Y = torch.randn(b, m, k, generator=_gen(20))
+        Z = torch.randn(b, n, k, generator=_gen(21))
+        U = torch.stack([_orth(m, k, 22 + i) for i in range(b)]).float()
+        V = torch.stack([_orth(n, k, 24 + i) for i in range(b)]).float()
+        return Y, Z, U, V
+    if case == "deficient_f32":  # zero columns, duplicated columns, a zero sketch
+        Y, Z, U, V = _postprocess_case("random_f32")
+        Y[0, :, 3:] = 0
+        Y[1, :, 2] = Y[1, :, 0]
+        return Y, torch.zeros_like(Z), U, V
+    if case == "zero_f64":
+        m, n, k = 40, 33, 5
+        return (torch.zeros(1, m, k, dtype=F64), torch.zeros(1, n, k, dtype=F64),
+                _orth(m, k, 26)[None], _orth(n, k, 27)[None])
+    if case == "rank3_k40_f64":  # k > 32: several tiles; exact rank 3 in float64
+        m, n, k = 90, 75, 40
+        Y = (torch.randn(m, 3, generator=_gen(28), dtype=F64)
+             @ torch.randn(3, k, generator=_gen(29), dtype=F64))[None]
+        Z = torch.randn(1, n, k, generator=_gen(30), dtype=F64)
+        return Y, Z, _orth(m, k, 31)[None], _orth(n, k, 32)[None]
+    if case == "clustered_f64":  # repeated and 1e-9-split singular values, a graded tail
+        m, n, k = 64, 48, 16
+        s = [1, 1, 1 + 1e-9, 1 - 1e-9, 0.5, 0.5, 0.5, 0.1] + [1e-2] * 4 + [1e-4, 1e-5, 1e-5, 1e-6]
+        Y = _spectrum(m, k, s, 33)[None]
+        Z = _spectrum(n, k, s[::-1], 35)[None]
+        return Y, Z, _orth(m, k, 37)[None], _orth(n, k, 38)[None]
+    if case == "random_bf16_bases":
+        Y, Z, U, V = _postprocess_case("random_f32")
+        return Y, Z, U.to(torch.bfloat16), V.to(torch.bfloat16)
+    raise KeyError(case)
+
+
+PP_CASES = ["random_f32", "deficient_f32", "zero_f64", "rank3_k40_f64", "clustered_f64",
+            "random_bf16_bases"]
+
+
+@pytest.mark.parametrize("case", PP_CASES)
+def test_emulated_postprocess_matches_reference(emulated, case):
+    """Same refill candidates as the reference: every column comparable (up to sign/cluster)."""
+    _compare_with_reference(case)
+
+
+def _compare_with_reference(case):
+    Y, Z, U, V = _postprocess_case(case)
+    b, m, k = Y.shape
+    n = Z.shape[1]
+    seed, step = 3, 5
+    ref = postprocess_torch(Y, Z, U, V, seed=seed, step=step)
+    refill = (refill_candidates((b, m, k), seed, 2 * step, "cpu"),
+              refill_candidates((b, n, k), seed, 2 * step + 1, "cpu"))
+    out = PP.postprocess_cupy(Y, Z, U, V, seed=seed, step=step, refill=refill)
+    check_postprocess(out, ref, U, V, same_refill=True)
+
+
+@pytest.mark.parametrize("case", ["deficient_f32", "zero_f64"])
+def test_emulated_postprocess_hash_refill(emulated, case):
+    """Own (hashed) refill candidates: kept directions as the reference, refilled ones orthogonal
+    to them; deterministic in (seed, step); a CPU tensor step is the same as the int."""
+    Y, Z, U, V = _postprocess_case(case)
+    ref = postprocess_torch(Y, Z, U, V, seed=3, step=5)
+    out = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=5)
+    check_postprocess(out, ref, U, V, same_refill=False)
+    again = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=torch.tensor(5))
+    for a, b in zip(out, again):
+        assert torch.equal(a, b)
+    other = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=6)
+    refilled = (out.sigma_y[0] == 0).nonzero().flatten()
+    assert not torch.equal(out.U[0][:, refilled], other.U[0][:, refilled])
+
+
+@pytest.mark.parametrize("case", ["deficient_f32", "rank3_k40_f64"])
+def test_emulated_postprocess_thread_order(emulated_both, case):
+    """Both thread orders give the reference's result (every barrier of the pipeline is needed)."""
+    _compare_with_reference(case)
+
+
+def test_emulated_postprocess_rejects_bad_shapes(emulated):
+    Y = torch.randn(1, 4, 6)  # m < k
+    with pytest.raises(ValueError, match="k <= min"):
+        PP.postprocess_cupy(Y, torch.randn(1, 9, 6), torch.randn(1, 4, 6), torch.randn(1, 9, 6))
+    with pytest.raises(TypeError, match="one dtype"):
+        PP.postprocess_cupy(torch.randn(1, 9, 3), torch.randn(1, 9, 3), torch.randn(1, 9, 3),
+                            torch.randn(1, 9, 3, dtype=F64))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. No CuPy, no GPU
+# ---------------------------------------------------------------------------------------------
+def test_modules_import_without_cupy():
+    """Importing the CuPy backend's modules never imports CuPy (run with CuPy blocked)."""
+    code = (
+        "import sys\n"
+        "sys.modules['cupy'] = None\n"  # any 'import cupy' now raises ImportError
+        "from lowrank.backends import kernel_module\n"
+        "for op in ('postprocess', 'fused_sgd_sketch', 'sketch', '_loader'):\n"
+        "    kernel_module('cupy', op)\n"
+        "import lowrank.kernels.cupy.postprocess as pp\n"
+        "from lowrank.backends import BackendUnavailable\n"
+        "try:\n"
+        "    pp._loader.require_cupy()\n"
+        "except BackendUnavailable as exc:\n"
+        "    print('unavailable:', exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "unavailable:" in proc.stdout and "pip install" in proc.stdout
+
+
+def test_cpu_tensors_raise_backend_unavailable():
+    W = torch.randn(8, 6)
+    U, V = torch.randn(1, 8, 2), torch.randn(1, 6, 2)
+    calls = [
+        lambda: SK.sketch_cupy(W, U, V),
+        lambda: FS.fused_sgd_sketch_cupy(W, torch.randn(8, 6), None, U, V, lr=0.1),
+        lambda: PP.postprocess_cupy(torch.randn(1, 8, 2), torch.randn(1, 6, 2), U, V, seed=0, step=0),
+        lambda: backends.postprocess(torch.randn(1, 8, 2), torch.randn(1, 6, 2), U, V, seed=0,
+                                     step=0, backend="cupy"),
+        lambda: backends.sketch(W, U, V, backend="cupy"),
+    ]
+    for call in calls:
+        with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+            call()
+
+
+def test_missing_cupy_raises_backend_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(BackendUnavailable, match="needs CuPy"):
+        LOADER.require_cupy()
+
+
+def test_resolve_backend_cupy_on_cpu_raises():
+    with pytest.raises(BackendUnavailable):
+        resolve_backend("cupy", "cpu")
+
+
+def test_cluster_helper_groups_near_equal_values():
+    s = torch.tensor([1.0, 1.0, 1 + 1e-9, 0.5, 0.5 - 1e-12, 0.1], dtype=F64)
+    assert clusters(s) == [[0, 1, 2], [3, 4], [5]]
+    assert math.isclose(gamma(10), 10 * U32 / (1 - 10 * U32))
+
+
+def test_cu_floors_match_the_reference():
+    """postprocess.cu hard-codes the rank-deficiency floors of lowrank/postprocess.py."""
+    from lowrank.postprocess import GRAM_ABSOLUTE_FLOOR
+
+    src = (CUPY_DIR / "postprocess.cu").read_text()
+    rel = float(re.search(r"#define GRAM_RELATIVE_FLOOR (\S+)", src).group(1))
+    absf = float(re.search(r"#define GRAM_ABSOLUTE_FLOOR (\S+)", src).group(1))
+    assert (rel, absf) == (GRAM_RELATIVE_FLOOR, GRAM_ABSOLUTE_FLOOR)
