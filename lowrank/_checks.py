@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -23,12 +25,26 @@ def check_matrix(A, name: str = "A", *, finite: bool = True) -> None:
         raise ValueError(f"{name} contains NaN or Inf entries")
 
 
+def check_int(value, name: str, *, minimum: int) -> int:
+    """Return ``value`` as an int after checking it is an integer (not a bool) >= ``minimum``.
+
+    Integer-like values (numpy integers, 0-d integer tensors) are accepted through
+    ``operator.index``; floats are rejected rather than silently truncated.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_rank(k, m: int, n: int, name: str = "k") -> int:
     """Return ``k`` as an int after checking 1 <= k <= min(m, n)."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"{name} must be >= 1, got {k}")
+    k = check_int(k, name, minimum=1)
     if k > min(m, n):
         raise ValueError(f"{name}={k} exceeds min(m, n) = {min(m, n)} of a {m} x {n} matrix")
     return k

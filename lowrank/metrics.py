@@ -82,14 +82,17 @@ def numerical_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape, tol: float = 
 
 
 def _entropy_rank(p_head: torch.Tensor, tail_values: torch.Tensor, tail_count: torch.Tensor):
-    """exp(entropy) of the distribution sigma / sum(sigma) for a head plus `count` equal tail values."""
-    total = p_head.sum(-1) + tail_values * tail_count
-    total = total.clamp_min(_TINY)
+    """exp(entropy) of the distribution sigma / sum(sigma) for a head plus `count` equal tail values.
+
+    0 for an all-zero spectrum (a zero matrix), matching its numerical and stable rank.
+    """
+    raw_total = p_head.sum(-1) + tail_values * tail_count
+    total = raw_total.clamp_min(_TINY)
     ph = p_head / total.unsqueeze(-1)
     pt = tail_values / total
     h_head = -(torch.where(ph > 0, ph * torch.log(ph.clamp_min(_TINY)), torch.zeros_like(ph))).sum(-1)
     h_tail = torch.where(pt > 0, -tail_count * pt * torch.log(pt.clamp_min(_TINY)), torch.zeros_like(pt))
-    return torch.exp(h_head + h_tail)
+    return torch.where(raw_total > 0, torch.exp(h_head + h_tail), torch.zeros_like(raw_total))
 
 
 def effective_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape):
@@ -101,6 +104,7 @@ def effective_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape):
     energy: all of it in as few values equal to sigma_k as possible (lower) and spread evenly over
     all min(m, n) - k remaining values (upper). ``estimate`` is the midpoint in log scale.
     When k = min(m, n) there is no tail and all three are equal (up to the sigma estimates).
+    All three are 0 for a zero matrix.
     """
     m, n = shape
     k = sigma.shape[-1]
@@ -109,11 +113,24 @@ def effective_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape):
     if rest <= 0:
         e = _entropy_rank(sigma, torch.zeros_like(T), torch.zeros_like(T))
         return e, e, e
-    sk = sigma[..., -1].clamp_min(_TINY)
-    # Concentrated tail: c copies of sigma_k and one remainder value.
-    c = torch.floor(T / sk.square()).clamp(max=rest)
-    rem = (T - c * sk.square()).clamp_min(0.0).sqrt()
-    rem = torch.where(c >= rest, torch.zeros_like(rem), rem)
+    # Why these are the extremes: with the head fixed, H is optimised over tails t >= 0 with
+    # sum t^2 = T and t <= sigma_k. At a stationary point every tail value strictly inside
+    # (0, sigma_k) solves log t + c t = const, so it takes at most two distinct values; and
+    # dH/dt -> +inf at t = 0, so the maximum has no zero tail value. Spreading evenly (the most
+    # uniform tail, with the largest L1 mass) is the maximum; packing the energy into as few
+    # values as the cap allows (c copies of sigma_k and one remainder) is the minimum.
+    # tests/test_metrics.py checks both against random spectra and every two-level tail on a grid.
+    sk = sigma[..., -1]
+    sk2 = sk.square()
+    # sigma_k = 0 (rank < k) or so small that its square underflows: the cap forces an empty tail
+    # (T is then rounding), so the concentrated tail is empty. Dividing by a clamped sk^2 here
+    # used to give 0/0 = NaN, which _entropy_rank's masks then turned into a bogus lower bound of
+    # 1 (and a wrong estimate) for every exact low-rank matrix with rank < k.
+    live = sk2 > _TINY
+    c = torch.where(live, torch.floor(T / sk2.clamp_min(_TINY)), torch.zeros_like(T))
+    c = c.clamp(max=rest)
+    rem = (T - c * sk2).clamp_min(0.0).sqrt()
+    rem = torch.where(live & (c < rest), rem, torch.zeros_like(rem))
     head_plus = torch.cat([sigma, rem.unsqueeze(-1)], dim=-1)
     lower = _entropy_rank(head_plus, sk, c)
     # Spread tail: every remaining value equal.
@@ -129,6 +146,9 @@ def subspace_drift(overlap: torch.Tensor, r: int) -> torch.Tensor:
     ``overlap`` is U_old^T U_new (b, k, k); ||overlap[:r, :r]||_F^2 = sum cos^2 of the angles,
     so no SVD (and no host sync) is needed. 0: same subspace; 1: orthogonal. Exact for the bases.
     """
+    k = overlap.shape[-1]
+    if not 1 <= r <= k:
+        raise ValueError(f"subspace_drift needs 1 <= r <= k = {k}, got r={r}")
     o = overlap[..., :r, :r]
     cos2 = o.square().sum((-2, -1)) / r
     return (1.0 - cos2).clamp_min(0.0).sqrt()

@@ -29,14 +29,15 @@ class SketchOut(NamedTuple):
 
 
 def as_batched(W: torch.Tensor) -> torch.Tensor:
-    """View a weight as a batch of matrices: (m, n) -> (1, m, n); conv (o, i, kh, kw) -> (1, o, i*kh*kw).
+    """View a weight as a batch of one matrix, shaped as :func:`matrix_shape` says.
 
-    A 3-D input is taken as already batched (b, m, n).
+    (m, n) -> (1, m, n); any parameter with more dims, conv1d (o, i, kw) and conv2d
+    (o, i, kh, kw) alike, -> (1, o, i*kw*...). A view when W's layout allows it, else a copy.
+    A 3-D tensor is a Conv1d weight here, never a batch: to sketch an explicit batch of matrices
+    (b, m, n), pass it to :func:`sketch_torch` directly.
     """
-    if W.dim() == 2:
-        return W.unsqueeze(0)
-    if W.dim() == 3:
-        return W
+    if W.dim() < 2:
+        raise ValueError(f"a weight to track needs >= 2 dims, got shape {tuple(W.shape)}")
     return W.reshape(1, W.shape[0], -1)
 
 
@@ -74,18 +75,27 @@ def init_bases(m: int, n: int, k: int, *, seed: int = 0, batch: int = 1, device=
     """Seeded Gaussian start bases U (batch, m, k) and V (batch, n, k), orthonormal columns.
 
     Identical for a given (seed, shape) on every device and process: drawn on the CPU in float64.
+    Needs 1 <= k <= min(m, n) (a QR of an m x k matrix with m < k would return only m columns).
     """
+    if not 1 <= k <= min(m, n):
+        raise ValueError(f"init_bases needs 1 <= k <= min(m, n) = {min(m, n)}, got k={k}")
     U = orthonormal_columns(gaussian((batch, m, k), seed, dtype=torch.float64))
     V = orthonormal_columns(gaussian((batch, n, k), seed + 1, dtype=torch.float64))
     return U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)
 
 
 def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> SketchOut:
-    """Reference sketch pass over W (b, m, n) (or (m, n)) with bases U (b, m, k), V (b, n, k).
+    """Reference sketch pass over W with bases U (b, m, k), V (b, n, k).
 
-    Products run in float32 (float64 for float64 weights), whatever the weight dtype.
+    W is a batch of matrices (b, m, n) or one matrix (m, n) (read as b = 1); to sketch a
+    parameter of any shape, pass ``as_batched(W)``. Products run in float32 (float64 for
+    float64 weights), whatever the weight dtype; fro2 and row_sq are accumulated in float64.
     """
-    W = as_batched(W)
+    if W.dim() == 2:
+        W = W.unsqueeze(0)
+    elif W.dim() != 3:
+        raise ValueError(f"sketch_torch takes W as (m, n) or (b, m, n), got shape "
+                         f"{tuple(W.shape)}; view a parameter with as_batched(W) first")
     cdt = sketch_dtype(W.dtype)
     Wc = W.to(cdt)
     Y = torch.matmul(Wc, V.to(cdt))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import backends, metrics
+from ._checks import check_int, check_rank
 from .sketch import SketchOut, init_bases, name_seed
 
 
@@ -66,7 +67,10 @@ class MatrixTracker:
 
     def __init__(self, name: str, shape: tuple[int, int], k: int, *, seed: int = 0,
                  device=None, basis_dtype=torch.float32):
-        m, n = shape
+        m, n = (check_int(d, "shape entry", minimum=1) for d in shape)
+        # k > min(m, n) used to build bases of the wrong shape (QR of an m x k matrix with
+        # m < k returns m columns) and fail later inside the post-processing.
+        k = check_rank(k, m, n)
         self.name, self.shape, self.k = name, (m, n), k
         self.seed = name_seed(seed, name)
         self.step = 0
@@ -104,7 +108,10 @@ class MatrixTracker:
         self.step += 1
 
     def metrics(self, r: int, tol: float = 1e-3) -> dict[str, torch.Tensor]:
-        """Metrics of the latest step, each of shape (1, ...)."""
+        """Metrics of the latest step, each of shape (1, ...). Needs 1 <= r <= k."""
+        r = check_int(r, "r", minimum=1)
+        if r > self.k:
+            raise ValueError(f"r={r} exceeds the sketch width k={self.k} of {self.name!r}")
         prev = self.sigma_prev if self.step > 1 else None
         out = metrics.summarize(self.sigma, self.sigma_y, self.sigma_z, prev, self.fro2,
                                 self.row_sq, self.overlap_u if self.step > 1 else None,
