@@ -6,50 +6,43 @@ import torch
 
 from . import backends
 from .fused_sgd_sketch import sgd_update_torch
-from .sketch import as_batched
 from .trackset import TrackedSet, check_positive_int
 
 
-def _named_groups(params):
-    """Split ``params`` into (param_groups for torch, names per group).
+def _unscale(grad: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """grad / grad_scale (GradScaler's scale) in float32 or float64 arithmetic: the scale (2^16
+    by default) overflows float16, and a power-of-two scale divides exactly."""
+    opmath = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    out = grad.to(opmath) / grad_scale.to(device=grad.device, dtype=opmath)
+    return out.to(grad.dtype)
 
-    Accepts an iterable of tensors, of (name, tensor) pairs (``model.named_parameters()``), or of
-    dicts with a "params" entry holding either.
-    """
-    params = list(params)
-    if len(params) == 0:
-        raise ValueError("optimizer got an empty parameter list")
-    groups = params if isinstance(params[0], dict) else [{"params": params}]
-    torch_groups, names, counter = [], [], 0
-    for gi, group in enumerate(groups):
-        if not isinstance(group, dict):
-            raise TypeError("param groups must all be dicts when the first one is")
-        items = group["params"]
-        items = [items] if isinstance(items, torch.Tensor) else list(items)
-        group_names, tensors = [], []
-        for item in items:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                name, p = item
-            else:
-                name, p = f"param{counter}", item
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"optimizer can only optimize Tensors, got {type(p).__name__}")
-            group_names.append(name)
-            tensors.append(p)
-            counter += 1
-        torch_groups.append({**group, "params": tensors})
-        names.append(group_names)
-    return torch_groups, names
+
+def _all_finite(grad: torch.Tensor) -> bool:
+    """One host sync: whether every stored entry of grad is finite (sparse grads included)."""
+    values = grad.coalesce().values() if grad.is_sparse else grad
+    return bool(torch.isfinite(values).all())
 
 
 class SpectralSGD(torch.optim.Optimizer):
     """Stochastic gradient descent exactly as ``torch.optim.SGD``, plus spectral tracking.
 
     Same arguments, validation, param groups and ``momentum_buffer`` state as ``torch.optim.SGD``.
+    ``params`` may be tensors, ``model.named_parameters()`` (names then key the results and the
+    log; otherwise parameters are called "param0", "param1", ... in order) or param groups of
+    either, exactly as ``torch.optim.SGD`` takes them (named groups get "param_names").
+
     Every parameter with 2 or more dimensions (conv kernels viewed as (out, in*kh*kw)) is tracked:
     each ``track_every``-th step, the pass that applies the update also sketches the updated
     weights, and the top ``rank`` singular values and the metrics of :mod:`lowrank.metrics` are
-    available from :meth:`spectra`.
+    available from :meth:`spectra`. On a tracking step every tracked matrix is sketched: a
+    tracked parameter that gets no update this step (no gradient, e.g. frozen; or a skipped
+    non-finite gradient) is read by the sketch-only pass, so its spectrum stays current (exclude
+    frozen matrices to save that read). Parameters added later with ``add_param_group`` are
+    updated, not tracked.
+
+    ``foreach``, ``fused`` and ``differentiable`` are accepted for drop-in compatibility: the
+    update is always torch's single-tensor implementation (``foreach=False``), so ``foreach=True``,
+    ``fused=True`` and ``differentiable=True`` raise ValueError.
 
     Tracking arguments:
         rank: number of singular values reported per matrix (r).
@@ -75,9 +68,10 @@ class SpectralSGD(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, rank=8, sketch_rank=None, track_every=1,
-                 track_grad=False, audit_every=0, backend="auto", seed=0, include=None,
-                 exclude=None, rank_tol=1e-3, skip_nonfinite=False, log=None):
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, rank=8, sketch_rank=None, track_every=1, track_grad=False,
+                 audit_every=0, backend="auto", seed=0, include=None, exclude=None,
+                 rank_tol=1e-3, skip_nonfinite=False, log=None):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -88,32 +82,74 @@ class SpectralSGD(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        for flag, value in (("foreach", foreach), ("fused", fused),
+                            ("differentiable", differentiable)):
+            if value:
+                raise ValueError(f"SpectralSGD does not support {flag}=True: the update is "
+                                 "torch.optim.SGD's single-tensor (foreach=False) implementation")
         self.track_every = check_positive_int(track_every, "track_every")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
-        torch_groups, names = _named_groups(params)
-        super().__init__(torch_groups, defaults)
-        self._names = {id(p): n for g, ns in zip(self.param_groups, names)
-                       for p, n in zip(g["params"], ns)}
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults)
+        # Names: torch keeps those of model.named_parameters() in group["param_names"].
+        self._names, counter = {}, 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                self._names[id(p)] = names[i] if names is not None else f"param{counter}"
+                counter += 1
         named = [(self._names[id(p)], p) for g in self.param_groups for p in g["params"]]
-        if len({n for n, _ in named}) != len(named):
-            raise ValueError("parameter names must be unique")
         self.skip_nonfinite = bool(skip_nonfinite)
         self.steps = 0  # optimizer steps taken (skipped AMP steps excluded)
         self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
                                   backend=backend, rank_tol=rank_tol, audit_every=audit_every,
                                   track_grad=track_grad, include=include, exclude=exclude, log=log)
         if log is not None:
-            log.update_config({"optimizer": "SpectralSGD", **defaults, "rank": rank,
-                               "sketch_rank": sketch_rank, "track_every": track_every,
-                               "seed": seed, "backend": backend, "rank_tol": rank_tol,
-                               "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
+            # Nested, so that the user's own config keys (a data "seed", ...) are never replaced.
+            log.update_config({"optimizer": {
+                "name": "SpectralSGD",
+                **{k: v for k, v in defaults.items() if k not in ("foreach", "fused", "differentiable")},
+                "rank": rank, "sketch_rank": sketch_rank, "track_every": track_every,
+                "track_grad": bool(track_grad), "audit_every": audit_every, "seed": seed,
+                "backend": backend, "include": include, "exclude": exclude,
+                "rank_tol": rank_tol, "skip_nonfinite": self.skip_nonfinite},
+                "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
+
+    def add_param_group(self, param_group):
+        for flag in ("foreach", "fused", "differentiable"):
+            if isinstance(param_group, dict) and param_group.get(flag):
+                raise ValueError(f"SpectralSGD does not support {flag}=True (param group)")
+        super().add_param_group(param_group)
+
+    def __getstate__(self):
+        # torch's Optimizer pickles defaults, state and param_groups only; keep the tracking
+        # too, so that copy.deepcopy((model, opt)) gives a working copy. Names go by position
+        # (parameters get new ids in a copy). A RunLog is shared by copies, not duplicated.
+        state = super().__getstate__()
+        state["_lowrank"] = {
+            "tracked": self.tracked, "steps": self.steps, "track_every": self.track_every,
+            "skip_nonfinite": self.skip_nonfinite,
+            "names": [self._names.get(id(p)) for g in self.param_groups for p in g["params"]]}
+        return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        extra = state.pop("_lowrank", None)
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+        if extra is not None:
+            self.tracked = extra["tracked"]
+            self.steps = extra["steps"]
+            self.track_every = extra["track_every"]
+            self.skip_nonfinite = extra["skip_nonfinite"]
+            flat = [p for g in self.param_groups for p in g["params"]]
+            self._names = {id(p): n for p, n in zip(flat, extra["names"]) if n is not None}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,44 +168,49 @@ class SpectralSGD(torch.optim.Optimizer):
             hyper = {k: group[k] for k in ("lr", "weight_decay", "momentum", "dampening",
                                            "nesterov", "maximize")}
             for p in group["params"]:
-                if p.grad is None:
+                name = self._names.get(id(p))  # None: added by add_param_group, not tracked
+                tracked = track and name in self.tracked.trackers
+                grad = p.grad
+                if grad is not None and grad_scale is not None:
+                    grad = _unscale(grad, grad_scale)
+                if grad is not None and self.skip_nonfinite and not _all_finite(grad):
+                    grad = None  # leave p and its momentum buffer as they are
+                if grad is None:
+                    if tracked:  # no update: the sketch-only pass keeps the spectrum current
+                        self.tracked.sketch_only(name)
+                        tracked_now.append(name)
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SpectralSGD does not support sparse gradients")
-                grad = p.grad if grad_scale is None else p.grad / grad_scale.to(p.grad.dtype)
-                if self.skip_nonfinite and not bool(torch.isfinite(grad).all()):
-                    continue
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                name = self._names[id(p)]
-                if track and name in self.tracked.trackers:
+                # Like torch.optim.SGD, state exists only for parameters with momentum.
+                buf = self.state[p].get("momentum_buffer") if hyper["momentum"] != 0 else None
+                if tracked:
                     self.tracked.before_update(name, grad, p)
                     buf = self._fused_step(name, p, grad, buf, hyper)
                     tracked_now.append(name)
                 else:
                     buf = sgd_update_torch(p, grad, buf, **hyper)
                 if hyper["momentum"] != 0:
-                    state["momentum_buffer"] = buf
+                    self.state[p]["momentum_buffer"] = buf
         if tracked_now:
             self.tracked.after_step(self.steps, tracked_now)
         self.steps += 1
         return loss
 
     def _fused_step(self, name, p, grad, buf, hyper):
+        """Update p in place and sketch the updated matrix; returns the momentum buffer."""
         tr = self.tracked.trackers[name]
-        backend = self.tracked.backend[name]
-        if backend != "torch" and not (p.is_contiguous() and grad.is_contiguous()):
-            # The kernels update a (m, n) view in place; a non-contiguous parameter has none.
-            backend = "torch"
-        if backend == "torch":
-            W, G = p, grad
-        else:
-            W, G = as_batched(p).view(tr.shape), grad.reshape(tr.shape)
-            if buf is not None:
-                buf = buf.view(tr.shape)
-        sk, buf = backends.fused_sgd_sketch(W, G, buf, tr.U, tr.V, backend=backend, **hyper)
+        if grad.is_sparse or not (p.is_contiguous() and grad.is_contiguous()
+                                  and (buf is None or buf.is_contiguous())):
+            # No (m, n) view to update in place: torch's update, then the sketch-only pass.
+            buf = sgd_update_torch(p, grad, buf, **hyper)
+            self.tracked.sketch_only(name)
+            return buf
+        # (m, n) views: every backend reads a 2-D matrix the same way (conv kernels included).
+        W, G = p.view(tr.shape), grad.view(tr.shape)
+        B = buf.view(tr.shape) if buf is not None else None
+        sk, B = backends.fused_sgd_sketch(W, G, B, tr.U, tr.V, backend=self.tracked.backend[name],
+                                          **hyper)
         self.tracked.absorb(name, sk)
-        return buf.view(p.shape) if buf is not None else None
+        return B.view(p.shape) if B is not None else None
 
     # -- results ------------------------------------------------------------------------------
 

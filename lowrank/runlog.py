@@ -2,7 +2,9 @@
 
 A run directory holds
 
-    config.json               the run's configuration (optimizer / tracker arguments, user config)
+    config.json               the run's configuration: the user's keys, plus "optimizer"
+                              (SpectralSGD's arguments) or "tracker" (SpectrumTracker's) and
+                              "tracked" (name -> [m, n] of every tracked matrix)
     spectra/part-00000.parquet, part-00001.parquet, ...   one file per flush
 
 Metrics stay on the device in a buffer; every ``flush_every`` records (and at :meth:`close`)
@@ -31,6 +33,68 @@ def _json_default(value):
     return repr(value)
 
 
+class _PartWriter:
+    """The buffer and the files of a RunLog. Separate from RunLog so that the finalizer that
+    flushes a log dropped without close() can hold it (a finalizer must not hold the log)."""
+
+    def __init__(self, run_dir: Path, flush_every: int, tensorboard: bool):
+        self.run_dir = run_dir
+        self.flush_every = flush_every
+        self.buffer: list[tuple[int, str, tuple, dict]] = []
+        self.steps_buffered = 0
+        # Continue after the highest existing part (a resumed run must not overwrite one).
+        taken = [int(p.stem.split("-")[1]) for p in (run_dir / LOG_SUBDIR).glob("part-*.parquet")
+                 if p.stem.split("-")[1].isdigit()]
+        self.part = max(taken) + 1 if taken else 0
+        self.closed = False
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns: dict[str, list] = {"step": [], "name": [], "shape": [], "m": [], "n": []}
+        keys = []
+        for _, _, _, metrics in self.buffer:
+            for key in metrics:
+                if key not in keys:
+                    keys.append(key)
+        host = _to_host([metrics for _, _, _, metrics in self.buffer], keys)
+        for (step, name, shape, _), values in zip(self.buffer, host):
+            columns["step"].append(step)
+            columns["name"].append(name)
+            columns["shape"].append(f"{shape[0]}x{shape[1]}")
+            columns["m"].append(shape[0])
+            columns["n"].append(shape[1])
+            for key in keys:
+                columns.setdefault(key, []).append(values.get(key))
+        table = pa.table(columns)
+        final = self.run_dir / LOG_SUBDIR / f"part-{self.part:05d}.parquet"
+        tmp = final.with_name("." + final.name + ".tmp")  # dot-files are ignored by readers
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        if self.tb is not None:
+            _write_tensorboard(self.tb, columns)
+        self.part += 1
+        self.buffer = []
+        self.steps_buffered = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.flush()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+
 class RunLog:
     """Buffered Parquet log of tracked spectra; see the module docstring.
 
@@ -38,8 +102,11 @@ class RunLog:
         run_dir: the run directory (created).
         config: a JSON-able dict saved to config.json (more keys can be added later).
         flush_every: number of tracked steps buffered before a write.
-        tensorboard: also write scalars (spectral norm, stable rank, numerical rank, top sigma)
-            through ``torch.utils.tensorboard`` into run_dir/tb.
+        tensorboard: also write scalars (spectral norm = top sigma, stable rank, numerical rank,
+            effective rank) through ``torch.utils.tensorboard`` into run_dir/tb.
+
+    Use it as a context manager or call :meth:`close`; a log dropped or left open at interpreter
+    exit is flushed too (but a killed process loses its unflushed buffer).
     """
 
     def __init__(self, run_dir, config: dict | None = None, *, flush_every: int = 50,
@@ -54,23 +121,11 @@ class RunLog:
         (self.run_dir / LOG_SUBDIR).mkdir(parents=True, exist_ok=True)
         self.flush_every = flush_every
         self.config: dict = {}
-        self._buffer: list[tuple[int, str, tuple, dict]] = []
-        self._steps_buffered = 0
-        self._part = len(list((self.run_dir / LOG_SUBDIR).glob("part-*.parquet")))
-        self._closed = False
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        self._writer = _PartWriter(self.run_dir, flush_every, tensorboard)
         self.update_config(config or {})
-        # Flush what is buffered if the interpreter exits without close() (finalize runs at exit).
-        self._finalizer = weakref.finalize(self, RunLog._flush_at_exit, weakref.ref(self))
-
-    @staticmethod
-    def _flush_at_exit(ref):
-        log = ref()
-        if log is not None and not log._closed:
-            log.close()
+        # Flush what is buffered when the log is garbage-collected or the interpreter exits
+        # without close() (the callback holds the writer, not the log).
+        self._finalizer = weakref.finalize(self, self._writer.close)
 
     def update_config(self, config: dict) -> None:
         """Merge ``config`` into config.json (rewritten atomically)."""
@@ -79,89 +134,64 @@ class RunLog:
         tmp.write_text(json.dumps(self.config, indent=2, default=_json_default))
         os.replace(tmp, self.run_dir / "config.json")
 
+    @property
+    def closed(self) -> bool:
+        return self._writer.closed
+
     def record(self, step: int, metrics_by_name: dict[str, dict], shapes: dict[str, tuple]) -> None:
         """Buffer one step's metrics (device tensors of shape (1, ...) or numbers); no sync."""
-        if self._closed:
+        w = self._writer
+        if w.closed:
             raise RuntimeError("RunLog is closed")
         for name, metrics in metrics_by_name.items():
-            self._buffer.append((int(step), name, tuple(shapes[name]), metrics))
-        self._steps_buffered += 1
-        if self._steps_buffered >= self.flush_every:
-            self.flush()
+            w.buffer.append((int(step), name, tuple(shapes[name]), metrics))
+        w.steps_buffered += 1
+        if w.steps_buffered >= self.flush_every:
+            w.flush()
 
     def flush(self) -> None:
         """Copy the buffer to the host (one sync) and write it as a new part file."""
-        if not self._buffer:
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        columns: dict[str, list] = {"step": [], "name": [], "shape": [], "m": [], "n": []}
-        keys = []
-        for _, _, _, metrics in self._buffer:
-            for key in metrics:
-                if key not in keys:
-                    keys.append(key)
-        host = self._to_host([metrics for _, _, _, metrics in self._buffer], keys)
-        for (step, name, shape, _), values in zip(self._buffer, host):
-            columns["step"].append(step)
-            columns["name"].append(name)
-            columns["shape"].append(f"{shape[0]}x{shape[1]}")
-            columns["m"].append(shape[0])
-            columns["n"].append(shape[1])
-            for key in keys:
-                columns.setdefault(key, []).append(values.get(key))
-        table = pa.table(columns)
-        final = self.run_dir / LOG_SUBDIR / f"part-{self._part:05d}.parquet"
-        tmp = final.with_name("." + final.name + ".tmp")  # dot-files are ignored by readers
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-        if self._tb is not None:
-            self._write_tensorboard(columns)
-        self._part += 1
-        self._buffer = []
-        self._steps_buffered = 0
-
-    @staticmethod
-    def _to_host(rows: list[dict], keys: list[str]) -> list[dict]:
-        """All buffered device tensors to Python values with one transfer per metric."""
-        out = [dict() for _ in rows]
-        for key in keys:
-            idx = [i for i, r in enumerate(rows) if key in r]
-            tensors = [rows[i][key] for i in idx]
-            if all(isinstance(t, torch.Tensor) for t in tensors):
-                flat = torch.stack([t.reshape(t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
-                                    for t in tensors]).cpu()
-                values = flat.tolist()
-            else:
-                values = [t.item() if isinstance(t, torch.Tensor) else t for t in tensors]
-            for i, v in zip(idx, values):
-                out[i][key] = v
-        return out
-
-    def _write_tensorboard(self, columns: dict) -> None:
-        for i, step in enumerate(columns["step"]):
-            name = columns["name"][i]
-            for key in ("spectral_norm", "stable_rank", "numerical_rank", "effective_rank"):
-                if key in columns and columns[key][i] is not None:
-                    self._tb.add_scalar(f"{name}/{key}", float(columns[key][i]), step)
-        self._tb.flush()
+        self._writer.flush()
 
     def close(self) -> None:
         """Flush and close. Safe to call twice."""
-        if self._closed:
-            return
-        self.flush()
-        if self._tb is not None:
-            self._tb.close()
-        self._closed = True
-        self._finalizer.detach()
+        self._finalizer()  # runs the writer's close once, then detaches
+
+    def __deepcopy__(self, memo):
+        # A log is a sink (files on disk): a deep copy of an optimizer or tracker shares it.
+        return self
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _to_host(rows: list[dict], keys: list[str]) -> list[dict]:
+    """All buffered device tensors to Python values with one transfer per metric."""
+    out = [dict() for _ in rows]
+    for key in keys:
+        idx = [i for i, r in enumerate(rows) if key in r]
+        tensors = [rows[i][key] for i in idx]
+        if all(isinstance(t, torch.Tensor) for t in tensors):
+            flat = torch.stack([t.reshape(t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
+                                for t in tensors]).cpu()
+            values = flat.tolist()
+        else:
+            values = [t.item() if isinstance(t, torch.Tensor) else t for t in tensors]
+        for i, v in zip(idx, values):
+            out[i][key] = v
+    return out
+
+
+def _write_tensorboard(tb, columns: dict) -> None:
+    for i, step in enumerate(columns["step"]):
+        name = columns["name"][i]
+        for key in ("spectral_norm", "stable_rank", "numerical_rank", "effective_rank"):
+            if key in columns and columns[key][i] is not None:
+                tb.add_scalar(f"{name}/{key}", float(columns[key][i]), step)
+    tb.flush()
 
 
 def load_log(run_dir):

@@ -40,10 +40,12 @@ class SpectrumTracker:
         if not self.tracked.trackers:
             raise ValueError("no parameter with 2 or more dimensions to track")
         if log is not None:
-            log.update_config({"tracker": "SpectrumTracker", "rank": rank, "every": every,
-                               "sketch_rank": sketch_rank, "seed": seed, "backend": backend,
-                               "rank_tol": rank_tol,
-                               "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
+            # Nested, so that the user's own config keys are never replaced.
+            log.update_config({"tracker": {
+                "name": "SpectrumTracker", "rank": rank, "every": every,
+                "sketch_rank": sketch_rank, "audit_every": audit_every, "seed": seed,
+                "backend": backend, "include": include, "exclude": exclude, "rank_tol": rank_tol},
+                "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
 
     @torch.no_grad()
     def step(self) -> None:

@@ -14,8 +14,10 @@ import fnmatch
 import torch
 
 from . import backends
-from .sketch import as_batched, matrix_shape, sketch_torch
+from .sketch import matrix_shape, sketch_torch
 from .tracking import MatrixTracker, SpectrumResult
+
+_NAN = float("nan")
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -37,29 +39,42 @@ def _patterns(value, what: str):
     return value
 
 
+def trackable(p: torch.Tensor) -> bool:
+    """A parameter can be tracked when it has >= 2 dims and at least one element."""
+    return p.dim() >= 2 and p.numel() > 0
+
+
 def select_tracked(named_params, include=None, exclude=None) -> list[tuple[str, torch.Tensor]]:
     """The (name, param) pairs to track: >= 2-D, non-empty, matching include and not exclude.
 
     Patterns are exact names or fnmatch globs ("layers.*.weight"). A pattern that matches no
-    parameter at all raises ValueError (a typo must not silently track nothing).
+    parameter at all raises ValueError (a typo must not silently track nothing), and so does an
+    include pattern that matches only parameters that cannot be tracked (1-D, empty). A glob
+    that also matches biases simply skips them.
     """
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     names = [name for name, _ in named_params]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"parameter names must be unique; repeated: {dup}")
     for what, pats in (("include", include), ("exclude", exclude)):
         for pat in pats or ():
             if not any(fnmatch.fnmatchcase(n, pat) for n in names):
                 raise ValueError(f"{what} pattern {pat!r} matches no parameter; known: "
                                  f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    for pat in include or ():
+        hits = [(n, p) for n, p in named_params if fnmatch.fnmatchcase(n, pat)]
+        if not any(trackable(p) for _, p in hits):
+            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in hits[:5])
+            raise ValueError(f"include pattern {pat!r} matches only parameters that cannot be "
+                             f"tracked ({shapes}): tracking needs >= 2 dims and >= 1 element")
     chosen = []
     for name, p in named_params:
         if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
             continue
         if exclude is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
             continue
-        if include is not None and p.dim() < 2:
-            raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)}: only parameters "
-                             "with 2 or more dimensions can be tracked")
-        if p.dim() >= 2 and p.numel() > 0:
+        if trackable(p):
             chosen.append((name, p))
     return chosen
 
@@ -97,14 +112,27 @@ class TrackedSet:
                     f"(tracked as {m} x {n}); lower rank or exclude it with exclude=[{name!r}]")
             k = min(sketch_rank if sketch_rank is not None else 2 * rank, m, n)
             basis_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            resolved = backends.resolve_backend(backend, p.device)
+            if resolved == "triton" and p.dtype == torch.float64:
+                # The Triton kernels have no float64 path; "auto" means "the fastest that runs".
+                if backend != "auto":
+                    raise TypeError(f"backend='triton' does not support float64 parameters "
+                                    f"({name!r}); use backend='torch' or 'auto'")
+                resolved = "torch"
             self.params[name] = p
-            self.backend[name] = backends.resolve_backend(backend, p.device)
+            self.backend[name] = resolved
             self.trackers[name] = MatrixTracker(name, (m, n), k, seed=seed, device=p.device,
                                                 basis_dtype=basis_dtype)
             if self.track_grad:
                 self.grad_trackers[name] = MatrixTracker(name + "#grad", (m, n), k, seed=seed,
                                                          device=p.device, basis_dtype=basis_dtype)
-        self.by_param = {id(p): name for name, p in self.params.items()}
+        self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
+
+    def matrix(self, name: str, t: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` (default: the parameter) as the (m, n) matrix it is tracked as (a view when the
+        layout allows: conv kernels (o, i, kh, kw) -> (o, i*kh*kw))."""
+        t = self.params[name].detach() if t is None else t
+        return t.reshape(self.trackers[name].shape)
 
     # -- per-step work ------------------------------------------------------------------------
 
@@ -113,13 +141,18 @@ class TrackedSet:
         if not self.track_grad:
             return
         gt = self.grad_trackers[name]
-        sk = sketch_torch(as_batched(grad), gt.U, gt.V)
+        if grad.is_sparse:
+            grad = grad.to_dense()
+        G = self.matrix(name, grad)
+        sk = sketch_torch(G, gt.U, gt.V)
         gt.absorb(sk)
-        inner = (as_batched(grad).to(torch.float64) * as_batched(weight).to(torch.float64)).sum()
-        wn = as_batched(weight).to(torch.float64).square().sum().sqrt()
+        W64 = self.matrix(name, weight.detach()).to(torch.float64)
+        inner = (G.to(torch.float64) * W64).sum()
+        wn = W64.square().sum().sqrt()
         gn = sk.fro2[0].sqrt()
         denom = (gn * wn).clamp_min(1e-300)
         self.grad_stats[name] = {"grad_weight_inner": inner, "grad_weight_cosine": inner / denom}
+        self._grad_fresh.add(name)
 
     def absorb(self, name: str, sk) -> None:
         """Post-process the sketches of ``name``'s current weights and run a due audit."""
@@ -130,14 +163,14 @@ class TrackedSet:
 
     def sketch_only(self, name: str) -> None:
         """The sketch-only pass (no update) of one tracked parameter."""
-        p, tr = self.params[name], self.trackers[name]
-        sk = backends.sketch(as_batched(p.detach()), tr.U, tr.V, backend=self.backend[name])
+        tr = self.trackers[name]
+        sk = backends.sketch(self.matrix(name), tr.U, tr.V, backend=self.backend[name])
         self.absorb(name, sk)
 
     def _audit(self, name: str) -> dict:
         """Exact float64 svdvals of the current weights against the estimates (one host sync)."""
         tr = self.trackers[name]
-        W = as_batched(self.params[name].detach())[0].to(torch.float64)
+        W = self.matrix(name).to(torch.float64)
         exact = torch.linalg.svdvals(W) if torch.isfinite(W).all() else None
         r = self.rank
         if exact is None:
@@ -157,18 +190,38 @@ class TrackedSet:
         }
 
     def after_step(self, step: int, names) -> None:
-        """Hand the metrics of the matrices tracked this step to the log (no host sync)."""
+        """Hand the metrics of the matrices tracked this step to the log (no host sync).
+
+        Every row has the same columns for the whole run (Parquet readers take the schema of
+        the first part file): ``audit_max_rel_err`` is NaN on steps without an audit, and with
+        ``track_grad`` the gradient columns are NaN for a matrix that had no gradient this step.
+        """
+        fresh, self._grad_fresh = self._grad_fresh, set()
         if self.log is None:
             return
         rows = {}
         for name in names:
             tr = self.trackers[name]
             metrics = tr.metrics(self.rank, self.rank_tol)
-            audit = self.audits.get(name)
-            if audit is not None and audit["audit_step"] == tr.step:
-                metrics["audit_max_rel_err"] = audit["audit_max_rel_err"]
+            if self.audit_every:
+                audit = self.audits.get(name)
+                metrics["audit_max_rel_err"] = (audit["audit_max_rel_err"] if audit is not None
+                                                and audit["audit_step"] == tr.step else _NAN)
+            if self.track_grad:
+                metrics.update(self._grad_row(name, name in fresh))
             rows[name] = metrics
         self.log.record(step, rows, {n: self.trackers[n].shape for n in names})
+
+    def _grad_row(self, name: str, fresh: bool) -> dict[str, torch.Tensor]:
+        g = self.grad_trackers[name].metrics(self.rank, self.rank_tol)
+        row = {"grad_sigma": g["sigma"], "grad_spectral_norm": g["spectral_norm"],
+               "grad_fro_norm": g["fro_norm"], "grad_stable_rank": g["stable_rank"]}
+        stats = self.grad_stats.get(name)
+        cos = stats["grad_weight_cosine"].reshape(1) if stats else torch.zeros_like(g["fro_norm"])
+        row["grad_weight_cosine"] = cos
+        if not fresh:
+            row = {k: torch.full_like(v, _NAN) for k, v in row.items()}
+        return row
 
     # -- results and state --------------------------------------------------------------------
 
@@ -198,16 +251,26 @@ class TrackedSet:
         return (Uw.T @ Ug).square().sum() / r
 
     def state_dict(self) -> dict:
-        out = {"trackers": {n: t.state_dict() for n, t in self.trackers.items()}}
+        """Tensors, numbers and strings only (loads with ``torch.load(weights_only=True)``)."""
+        out = {"trackers": {n: t.state_dict() for n, t in self.trackers.items()},
+               "audits": {n: dict(a) for n, a in self.audits.items()}}
         if self.track_grad:
             out["grad_trackers"] = {n: t.state_dict() for n, t in self.grad_trackers.items()}
+            out["grad_stats"] = {n: dict(g) for n, g in self.grad_stats.items()}
         return out
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.trackers) - set(state.get("trackers", {}))
         if missing:
             raise ValueError(f"tracker state is missing matrices: {sorted(missing)}")
+        if self.track_grad:
+            missing = set(self.grad_trackers) - set(state.get("grad_trackers", {}))
+            if missing:
+                raise ValueError(f"gradient tracker state is missing matrices: {sorted(missing)}")
         for name, tr in self.trackers.items():
             tr.load_state_dict(state["trackers"][name])
         for name, tr in self.grad_trackers.items():
             tr.load_state_dict(state["grad_trackers"][name])
+        self.audits = {n: dict(a) for n, a in state.get("audits", {}).items() if n in self.trackers}
+        self.grad_stats = {n: dict(g) for n, g in state.get("grad_stats", {}).items()
+                           if n in self.grad_trackers}
