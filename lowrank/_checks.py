@@ -53,3 +53,11 @@ def check_rank(k, m: int, n: int, name: str = "k") -> int:
 def sketch_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of the sketch products: float64 for float64 weights, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """True for CPU tensors, where reading a value on the host to choose a code path costs no
+    device synchronisation. Per-step code may take such shortcuts only where this is True; on a
+    GPU it must take the branch-free path (the no-sync tests force that path on the CPU by
+    patching this function)."""
+    return t.device.type == "cpu"

@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _checks
+
 # Eigenvalues of a float64 Gram matrix below this fraction of the largest are rounding noise
 # (sigma_i / sigma_1 < ~1e-7: the level of float32 sketch products); their directions are refilled.
 GRAM_RELATIVE_FLOOR = 1e-14
@@ -53,10 +55,12 @@ def _cholesky_qr(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.transpose(-2, -1), X, upper=True, left=False)
 
 
-def ritz_basis(S: torch.Tensor, refill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ritz_basis(S: torch.Tensor, refill) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal Ritz basis of the sketch S (b, p, k) in float64, and its singular values.
 
-    ``refill`` (b, p, k) supplies candidate vectors for directions S does not span.
+    ``refill`` (b, p, k), or a function returning it, supplies candidate vectors for directions S
+    does not span. On the CPU it is only drawn when some direction needs it (a branch is free
+    there); on a GPU it is always drawn, so that no host synchronisation decides.
     Returns (Q (b, p, k), sigma (b, k) descending).
     """
     S = S.to(torch.float64)
@@ -69,11 +73,12 @@ def ritz_basis(S: torch.Tensor, refill: torch.Tensor) -> tuple[torch.Tensor, tor
     scale = torch.where(good, evals, torch.ones_like(evals)).rsqrt()
     Q = (S @ evecs) * scale.unsqueeze(-2)
     Q = torch.where(good.unsqueeze(-2), Q, torch.zeros_like(Q))
-    # Refill: project the candidates off the good columns (twice, for float64 orthogonality).
-    R = refill.to(torch.float64)
-    for _ in range(2):
-        R = R - Q @ (Q.transpose(-2, -1) @ R)
-    Q = torch.where(good.unsqueeze(-2), Q, R)
+    if not _checks.host_reads_are_free(S) or not bool(good.all()):
+        # Refill: project the candidates off the good columns (twice, for float64 orthogonality).
+        R = (refill() if callable(refill) else refill).to(torch.float64)
+        for _ in range(2):
+            R = R - Q @ (Q.transpose(-2, -1) @ R)
+        Q = torch.where(good.unsqueeze(-2), Q, R)
     # Good columns come first (descending order), so the triangular factor leaves them in place
     # up to rounding while it orthonormalises the refilled ones.
     Q = _cholesky_qr(_cholesky_qr(Q))
@@ -87,6 +92,17 @@ def refill_candidates(shape, seed: int, step: int, device) -> torch.Tensor:
     return torch.randn(shape, generator=g, device=device, dtype=torch.float64)
 
 
+def _align_signs(B_old: torch.Tensor, B_new: torch.Tensor):
+    """Flip columns of B_new so that diag(B_old^T B_new) >= 0; returns (B_new, B_old^T B_new).
+
+    Eigenvectors have no sign of their own; tying each to its predecessor keeps the tracked
+    singular vectors continuous over steps and makes every backend agree column by column.
+    """
+    overlap = B_old.to(torch.float64).transpose(-2, -1) @ B_new
+    sign = torch.where(torch.diagonal(overlap, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(B_new.dtype)
+    return B_new * sign.unsqueeze(-2), overlap * sign.unsqueeze(-2)
+
+
 def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
                       *, seed: int = 0, step: int = 0) -> PostOut:
     """Reference post-processing of one step's sketches (see the module docstring).
@@ -96,10 +112,10 @@ def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_o
     """
     b, m, k = Y.shape
     n = Z.shape[-2]
-    Uq, sigma_y = ritz_basis(Y, refill_candidates((b, m, k), seed, 2 * step, Y.device))
-    Vq, sigma_z = ritz_basis(Z, refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
-    overlap_u = U_old.to(torch.float64).transpose(-2, -1) @ Uq
-    overlap_v = V_old.to(torch.float64).transpose(-2, -1) @ Vq
+    Uq, sigma_y = ritz_basis(Y, lambda: refill_candidates((b, m, k), seed, 2 * step, Y.device))
+    Vq, sigma_z = ritz_basis(Z, lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
+    Uq, overlap_u = _align_signs(U_old, Uq)
+    Vq, overlap_v = _align_signs(V_old, Vq)
     sigma = torch.maximum(sigma_y, sigma_z)
     return PostOut(sigma, sigma_y, sigma_z, Uq.to(U_old.dtype), Vq.to(V_old.dtype),
                    overlap_u, overlap_v)

@@ -4,7 +4,7 @@ Op ``sketch``: for W (b, m, n) and thin orthonormal bases U (b, m, k), V (b, n, 
 
     Y = W V          (b, m, k)   sketch of the column space
     Z = W^T U        (b, n, k)   sketch of the row space
-    fro2 = ||W||_F^2 (b,)        exact, accumulated in float64 (1e30-scaled fp32 weights must not overflow)
+    fro2 = ||W||_F^2 (b,)        exact up to rounding, returned in float64
     row_sq           (b, m)      sums of squares of each row of W (vanishing neurons), float64
 
 The Triton and CuPy kernels implement the same contract; ``kernels/`` holds them and the tests
@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _checks
 from ._checks import sketch_dtype
 
 
@@ -89,7 +90,11 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> SketchOut
 
     W is a batch of matrices (b, m, n) or one matrix (m, n) (read as b = 1); to sketch a
     parameter of any shape, pass ``as_batched(W)``. Products run in float32 (float64 for
-    float64 weights), whatever the weight dtype; fro2 and row_sq are accumulated in float64.
+    float64 weights), whatever the weight dtype. Row sums of squares are accumulated in the
+    sketch dtype (a blocked dot product, relative error ~1e-7 in float32) and returned in float64;
+    where float32 squares may overflow or underflow (weights scaled by 1e30 or 1e-30) they are
+    recomputed in float64. (A float64 copy of W every step made this the slowest part of a CPU
+    step: 78 ms against 0.8 ms at 2048^2.)
     """
     if W.dim() == 2:
         W = W.unsqueeze(0)
@@ -100,5 +105,14 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> SketchOut
     Wc = W.to(cdt)
     Y = torch.matmul(Wc, V.to(cdt))
     Z = torch.matmul(Wc.transpose(-2, -1), U.to(cdt))
-    row_sq = W.to(torch.float64).square().sum(dim=-1)
+    if not _checks.host_reads_are_free(W):
+        # Device path, no data-dependent branch: the reduction casts to float64 on the fly.
+        row_sq = torch.linalg.vector_norm(W, dim=-1, dtype=torch.float64).square()
+        return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq)
+    row_sq = torch.einsum("bij,bij->bi", Wc, Wc).to(torch.float64)
+    if cdt != torch.float64 and not bool((torch.isfinite(row_sq) & (row_sq >= 1e-30)).all()):
+        # float32 squares overflowed (entries past ~1e19) or may have underflowed (a row this
+        # small, e.g. weights scaled by 1e-30, or an all-zero row): redo exactly in float64.
+        # Non-finite W also lands here and keeps its NaN/Inf.
+        row_sq = W.to(torch.float64).square().sum(dim=-1)
     return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq)

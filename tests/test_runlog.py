@@ -118,6 +118,9 @@ class _NoSync:
             raise AssertionError("host synchronisation")
         for name in self.NAMES:
             self.mp.setattr(torch.Tensor, name, boom)
+        # Take the GPU code path on these CPU tensors: CPU-only shortcuts that read values on
+        # the host (free there, a sync on a GPU) are switched off, as they are for CUDA tensors.
+        self.mp.setattr(lowrank._checks, "host_reads_are_free", lambda t: False)
         return self
 
     def __exit__(self, *exc):

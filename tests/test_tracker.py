@@ -81,7 +81,9 @@ def test_adamw_with_step_tracks_every_matrix_accurately():
         exact = torch.linalg.svdvals(W.reshape(W.shape[0], -1))
         assert res.step == 25
         assert bool((res.sigma[:-1] >= res.sigma[1:]).all())
-        torch.testing.assert_close(res.fro_norm, exact.square().sum().sqrt(), rtol=1e-12, atol=0)
+        # float32 weights: sums of squares accumulate in float32 like the sketch
+        # (lowrank/sketch.py), so the norm is exact to ~n * 2^-25, not float64.
+        torch.testing.assert_close(res.fro_norm, exact.square().sum().sqrt(), rtol=1e-6, atol=0)
         assert float(((res.sigma - exact[:4]).abs() / exact[0]).max()) < 1e-3, name
 
 
