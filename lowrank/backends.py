@@ -68,16 +68,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Map "auto" to a concrete backend for ``device`` and check that the choice can run."""
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """Map "auto" to a concrete backend for ``device`` (and weight ``dtype``) and check that the
+    choice can run. The Triton kernels have no float64 path: "auto" picks torch for float64
+    weights, an explicit "triton" raises TypeError."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        fast = device.type == "cuda" and triton_available() and dtype != torch.float64
+        return "triton" if fast else "torch"
     if backend == "torch":
         return backend
     if backend == "triton":
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' does not support float64 weights; "
+                            "use backend='torch' or 'auto'")
         if not triton_available():
             raise BackendUnavailable("backend='triton' needs Triton: pip install 'lowrank-spectra[triton]'")
         if device.type != "cuda" and not _interpreting():

@@ -42,7 +42,7 @@ def _run_passes(A: torch.Tensor, k: int, niter: int, seed, oversample: int, back
     niter = check_int(niter, "niter", minimum=0)
     oversample = check_int(oversample, "oversample", minimum=0)
     seed = 0 if seed is None else check_int(seed, "seed", minimum=0)
-    backend = backends.resolve_backend(backend, A.device)
+    backend = backends.resolve_backend(backend, A.device, A.dtype)
     batch_shape = A.shape[:-2]
     W = A.reshape(-1, m, n)
     b = W.shape[0]

@@ -39,7 +39,7 @@ def as_batched(W: torch.Tensor) -> torch.Tensor:
     """
     if W.dim() < 2:
         raise ValueError(f"a weight to track needs >= 2 dims, got shape {tuple(W.shape)}")
-    return W.reshape(1, W.shape[0], -1)
+    return W.reshape(1, *matrix_shape(W.shape))  # explicit n: reshape cannot infer -1 for 0 rows
 
 
 def matrix_shape(shape) -> tuple[int, int]:

@@ -112,13 +112,10 @@ class TrackedSet:
                     f"(tracked as {m} x {n}); lower rank or exclude it with exclude=[{name!r}]")
             k = min(sketch_rank if sketch_rank is not None else 2 * rank, m, n)
             basis_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            resolved = backends.resolve_backend(backend, p.device)
-            if resolved == "triton" and p.dtype == torch.float64:
-                # The Triton kernels have no float64 path; "auto" means "the fastest that runs".
-                if backend != "auto":
-                    raise TypeError(f"backend='triton' does not support float64 parameters "
-                                    f"({name!r}); use backend='torch' or 'auto'")
-                resolved = "torch"
+            try:
+                resolved = backends.resolve_backend(backend, p.device, p.dtype)
+            except TypeError as exc:
+                raise TypeError(f"parameter {name!r}: {exc}") from None
             self.params[name] = p
             self.backend[name] = resolved
             self.trackers[name] = MatrixTracker(name, (m, n), k, seed=seed, device=p.device,
