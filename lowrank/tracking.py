@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import backends, metrics
+from . import _checks, backends, metrics
 from ._checks import check_int, check_rank
 from .sketch import SketchOut, init_bases, name_seed
 
@@ -89,6 +89,17 @@ class MatrixTracker:
         """Post-process one step's sketches and advance the state (no host sync)."""
         finite = (torch.isfinite(sk.fro2) & torch.isfinite(sk.Y).flatten(1).all(-1)
                   & torch.isfinite(sk.Z).flatten(1).all(-1))  # (1,)
+        if _checks.host_reads_are_free(finite) and bool(finite.all()):
+            # CPU and finite (the usual case): skip the masking below, ~20 small ops a step.
+            post = backends.postprocess(sk.Y, sk.Z, self.U, self.V, seed=self.seed,
+                                        step=self.step, backend=backend)
+            self.U, self.V = post.U, post.V
+            self.sigma_prev, self.sigma = self.sigma, post.sigma
+            self.sigma_y, self.sigma_z = post.sigma_y, post.sigma_z
+            self.overlap_u, self.fro2, self.row_sq = post.overlap_u, sk.fro2, sk.row_sq
+            self.nonfinite = ~finite
+            self.step += 1
+            return
         fb = finite.view(-1, 1, 1)
         Y = torch.where(fb, sk.Y, torch.zeros_like(sk.Y))
         Z = torch.where(fb, sk.Z, torch.zeros_like(sk.Z))
