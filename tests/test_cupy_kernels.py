@@ -83,9 +83,14 @@ def check_sketch(out, W3, U, V):
     assert out.Y.dtype == ref.Y.dtype and out.Y.shape == ref.Y.shape
     assert ((out.Y.double() - ref.Y.double()).abs() <= by).all()
     assert ((out.Z.double() - ref.Z.double()).abs() <= bz).all()
-    # fro2 and row_sq sum exact float64 squares: only summation order differs.
-    torch.testing.assert_close(out.row_sq, ref.row_sq, rtol=gamma(n, U64) * 2, atol=0)
-    torch.testing.assert_close(out.fro2, ref.fro2, rtol=gamma(m * n, U64) * 2, atol=0)
+    # The kernel sums exact float64 squares: against the float64 truth only the summation order
+    # differs. The CPU reference accumulates float32 weights in float32 (lowrank/sketch.py), so
+    # against it the bound is its own float32 one.
+    true_rows = W3.double().square().sum(-1)
+    torch.testing.assert_close(out.row_sq, true_rows, rtol=gamma(n, U64) * 2, atol=0)
+    torch.testing.assert_close(out.fro2, true_rows.sum(-1), rtol=gamma(m * n, U64) * 2, atol=0)
+    u_ref = U64 if ref.Y.dtype == F64 else U32
+    torch.testing.assert_close(out.row_sq, ref.row_sq, rtol=gamma(n + 1, u_ref) * 2, atol=0)
 
 
 def clusters(sigma: torch.Tensor) -> list[list[int]]:
