@@ -560,6 +560,20 @@ def write_summary(out: Path, tests: dict | None) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def _run_postprocess_bench(out: Path) -> None:
+    from bench.bench_postprocess_gpu import run
+
+    run(out)
+
+
+def _run_end_to_end_suite(out: Path, quick: bool) -> None:
+    from bench import report, results, suites
+
+    rows, csv_path = suites.run_suite("cuda", suite="quick" if quick else "full", out_dir=out)
+    df = results.read_rows([csv_path])
+    report.write_report(df[df["run_id"] == rows[0]["run_id"]], out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -579,11 +593,18 @@ def main(argv=None) -> int:
         tests = run_gpu_tests(out, args.pytest_timeout, args.pytest_args)
     bench_failed = False
     if not args.skip_bench:
-        try:
-            run_benchmarks(out, args.quick, sweep=not args.no_sweep)
-        except Exception:  # noqa: BLE001 - still write what was measured and the summary
-            traceback.print_exc()
-            bench_failed = True
+        # Kernel rows, then the CuPy post-processing rows, then the end-to-end providers
+        # (optimizer steps beside torch.linalg, with accuracy): one failure keeps the others.
+        for label, job in (
+                ("kernels", lambda: run_benchmarks(out, args.quick, sweep=not args.no_sweep)),
+                ("postprocess", lambda: _run_postprocess_bench(out)),
+                ("suite", lambda: _run_end_to_end_suite(out, args.quick))):
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - still write what was measured and the summary
+                print(f"bench.gpu_check: the {label} benchmarks failed:", file=sys.stderr)
+                traceback.print_exc()
+                bench_failed = True
     write_summary(out, tests)
     print(f"results in {out}", flush=True)
     tests_failed = tests is not None and tests.get("returncode") not in (0,)

@@ -31,6 +31,12 @@ def _cmd_report(argv) -> int:
 
 
 def _cmd_bench(argv) -> int:
+    from pathlib import Path
+
+    # bench/ sits beside lowrank/ in a source checkout (it is not installed).
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "cli.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         from bench.cli import run
     except ImportError:

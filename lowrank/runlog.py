@@ -175,9 +175,18 @@ def _to_host(rows: list[dict], keys: list[str]) -> list[dict]:
         idx = [i for i, r in enumerate(rows) if key in r]
         tensors = [rows[i][key] for i in idx]
         if all(isinstance(t, torch.Tensor) for t in tensors):
-            flat = torch.stack([t.reshape(t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
-                                for t in tensors]).cpu()
-            values = flat.tolist()
+            squeezed = [t.reshape(t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
+                        for t in tensors]
+            if len({tuple(t.shape) for t in squeezed}) == 1:
+                values = torch.stack(squeezed).cpu().tolist()
+            else:
+                # Ragged (e.g. sigma of matrices tracked with different ranks): one flat copy,
+                # split back on the host into lists of their own lengths.
+                flat = torch.cat([t.reshape(-1) for t in squeezed]).cpu().tolist()
+                values, start = [], 0
+                for t in squeezed:
+                    values.append(flat[start:start + t.numel()] if t.dim() else flat[start])
+                    start += t.numel()
         else:
             values = [t.item() if isinstance(t, torch.Tensor) else t for t in tensors]
         for i, v in zip(idx, values):

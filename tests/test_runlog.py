@@ -315,3 +315,16 @@ def test_load_log_without_parts_raises(tmp_path):
         pass
     with pytest.raises(FileNotFoundError):
         lowrank.load_log(tmp_path)
+
+
+def test_ragged_sigma_rows_keep_their_lengths(tmp_path):
+    # Matrices tracked with different ranks share one log: sigma is a ragged list column.
+    log = RunLog(tmp_path, flush_every=1)
+    log.record(0, {"small": {"sigma": torch.tensor([[3.0, 2.0]]), "fro_norm": torch.tensor([4.0])},
+                   "big": {"sigma": torch.tensor([[5.0, 4.0, 1.0]]), "fro_norm": torch.tensor([7.0])}},
+               {"small": (2, 9), "big": (8, 9)})
+    log.close()
+    df = load_log(tmp_path).set_index("name")
+    assert list(df.loc["small", "sigma"]) == [3.0, 2.0]
+    assert list(df.loc["big", "sigma"]) == [5.0, 4.0, 1.0]
+    assert df.loc["big", "fro_norm"] == 7.0
