@@ -71,17 +71,23 @@ def ritz_basis(S: torch.Tensor, refill) -> tuple[torch.Tensor, torch.Tensor]:
     top = evals[..., :1]
     good = (evals > GRAM_RELATIVE_FLOOR * top) & (evals > GRAM_ABSOLUTE_FLOOR)  # (b, k)
     scale = torch.where(good, evals, torch.ones_like(evals)).rsqrt()
-    Q = (S @ evecs) * scale.unsqueeze(-2)
-    Q = torch.where(good.unsqueeze(-2), Q, torch.zeros_like(Q))
-    if not _checks.host_reads_are_free(S) or not bool(good.all()):
+    # Zeroing the columns of rank-deficient directions inside the k x k factor is free.
+    Q = S @ torch.where(good.unsqueeze(-2), evecs * scale.unsqueeze(-2), torch.zeros_like(evecs))
+    if _checks.host_reads_are_free(S) and bool(good.all()):
+        # Full rank (the usual case, decided for free on the CPU): the Ritz vectors are
+        # orthonormal up to ~eps * lambda_1 / lambda_k <= 1e-2 (GRAM_RELATIVE_FLOOR), so one
+        # Cholesky-QR round brings them to float64 rounding.
+        Q = _cholesky_qr(Q)
+    else:
         # Refill: project the candidates off the good columns (twice, for float64 orthogonality).
         R = (refill() if callable(refill) else refill).to(torch.float64)
         for _ in range(2):
             R = R - Q @ (Q.transpose(-2, -1) @ R)
         Q = torch.where(good.unsqueeze(-2), Q, R)
-    # Good columns come first (descending order), so the triangular factor leaves them in place
-    # up to rounding while it orthonormalises the refilled ones.
-    Q = _cholesky_qr(_cholesky_qr(Q))
+        # Good columns come first (descending order), so the triangular factor leaves them in
+        # place up to rounding while it orthonormalises the refilled ones; projected random
+        # vectors can be ill-conditioned among themselves (p close to k), hence two rounds.
+        Q = _cholesky_qr(_cholesky_qr(Q))
     sigma = torch.where(good, evals.sqrt(), torch.zeros_like(evals))
     return Q, sigma
 
