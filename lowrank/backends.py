@@ -113,8 +113,12 @@ def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", **hyper):
     return fn(W, G, buf, U, V, **hyper)
 
 
-def postprocess(Y, Z, U, V, *, seed: int, step: int, backend: str = "torch"):
-    """Op ``postprocess``. Only CuPy has its own kernel; Triton uses the torch reference."""
+def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):
+    """Op ``postprocess``. Only CuPy has its own kernel; Triton uses the torch reference.
+
+    ``refill`` (see :func:`lowrank.postprocess.postprocess_torch`) is used by the torch path;
+    the CuPy kernel draws its own candidates from (seed, step) on the device.
+    """
     if backend == "cupy":
         return kernel_module("cupy", "postprocess").postprocess_cupy(Y, Z, U, V, seed=seed, step=step)
-    return postprocess_torch(Y, Z, U, V, seed=seed, step=step)
+    return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)

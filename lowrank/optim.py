@@ -191,6 +191,7 @@ class SpectralSGD(torch.optim.Optimizer):
                 if hyper["momentum"] != 0:
                     self.state[p]["momentum_buffer"] = buf
         if tracked_now:
+            self.tracked.finish_step()
             self.tracked.after_step(self.steps, tracked_now)
         self.steps += 1
         return loss

@@ -110,16 +110,21 @@ def _align_signs(B_old: torch.Tensor, B_new: torch.Tensor):
 
 
 def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
-                      *, seed: int = 0, step: int = 0) -> PostOut:
+                      *, seed: int = 0, step: int = 0, refill=None) -> PostOut:
     """Reference post-processing of one step's sketches (see the module docstring).
 
     Y (b, m, k), Z (b, n, k), U_old (b, m, k), V_old (b, n, k). ``seed`` and ``step`` make
-    the refill of rank-deficient directions reproducible.
+    the refill of rank-deficient directions reproducible; ``refill`` = (Ry, Rz), tensors
+    (b, m, k), (b, n, k) or functions returning them, gives the candidates instead (a batch of
+    matrices with seeds of their own).
     """
     b, m, k = Y.shape
     n = Z.shape[-2]
-    Uq, sigma_y = ritz_basis(Y, lambda: refill_candidates((b, m, k), seed, 2 * step, Y.device))
-    Vq, sigma_z = ritz_basis(Z, lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
+    if refill is None:
+        refill = (lambda: refill_candidates((b, m, k), seed, 2 * step, Y.device),
+                  lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
+    Uq, sigma_y = ritz_basis(Y, refill[0])
+    Vq, sigma_z = ritz_basis(Z, refill[1])
     Uq, overlap_u = _align_signs(U_old, Uq)
     Vq, overlap_v = _align_signs(V_old, Vq)
     sigma = torch.maximum(sigma_y, sigma_z)

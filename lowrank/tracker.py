@@ -54,6 +54,7 @@ class SpectrumTracker:
             names = list(self.tracked.trackers)
             for name in names:
                 self.tracked.sketch_only(name)
+            self.tracked.finish_step()
             self.tracked.after_step(self.calls, names)
         self.calls += 1
 

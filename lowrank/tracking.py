@@ -16,6 +16,7 @@ import torch
 
 from . import _checks, backends, metrics
 from ._checks import check_int, check_rank
+from .postprocess import refill_candidates
 from .sketch import SketchOut, init_bases, name_seed
 
 
@@ -87,34 +88,29 @@ class MatrixTracker:
 
     def absorb(self, sk: SketchOut, *, backend: str = "torch") -> None:
         """Post-process one step's sketches and advance the state (no host sync)."""
-        finite = (torch.isfinite(sk.fro2) & torch.isfinite(sk.Y).flatten(1).all(-1)
-                  & torch.isfinite(sk.Z).flatten(1).all(-1))  # (1,)
-        if _checks.host_reads_are_free(finite) and bool(finite.all()):
-            # CPU and finite (the usual case): skip the masking below, ~20 small ops a step.
-            post = backends.postprocess(sk.Y, sk.Z, self.U, self.V, seed=self.seed,
-                                        step=self.step, backend=backend)
+        absorb_group([self], [sk], backend=backend)
+
+    def commit(self, sk: SketchOut, post, finite: torch.Tensor, all_finite: bool) -> None:
+        """Swap in the state of one step from its sketches and post-processing (batch of one).
+
+        Where the sketch was not finite, the previous state stays and ``nonfinite`` is raised.
+        """
+        if all_finite:
             self.U, self.V = post.U, post.V
             self.sigma_prev, self.sigma = self.sigma, post.sigma
             self.sigma_y, self.sigma_z = post.sigma_y, post.sigma_z
             self.overlap_u, self.fro2, self.row_sq = post.overlap_u, sk.fro2, sk.row_sq
-            self.nonfinite = ~finite
-            self.step += 1
-            return
-        fb = finite.view(-1, 1, 1)
-        Y = torch.where(fb, sk.Y, torch.zeros_like(sk.Y))
-        Z = torch.where(fb, sk.Z, torch.zeros_like(sk.Z))
-        post = backends.postprocess(Y, Z, self.U, self.V, seed=self.seed, step=self.step,
-                                    backend=backend)
-        f1 = finite.view(-1, 1)
-        self.U = torch.where(fb, post.U, self.U)
-        self.V = torch.where(fb, post.V, self.V)
-        self.sigma_prev = torch.where(f1, self.sigma, self.sigma_prev)
-        self.sigma = torch.where(f1, post.sigma, self.sigma)
-        self.sigma_y = torch.where(f1, post.sigma_y, self.sigma_y)
-        self.sigma_z = torch.where(f1, post.sigma_z, self.sigma_z)
-        self.overlap_u = torch.where(fb, post.overlap_u, self.overlap_u)
-        self.fro2 = torch.where(finite, sk.fro2, self.fro2)
-        self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
+        else:
+            fb, f1 = finite.view(-1, 1, 1), finite.view(-1, 1)
+            self.U = torch.where(fb, post.U, self.U)
+            self.V = torch.where(fb, post.V, self.V)
+            self.sigma_prev = torch.where(f1, self.sigma, self.sigma_prev)
+            self.sigma = torch.where(f1, post.sigma, self.sigma)
+            self.sigma_y = torch.where(f1, post.sigma_y, self.sigma_y)
+            self.sigma_z = torch.where(f1, post.sigma_z, self.sigma_z)
+            self.overlap_u = torch.where(fb, post.overlap_u, self.overlap_u)
+            self.fro2 = torch.where(finite, sk.fro2, self.fro2)
+            self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
         self.nonfinite = ~finite
         self.step += 1
 
@@ -151,3 +147,33 @@ class MatrixTracker:
                                  f"{tuple(value.shape)}, expected {tuple(current.shape)}")
             setattr(self, key, value.to(device=current.device, dtype=current.dtype).clone())
         self.step = int(state["step"])
+
+
+def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
+                 backend: str = "torch") -> None:
+    """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
+    post-processing call: the small linear algebra costs per call, not per matrix, so a model
+    with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed.
+    """
+    def cat(parts):
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    sk = SketchOut(*(cat([getattr(s, f) for s in sketches]) for f in SketchOut._fields))
+    U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
+    finite = (torch.isfinite(sk.fro2) & torch.isfinite(sk.Y).flatten(1).all(-1)
+              & torch.isfinite(sk.Z).flatten(1).all(-1))  # (b,)
+    # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
+    all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
+    Y, Z = sk.Y, sk.Z
+    if not all_finite:
+        fb = finite.view(-1, 1, 1)
+        Y, Z = torch.where(fb, Y, torch.zeros_like(Y)), torch.where(fb, Z, torch.zeros_like(Z))
+    (m, n), k, dev = trackers[0].shape, trackers[0].k, Y.device
+    refill = (lambda: cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trackers]),
+              lambda: cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
+                           for t in trackers]))
+    post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=trackers[0].step,
+                                refill=refill, backend=backend)
+    for i, (t, s) in enumerate(zip(trackers, sketches)):
+        one = post if len(trackers) == 1 else type(post)(*(x[i:i + 1] for x in post))
+        t.commit(s, one, finite[i:i + 1], all_finite)

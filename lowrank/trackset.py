@@ -15,7 +15,7 @@ import torch
 
 from . import backends
 from .sketch import matrix_shape, sketch_torch
-from .tracking import MatrixTracker, SpectrumResult
+from .tracking import MatrixTracker, SpectrumResult, absorb_group
 
 _NAN = float("nan")
 
@@ -104,6 +104,7 @@ class TrackedSet:
         self.backend: dict[str, str] = {}
         self.audits: dict[str, dict] = {}
         self.grad_stats: dict[str, dict] = {}
+        self._pending: list[tuple] = []  # (name, sketch) of this step, see finish_step
         for name, p in select_tracked(named_params, include, exclude):
             m, n = matrix_shape(p.shape)
             if rank > min(m, n):
@@ -152,11 +153,24 @@ class TrackedSet:
         self._grad_fresh.add(name)
 
     def absorb(self, name: str, sk) -> None:
-        """Post-process the sketches of ``name``'s current weights and run a due audit."""
-        tr = self.trackers[name]
-        tr.absorb(sk, backend=self.backend[name])
-        if self.audit_every and tr.step % self.audit_every == 0:
-            self.audits[name] = self._audit(name)
+        """Queue the sketches of ``name``'s current weights; :meth:`finish_step` post-processes."""
+        self._pending.append((name, sk))
+
+    def finish_step(self) -> None:
+        """Post-process the queued sketches, batched over matrices of one shape, width, basis
+        dtype, device and backend; then run the audits that are due."""
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list] = {}
+        for name, sk in pending:
+            tr = self.trackers[name]
+            key = (tr.shape, tr.k, tr.U.dtype, tr.U.device, self.backend[name])
+            groups.setdefault(key, []).append((tr, sk))
+        for key, items in groups.items():
+            absorb_group([tr for tr, _ in items], [sk for _, sk in items], backend=key[-1])
+        for name, _ in pending:
+            tr = self.trackers[name]
+            if self.audit_every and tr.step % self.audit_every == 0:
+                self.audits[name] = self._audit(name)
 
     def sketch_only(self, name: str) -> None:
         """The sketch-only pass (no update) of one tracked parameter."""

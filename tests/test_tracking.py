@@ -228,3 +228,29 @@ def test_trackers_with_different_names_start_differently():
     a2 = MatrixTracker("a", (M, N), K, seed=0)
     assert not torch.equal(a.U, b.U)
     assert torch.equal(a.U, a2.U) and torch.equal(a.V, a2.V)
+
+
+def test_absorb_group_equals_one_matrix_at_a_time():
+    # One batched post-processing call for same-shape matrices (what SpectralSGD does per step)
+    # must give what each tracker gets alone, with each matrix's own seed, including a
+    # non-finite and a rank-deficient member of the batch.
+    from lowrank.tracking import absorb_group
+
+    gen = torch.Generator().manual_seed(5)
+    Ws = [torch.randn(30, 20, generator=gen, dtype=torch.float64) for _ in range(3)]
+    Ws[1][:, 3:] = 0.0  # rank 3 < k: refill directions from this tracker's own seed
+    alone = [MatrixTracker(f"w{i}", (30, 20), 6, seed=1, basis_dtype=torch.float64) for i in range(3)]
+    grouped = [MatrixTracker(f"w{i}", (30, 20), 6, seed=1, basis_dtype=torch.float64) for i in range(3)]
+    for step in range(4):
+        mats = [W.clone() for W in Ws]
+        if step == 2:
+            mats[2][0, 0] = float("nan")
+        for tr, W in zip(alone, mats):
+            tr.absorb(sketch_torch(W, tr.U, tr.V))
+        absorb_group(grouped, [sketch_torch(W, tr.U, tr.V) for tr, W in zip(grouped, mats)])
+    for a, g in zip(alone, grouped):
+        assert a.step == g.step == 4
+        for key in ("U", "V", "sigma", "sigma_y", "sigma_z", "fro2", "row_sq", "overlap_u"):
+            torch.testing.assert_close(getattr(g, key), getattr(a, key), rtol=1e-10, atol=1e-12,
+                                       msg=f"{a.name}.{key}")
+        assert bool(g.nonfinite) == bool(a.nonfinite)
