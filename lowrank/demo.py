@@ -265,38 +265,16 @@ def make_optimizers(model, *, lr, weight_decay, rank, sketch_rank, backend, seed
         # a bias goes with its layer's weight
         r = cap.get(name, cap.get(name.rsplit(".", 1)[0] + ".weight", top))
         groups.setdefault(r, []).append((name, p))
-    shared = _PaddedLog(log, top) if log is not None and len(groups) > 1 else log
     opts = []
     for r, params in sorted(groups.items(), reverse=True):
         opts.append(lowrank.SpectralSGD(params, lr=lr, weight_decay=weight_decay, rank=r,
                                         sketch_rank=max(sketch_rank, r), backend=backend,
-                                        seed=seed, rank_tol=RANK_TOL, log=shared))
+                                        seed=seed, rank_tol=RANK_TOL, log=log))
     if log is not None:
         log.update_config({"tracked": {n: list(p.shape) for n, p in named if p.dim() >= 2},
                            "rank_by_matrix": cap, "sketch_rank": sketch_rank,
                            "optimizers": len(opts)})
     return opts
-
-
-class _PaddedLog:
-    """Hands rows to a RunLog with ``sigma`` padded by NaN to ``width`` values: one RunLog takes
-    the rows of several optimizers only when their sigma rows have the same length."""
-
-    def __init__(self, log, width: int):
-        self.log, self.width = log, width
-
-    def update_config(self, config: dict) -> None:
-        self.log.update_config(config)
-
-    def record(self, step, metrics_by_name, shapes) -> None:
-        import torch
-
-        for metrics in metrics_by_name.values():
-            sig = metrics.get("sigma")
-            if isinstance(sig, torch.Tensor) and sig.shape[-1] < self.width:
-                pad = sig.new_full((*sig.shape[:-1], self.width - sig.shape[-1]), float("nan"))
-                metrics["sigma"] = torch.cat([sig, pad], dim=-1)
-        self.log.record(step, metrics_by_name, shapes)
 
 
 # -- the audit --------------------------------------------------------------------------------
