@@ -35,6 +35,12 @@ GRAM_RELATIVE_FLOOR = 1e-14
 # Below this absolute value the Gram matrix is treated as zero (a zero weight matrix). float64
 # keeps 1e-30-scaled weights (Gram ~1e-60) well above it.
 GRAM_ABSOLUTE_FLOOR = 1e-280
+# lambda_k / lambda_1 above which the Ritz vectors S Q diag(lambda)^-1/2 are orthonormal to the
+# rounding of the basis dtype without a Cholesky-QR round: their error is ~eps64 * lambda_1 /
+# lambda_k, i.e. <= 1e-10 for float32 / bfloat16 / float16 bases past 1e-6 (sigma_k / sigma_1 >
+# 1e-3). float64 bases always take the round (threshold above 1).
+_WELL_CONDITIONED = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6,
+                     torch.float64: 2.0}
 
 
 class PostOut(NamedTuple):
@@ -55,39 +61,45 @@ def _cholesky_qr(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.transpose(-2, -1), X, upper=True, left=False)
 
 
-def ritz_basis(S: torch.Tensor, refill) -> tuple[torch.Tensor, torch.Tensor]:
+def ritz_basis(S: torch.Tensor, refill, *, basis_dtype: torch.dtype = torch.float64
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal Ritz basis of the sketch S (b, p, k) in float64, and its singular values.
 
     ``refill`` (b, p, k), or a function returning it, supplies candidate vectors for directions S
     does not span. On the CPU it is only drawn when some direction needs it (a branch is free
     there); on a GPU it is always drawn, so that no host synchronisation decides.
+    ``basis_dtype`` is the dtype the caller stores the basis in: on the CPU, a float32 basis of
+    a well-conditioned S skips the Cholesky-QR round that only float64 storage could see.
     Returns (Q (b, p, k), sigma (b, k) descending).
     """
     S = S.to(torch.float64)
     gram = S.transpose(-2, -1) @ S
     evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
-    evals = evals.clamp_min(0.0)
-    top = evals[..., :1]
+    evals, evecs = evals.flip(-1).clamp_min(0.0), evecs.flip(-1)  # descending
+    top, low = evals[..., :1], evals[..., -1:]
+    if _checks.host_reads_are_free(S):
+        # One host read decides the path (free on the CPU): every direction well above the
+        # floors, and whether the Ritz vectors are orthonormal to the basis dtype's rounding.
+        full, well = torch.stack([((low > GRAM_RELATIVE_FLOOR * top) & (low > GRAM_ABSOLUTE_FLOOR)).all(),
+                                  (low > _WELL_CONDITIONED[basis_dtype] * top).all()]).tolist()
+        if full:
+            # Q^T Q = I up to ~eps64 * lambda_1 / lambda_k (eigh's residual): below 1e-10 when
+            # well conditioned, under float32 rounding; else one Cholesky-QR round restores it.
+            Q = S @ (evecs * evals.rsqrt().unsqueeze(-2))
+            return (Q if well else _cholesky_qr(Q)), evals.sqrt()
     good = (evals > GRAM_RELATIVE_FLOOR * top) & (evals > GRAM_ABSOLUTE_FLOOR)  # (b, k)
     scale = torch.where(good, evals, torch.ones_like(evals)).rsqrt()
     # Zeroing the columns of rank-deficient directions inside the k x k factor is free.
     Q = S @ torch.where(good.unsqueeze(-2), evecs * scale.unsqueeze(-2), torch.zeros_like(evecs))
-    if _checks.host_reads_are_free(S) and bool(good.all()):
-        # Full rank (the usual case, decided for free on the CPU): the Ritz vectors are
-        # orthonormal up to ~eps * lambda_1 / lambda_k <= 1e-2 (GRAM_RELATIVE_FLOOR), so one
-        # Cholesky-QR round brings them to float64 rounding.
-        Q = _cholesky_qr(Q)
-    else:
-        # Refill: project the candidates off the good columns (twice, for float64 orthogonality).
-        R = (refill() if callable(refill) else refill).to(torch.float64)
-        for _ in range(2):
-            R = R - Q @ (Q.transpose(-2, -1) @ R)
-        Q = torch.where(good.unsqueeze(-2), Q, R)
-        # Good columns come first (descending order), so the triangular factor leaves them in
-        # place up to rounding while it orthonormalises the refilled ones; projected random
-        # vectors can be ill-conditioned among themselves (p close to k), hence two rounds.
-        Q = _cholesky_qr(_cholesky_qr(Q))
+    # Refill: project the candidates off the good columns (twice, for float64 orthogonality).
+    R = (refill() if callable(refill) else refill).to(torch.float64)
+    for _ in range(2):
+        R = R - Q @ (Q.transpose(-2, -1) @ R)
+    Q = torch.where(good.unsqueeze(-2), Q, R)
+    # Good columns come first (descending order), so the triangular factor leaves them in
+    # place up to rounding while it orthonormalises the refilled ones; projected random
+    # vectors can be ill-conditioned among themselves (p close to k), hence two rounds.
+    Q = _cholesky_qr(_cholesky_qr(Q))
     sigma = torch.where(good, evals.sqrt(), torch.zeros_like(evals))
     return Q, sigma
 
@@ -109,6 +121,39 @@ def _align_signs(B_old: torch.Tensor, B_new: torch.Tensor):
     return B_new * sign.unsqueeze(-2), overlap * sign.unsqueeze(-2)
 
 
+def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
+    """CPU fast path of one side: the Ritz basis of S (b, p, k), sign-aligned to B_old.
+
+    The Gram matrix and the projection of the old basis come from ONE float64 product
+    [S B_old]^T S, the sign flips are folded into the k x k factor, and the basis is formed once:
+    three p-sized operations where the general path takes about ten (the small ops dominate a
+    CPU step). Returns (Q in B_old's dtype, sigma, overlap), or None when some direction needs a
+    refill or the Ritz vectors would need a Cholesky-QR round (the general path handles those).
+    """
+    k = S.shape[-1]
+    SB = torch.cat([S, B_old.to(S.dtype)], -1).to(torch.float64)  # (b, p, 2k)
+    S64 = SB[..., :k]
+    P = SB.transpose(-2, -1) @ S64  # (b, 2k, k): [S^T S; B_old^T S]
+    evals, evecs = torch.linalg.eigh(P[..., :k, :])
+    evals, evecs = evals.flip(-1).clamp_min(0.0), evecs.flip(-1)  # descending
+    top, low = evals[..., :1], evals[..., -1:]
+    full, well = torch.stack([((low > GRAM_RELATIVE_FLOOR * top) & (low > GRAM_ABSOLUTE_FLOOR)).all(),
+                              (low > _WELL_CONDITIONED[B_old.dtype] * top).all()]).tolist()
+    if not (full and well):
+        return None
+    M = evecs * evals.rsqrt().unsqueeze(-2)
+    overlap = P[..., k:, :] @ M  # B_old^T (S M) = B_old^T Q
+    sign = torch.where(torch.diagonal(overlap, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+    return (S64 @ (M * sign)).to(B_old.dtype), evals.sqrt(), overlap * sign
+
+
+def _side(S: torch.Tensor, B_old: torch.Tensor, refill):
+    """(next basis in B_old's dtype, sigma, overlap B_old^T B_next) of one side."""
+    Q, sigma = ritz_basis(S, refill, basis_dtype=B_old.dtype)
+    Q, overlap = _align_signs(B_old, Q)
+    return Q.to(B_old.dtype), sigma, overlap
+
+
 def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
                       *, seed: int = 0, step: int = 0, refill=None) -> PostOut:
     """Reference post-processing of one step's sketches (see the module docstring).
@@ -123,10 +168,20 @@ def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_o
     if refill is None:
         refill = (lambda: refill_candidates((b, m, k), seed, 2 * step, Y.device),
                   lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
-    Uq, sigma_y = ritz_basis(Y, refill[0])
-    Vq, sigma_z = ritz_basis(Z, refill[1])
-    Uq, overlap_u = _align_signs(U_old, Uq)
-    Vq, overlap_v = _align_signs(V_old, Vq)
+    fast = None
+    if _checks.host_reads_are_free(Y):
+        if m == n and U_old.dtype == V_old.dtype:  # square: both sides in one batch
+            both = _fast_side(torch.cat([Y, Z]), torch.cat([U_old, V_old]))
+            if both is not None:
+                fast = tuple((x[:b], x[b:]) for x in both)
+        else:
+            y, z = _fast_side(Y, U_old), _fast_side(Z, V_old)
+            if y is not None and z is not None:
+                fast = tuple(zip(y, z))
+    if fast is not None:
+        (Uq, Vq), (sigma_y, sigma_z), (overlap_u, overlap_v) = fast
+    else:
+        Uq, sigma_y, overlap_u = _side(Y, U_old, refill[0])
+        Vq, sigma_z, overlap_v = _side(Z, V_old, refill[1])
     sigma = torch.maximum(sigma_y, sigma_z)
-    return PostOut(sigma, sigma_y, sigma_z, Uq.to(U_old.dtype), Vq.to(V_old.dtype),
-                   overlap_u, overlap_v)
+    return PostOut(sigma, sigma_y, sigma_z, Uq, Vq, overlap_u, overlap_v)

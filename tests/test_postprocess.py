@@ -195,3 +195,47 @@ def test_postprocess_batched_equals_each_and_is_deterministic():
     other = postprocess_torch(sk.Y, sk.Z, U_old, V_old, seed=1, step=3)
     assert not torch.equal(other.U[2], out.U[2])
     torch.testing.assert_close(other.sigma, out.sigma, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m,n", [(64, 64), (64, 48), (48, 64)], ids=["square", "tall", "wide"])
+@pytest.mark.parametrize("bdt", BASIS_DTYPES)
+def test_cpu_fast_path_matches_the_device_path(monkeypatch, m, n, bdt):
+    """On the CPU a well-conditioned full-rank step takes ``_fast_side`` (one float64 product for
+    Gram + old-basis projection, sign flips folded into the k x k factor, square matrices
+    batched over both sides). It must agree with the general path a GPU takes (forced here by
+    pretending host reads are not free) and with float64 svdvals."""
+    from lowrank import _checks, postprocess as pp
+
+    k, b = 8, 2
+    W = torch.stack([_weight("random", m, n), _weight("random", m, n) * 1e-3]).to(bdt)
+    U_old, V_old = init_bases(m, n, k, seed=21, batch=b, dtype=bdt)
+    sk = sketch_torch(W, U_old, V_old)
+    taken = []
+    real_fast = pp._fast_side
+    monkeypatch.setattr(pp, "_fast_side", lambda S, B: taken.append(real_fast(S, B)) or taken[-1])
+    fast = postprocess_torch(sk.Y, sk.Z, U_old, V_old, seed=1, step=2)
+    # float64 bases always need the Cholesky-QR round, so the fast path declines them.
+    assert taken and all((t is None) == (bdt == F64) for t in taken)
+    _check_post(sk.Y, sk.Z, U_old, V_old, fast)
+    monkeypatch.setattr(_checks, "host_reads_are_free", lambda t: False)
+    slow = postprocess_torch(sk.Y, sk.Z, U_old, V_old, seed=1, step=2)
+    torch.testing.assert_close(fast.sigma, slow.sigma, rtol=SIGMA_RTOL, atol=0)
+    for a, c in ((fast.U, slow.U), (fast.V, slow.V), (fast.overlap_u, slow.overlap_u),
+                 (fast.overlap_v, slow.overlap_v)):
+        torch.testing.assert_close(a.to(F64), c.to(F64), rtol=0, atol=ORTHO_ATOL[bdt])
+
+
+def test_cpu_fast_path_declines_an_ill_conditioned_sketch():
+    """sigma_k / sigma_1 = 1e-5 < 1e-3: the Ritz vectors could be off orthonormality by ~1e-6,
+    so the step goes through Cholesky-QR (the general path), and stays orthonormal."""
+    from lowrank import postprocess as pp
+
+    m, n, k = 40, 30, 6
+    s = torch.logspace(0, -5, k, dtype=F64)
+    Q1, _ = torch.linalg.qr(_randn(m, k, seed=22))
+    Q2, _ = torch.linalg.qr(_randn(n, k, seed=23))
+    W = ((Q1 * s) @ Q2.T).float()
+    U_old, V_old = init_bases(m, n, k, seed=24)
+    sk = sketch_torch(W, U_old, V_old)
+    assert pp._fast_side(sk.Z, V_old) is None
+    _check_post(sk.Y, sk.Z, U_old, V_old, postprocess_torch(sk.Y, sk.Z, U_old, V_old))
