@@ -24,6 +24,10 @@ from .postprocess import postprocess_torch
 from .sketch import sketch_torch
 
 BACKENDS = ("auto", "torch", "triton", "cupy")
+# Precision of the sketch products (``precision=``): exact fp32, or TF32 tensor cores with three
+# (~fp32 accuracy) or one (~1e-3 relative error per product) term. Only the Triton kernels offer
+# the TF32 modes; the torch and CuPy products are always exact fp32 (fp64 for fp64 weights).
+PRECISIONS = ("fp32", "tf32x3", "tf32")
 
 
 class BackendUnavailable(RuntimeError):
@@ -98,19 +102,45 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     return backend
 
 
-def sketch(W, U, V, *, backend: str = "torch"):
+def kernel_options(requested: str, resolved: str, *, precision: str = "fp32",
+                   deterministic: bool = False) -> dict:
+    """The keyword options that the ``resolved`` backend's kernels take for these settings.
+
+    ``precision`` other than "fp32" selects TF32 tensor cores where the Triton kernels run; under
+    ``backend="auto"`` a matrix that lands on torch (CPU, float64) is computed exactly instead,
+    while an explicit "torch" or "cupy" raises (they have no TF32 path). ``deterministic``: the
+    torch backend is always deterministic, Triton sums its cross-program partials in a fixed
+    order, and the CuPy kernel (atomics) raises.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if resolved == "triton":
+        return {"precision": precision, "deterministic": deterministic}
+    if precision != "fp32" and requested != "auto":
+        raise ValueError(f"precision={precision!r} needs the Triton kernels; backend={resolved!r} "
+                         "computes the products in exact fp32 (use precision='fp32')")
+    if deterministic and resolved == "cupy":
+        raise ValueError("deterministic=True is not offered by the CuPy kernel (it reduces Z with "
+                         "atomics); use backend='triton' or 'torch'")
+    return {}
+
+
+def sketch(W, U, V, *, backend: str = "torch", **options):
     """Op ``sketch`` on the given concrete backend; see :func:`lowrank.sketch.sketch_torch`."""
     if backend == "torch":
         return sketch_torch(W, U, V)
-    return getattr(kernel_module(backend, "sketch"), f"sketch_{backend}")(W, U, V)
+    return getattr(kernel_module(backend, "sketch"), f"sketch_{backend}")(W, U, V, **options)
 
 
-def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", **hyper):
-    """Op ``fused_sgd_sketch``; see :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`."""
+def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None, **hyper):
+    """Op ``fused_sgd_sketch``; see :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`.
+    ``options``: kernel options from :func:`kernel_options` (none for torch)."""
     if backend == "torch":
         return fused_sgd_sketch_torch(W, G, buf, U, V, **hyper)
     fn = getattr(kernel_module(backend, "fused_sgd_sketch"), f"fused_sgd_sketch_{backend}")
-    return fn(W, G, buf, U, V, **hyper)
+    return fn(W, G, buf, U, V, **hyper, **(options or {}))
 
 
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):

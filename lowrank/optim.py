@@ -59,6 +59,11 @@ class SpectralSGD(torch.optim.Optimizer):
             cost of one host synchronisation per parameter and step. Without it the weights do
             exactly what ``torch.optim.SGD`` does and the tracker flags the matrix as non-finite.
         log: a :class:`lowrank.RunLog` receiving every tracked step's metrics.
+        precision: "fp32" (exact, default) | "tf32x3" | "tf32": the sketch products on tensor
+            cores where the Triton kernels run (TF32 carries ~1e-3 relative error per product;
+            tf32x3 about fp32's). Matrices on the torch backend under "auto" stay exact.
+        deterministic: bitwise-reproducible sketches with the Triton kernels (a fixed-order
+            reduction instead of atomics); the torch backend always is.
 
     AMP: works with ``torch.amp.GradScaler`` (``_step_supports_amp_scaling``): gradients are
     unscaled inside the step, and a step with ``found_inf`` leaves parameters, buffers, tracker
@@ -71,7 +76,8 @@ class SpectralSGD(torch.optim.Optimizer):
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, rank=8, sketch_rank=None, track_every=1, track_grad=False,
                  audit_every=0, backend="auto", seed=0, include=None, exclude=None,
-                 rank_tol=1e-3, skip_nonfinite=False, log=None):
+                 rank_tol=1e-3, skip_nonfinite=False, log=None, precision="fp32",
+                 deterministic=False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -104,7 +110,8 @@ class SpectralSGD(torch.optim.Optimizer):
         self.steps = 0  # optimizer steps taken (skipped AMP steps excluded)
         self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
                                   backend=backend, rank_tol=rank_tol, audit_every=audit_every,
-                                  track_grad=track_grad, include=include, exclude=exclude, log=log)
+                                  track_grad=track_grad, include=include, exclude=exclude, log=log,
+                                  precision=precision, deterministic=deterministic)
         if log is not None:
             # Nested, so that the user's own config keys (a data "seed", ...) are never replaced.
             log.update_config({"optimizer": {
@@ -113,7 +120,8 @@ class SpectralSGD(torch.optim.Optimizer):
                 "rank": rank, "sketch_rank": sketch_rank, "track_every": track_every,
                 "track_grad": bool(track_grad), "audit_every": audit_every, "seed": seed,
                 "backend": backend, "include": include, "exclude": exclude,
-                "rank_tol": rank_tol, "skip_nonfinite": self.skip_nonfinite},
+                "rank_tol": rank_tol, "skip_nonfinite": self.skip_nonfinite,
+                "precision": precision, "deterministic": deterministic},
                 "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
 
     def add_param_group(self, param_group):
@@ -209,7 +217,7 @@ class SpectralSGD(torch.optim.Optimizer):
         W, G = p.view(tr.shape), grad.view(tr.shape)
         B = buf.view(tr.shape) if buf is not None else None
         sk, B = backends.fused_sgd_sketch(W, G, B, tr.U, tr.V, backend=self.tracked.backend[name],
-                                          **hyper)
+                                          options=self.tracked.options[name], **hyper)
         self.tracked.absorb(name, sk)
         return B.view(p.shape) if B is not None else None
 

@@ -84,7 +84,8 @@ class TrackedSet:
 
     def __init__(self, named_params, *, rank: int, sketch_rank: int | None, seed: int,
                  backend: str, rank_tol: float, audit_every: int, track_grad: bool,
-                 include=None, exclude=None, log=None):
+                 include=None, exclude=None, log=None, precision: str = "fp32",
+                 deterministic: bool = False):
         self.rank = check_positive_int(rank, "rank")
         if sketch_rank is not None:
             check_positive_int(sketch_rank, "sketch_rank")
@@ -102,6 +103,7 @@ class TrackedSet:
         self.trackers: dict[str, MatrixTracker] = {}
         self.grad_trackers: dict[str, MatrixTracker] = {}
         self.backend: dict[str, str] = {}
+        self.options: dict[str, dict] = {}  # kernel options per matrix (backends.kernel_options)
         self.audits: dict[str, dict] = {}
         self.grad_stats: dict[str, dict] = {}
         self._pending: list[tuple] = []  # (name, sketch) of this step, see finish_step
@@ -117,8 +119,14 @@ class TrackedSet:
                 resolved = backends.resolve_backend(backend, p.device, p.dtype)
             except TypeError as exc:
                 raise TypeError(f"parameter {name!r}: {exc}") from None
+            try:
+                options = backends.kernel_options(backend, resolved, precision=precision,
+                                                  deterministic=deterministic)
+            except ValueError as exc:
+                raise ValueError(f"parameter {name!r}: {exc}") from None
             self.params[name] = p
             self.backend[name] = resolved
+            self.options[name] = options
             self.trackers[name] = MatrixTracker(name, (m, n), k, seed=seed, device=p.device,
                                                 basis_dtype=basis_dtype)
             if self.track_grad:
@@ -175,7 +183,8 @@ class TrackedSet:
     def sketch_only(self, name: str) -> None:
         """The sketch-only pass (no update) of one tracked parameter."""
         tr = self.trackers[name]
-        sk = backends.sketch(self.matrix(name), tr.U, tr.V, backend=self.backend[name])
+        sk = backends.sketch(self.matrix(name), tr.U, tr.V, backend=self.backend[name],
+                             **self.options[name])
         self.absorb(name, sk)
 
     def _audit(self, name: str) -> dict:
