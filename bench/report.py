@@ -1,11 +1,12 @@
 """README performance table (markdown) and plot, regenerated from the result rows.
 
-    python -m bench.report [CSV ...] [--run-id ID] [--out-dir bench/results]
+    python -m bench.report [CSV ...] [--run-id ID] [--out-dir bench/results] [--readme README.md]
 
 Without CSV arguments it reads every bench/results/*.csv and reports the latest "full" run (the
-latest run of any suite if there is none). Writes ``TABLE.md`` (the lead pastes it into the
-README) and ``<device>-<date>.png`` beside it. Every number comes from the rows; the table says
-where and when they were measured.
+latest run of any suite if there is none). Writes ``TABLE.md`` (every table) and
+``<device>-<date>.png`` beside it; with ``--readme`` it also rewrites the short table between the
+README's bench-table markers. Every number comes from the rows; each table says where and when
+they were measured.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import math
 from pathlib import Path
 
-from . import results
+from . import results, workloads
 
 SPECTRAL = "spectral_sgd"
 PRETTY = {"sgd": "SGD", "sgd_foreach": "SGD foreach", "sgd_fused": "SGD fused",
@@ -325,6 +326,64 @@ def plot(df, path: Path) -> Path | None:
     return path
 
 
+README_START = "<!-- bench-table:start (python -m bench.report --readme README.md rewrites this) -->"
+README_END = "<!-- bench-table:end -->"
+
+
+def readme_section(df) -> str:
+    """The README's short performance table: the 1024^2 and 2048^2 float32 rows (k = 16, no
+    momentum) and the whole models with momentum, for the first SpectralSGD backend measured."""
+    ok = df[df["status"] == "ok"]
+    first = df.iloc[0]
+    spectral = _backends(ok)
+    if not spectral:
+        return ""
+    p = spectral[0]
+    mat = ok[(ok["workload"] == "matrix") & (ok["dtype"] == "float32") & (ok["momentum"] == 0)]
+    rows = []
+    for shape in sorted(mat["shape"].unique(), key=_shape_key)[-2:]:
+        s = mat[mat["shape"] == shape]
+        sp, sgd = _one(s, provider=p, k=16), _one(s, provider="sgd")
+        svd, low = _one(s, provider="sgd+svdvals"), _one(s, provider="sgd+svd_lowrank", k=16)
+        if sp is None:
+            continue
+        rows.append([shape.replace("x", " x "), ms(_get(sgd, "median_ms")),
+                     f"{ms(sp['median_ms'])} ({ratio(sp['overhead'])} SGD)",
+                     f"{ms(_get(svd, 'median_ms'))} ({ratio(sp['vs_sgd_svdvals'])} slower than ours)",
+                     f"{ms(_get(low, 'median_ms'))} ({ratio(sp['vs_sgd_svd_lowrank'])} slower)",
+                     f"{err(sp['err_top_r'])} / {err(_get(low, 'err_top_r'))}"])
+    models = ok[ok["workload"].isin(list(workloads.MODELS)) & (ok["dtype"] == "float32")]
+    for _, g in models.groupby("workload", sort=False):
+        sp, sgd = _one(g, provider=p, k=16), _one(g, provider="sgd")
+        svd, low = _one(g, provider="sgd+svdvals"), _one(g, provider="sgd+svd_lowrank", k=16)
+        if sp is None:
+            continue
+        rows.append([f"{sp['shape']} ({int(sp['n_matrices'])} matrices, momentum 0.9)",
+                     ms(_get(sgd, "median_ms")), f"{ms(sp['median_ms'])} ({ratio(sp['overhead'])} SGD)",
+                     ms(_get(svd, "median_ms")), ms(_get(low, "median_ms")),
+                     f"{err(sp['err_top_r'])} / {err(_get(low, 'err_top_r'))}"])
+    device = f"{first['device']} ({first['device_type']}, {int(first['threads'])} threads)"
+    lines = [README_START,
+             f"Measured by `python -m bench` on **{device}**, torch {first['torch_version']}, "
+             f"commit `{str(first['commit'])[:10]}`, {str(first['date_utc'])[:10]}. Per optimizer "
+             f"step, float32, top 8 of k = 16; error = largest relative error of the top 8 after "
+             f"30 tracked steps against float64 `torch.linalg.svdvals`.", ""]
+    lines += _table(["workload", "SGD", pretty(p), "SGD + `svdvals`", "SGD + `svd_lowrank(niter=2)`",
+                     "error: ours / svd_lowrank"], rows)
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, section: str) -> bool:
+    """Replace the text between the bench-table markers of ``path``; False if it has none."""
+    text = Path(path).read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start or not section:
+        return False
+    Path(path).write_text(text[:start] + section + text[end + len(README_END):])
+    return True
+
+
 def write_report(df, out_dir: Path, table_name: str = "TABLE.md") -> list[Path]:
     """Write the markdown table and the plot of the rows ``df`` (one run) into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -344,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--run-id", default=None)
     p.add_argument("--out-dir", type=Path, default=results.RESULTS_DIR)
     p.add_argument("--table-name", default="TABLE.md")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also rewrite the performance table between the markers of this README")
     args = p.parse_args(argv)
     paths = args.csv or sorted(results.RESULTS_DIR.glob("*.csv"))
     if not paths:
@@ -351,6 +412,10 @@ def main(argv=None) -> int:
     df = pick_run(results.read_rows(paths), args.run_id)
     for written in write_report(df, args.out_dir, args.table_name):
         print(f"wrote {written}")
+    if args.readme is not None:
+        if not update_readme(args.readme, readme_section(df)):
+            raise SystemExit(f"{args.readme}: no bench-table markers (or no SpectralSGD rows)")
+        print(f"updated {args.readme}")
     return 0
 
 

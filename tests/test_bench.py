@@ -152,3 +152,25 @@ def test_breakdown_rows():
     assert by[TOTAL]["overhead"] == 1.0 and by[TOTAL]["n_samples"] == 3
     assert any(name.startswith("norms") for name in by) and any(n.startswith("rest") for n in by)
     assert all(r["workload"] == "breakdown" and set(r) <= set(results.COLUMNS) for r in rows)
+
+
+def test_readme_table_is_rewritten_from_the_rows(quick_run, tmp_path):
+    from bench import report
+
+    _, df, _ = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nstale numbers\n{report.README_END}\nafter\n")
+    section = report.readme_section(df)
+    assert report.update_readme(readme, section)
+    text = readme.read_text()
+    assert "stale numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert df.iloc[0]["torch_version"] in text and str(df.iloc[0]["date_utc"])[:10] in text
+    sp = df[(df["provider"] == "spectral_sgd[torch]") & (df["shape"] == "1024x1024") & (df["k"] == 16)
+            & (df["dtype"] == "float32") & (df["momentum"] == 0) & (df["workload"] == "matrix")]
+    assert len(sp) == 1 and f"| 1024 x 1024 | " in text
+    assert report.ms(float(sp.iloc[0]["median_ms"])) in text
+    # Without markers nothing is written.
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# nothing to replace\n")
+    assert not report.update_readme(plain, section)
+    assert plain.read_text() == "# nothing to replace\n"
