@@ -10,7 +10,8 @@ on ``.grad`` beforehand; the harness times :meth:`Provider.step` alone. Names:
     sgd+svdvals            sgd, then torch.linalg.svdvals of every tracked matrix
     sgd+svd_lowrank        sgd, then torch.svd_lowrank(q=k, niter=2) of every tracked matrix
     sgd+subspace           sgd, then one step of a warm subspace iteration (bench/subspace_iter.py)
-    spectral_sgd[B]        lowrank.SpectralSGD with backend B (torch; triton, cupy on CUDA)
+    spectral_sgd[B]        lowrank.SpectralSGD with backend B (torch; triton, cupy on CUDA) and
+                           its default schedule; B-both / B-alternate: schedule="both" / "alternate"
     adamw                  torch.optim.AdamW, default implementation
     adamw+tracker[B]       adamw, then lowrank.SpectrumTracker.step() (sketch-only pass), backend B
 
@@ -164,13 +165,20 @@ class SgdSubspace(Provider):
         return super().state_bytes() + self.it.state_bytes()
 
 
+def backend_schedule(backend: str) -> dict:
+    """'torch' -> the backend with the library's default schedule; 'torch-both' -> backend torch,
+    schedule "both"."""
+    name, _, schedule = backend.partition("-")
+    return {"backend": name, **({"schedule": schedule} if schedule else {})}
+
+
 class SpectralSgd(Provider):
     """lowrank.SpectralSGD: the update and the sketch in one pass, on ``backend``."""
 
     def _make_optimizer(self):
         return lowrank.SpectralSGD(self.named, lr=self.hp["lr"], momentum=self.hp["momentum"],
-                                   rank=self.rank, sketch_rank=self.k, backend=self.backend,
-                                   include=self.tracked)
+                                   rank=self.rank, sketch_rank=self.k, include=self.tracked,
+                                   **backend_schedule(self.backend))
 
     def estimates(self):
         return {n: r.sigma.double().cpu() for n, r in self.opt.spectra().items()}
@@ -188,7 +196,7 @@ class AdamwTracker(Provider):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tracker = lowrank.SpectrumTracker(self.named, rank=self.rank, sketch_rank=self.k,
-                                               backend=self.backend, include=self.tracked)
+                                               include=self.tracked, **backend_schedule(self.backend))
 
     def step(self):
         self.opt.step()
@@ -228,7 +236,9 @@ def lowrank_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     silently replaced.
     """
     if device.type != "cuda":
-        return ["torch"], {"triton": "CPU run", "cupy": "CPU run"}
+        # The default schedule (on the CPU: alternating) and the kernels' one (both sketches
+        # every step), side by side (lowrank.trackset.SCHEDULES).
+        return ["torch", "torch-both"], {"triton": "CPU run", "cupy": "CPU run"}
     ok, skipped = ["torch"], {}
     for backend in ("triton", "cupy"):
         try:

@@ -28,10 +28,10 @@ CPU_TARGETS = {"shape": "1024x1024", "k": 16, "vs_svdvals": 20.0, "vs_svd_lowran
 
 
 def pretty(provider: str) -> str:
-    if provider.startswith(SPECTRAL):
-        return f"SpectralSGD ({provider[len(SPECTRAL) + 1:-1]})"
-    if provider.startswith("adamw+tracker"):
-        return f"AdamW + SpectrumTracker ({provider[len('adamw+tracker') + 1:-1]})"
+    for prefix, label in ((SPECTRAL, "SpectralSGD"), ("adamw+tracker", "AdamW + SpectrumTracker")):
+        if provider.startswith(prefix + "["):
+            backend, _, schedule = provider[len(prefix) + 1:-1].partition("-")
+            return f"{label} ({backend}{', schedule ' + schedule if schedule else ''})"
     return PRETTY.get(provider, provider)
 
 
@@ -85,7 +85,7 @@ def _table(header, rows) -> list[str]:
 
 def _backends(df):
     return sorted({p for p in df["provider"] if p.startswith(SPECTRAL + "[")},
-                  key=lambda p: ("torch" in p, p))
+                  key=lambda p: ("torch" in p, "-" in p, p))
 
 
 def _shape_key(shape: str):
@@ -109,7 +109,10 @@ def build_tables(df) -> str:
         "`vs svd_lowrank` are how many times faster than SGD followed by "
         "`torch.linalg.svdvals` / `torch.svd_lowrank(q=k, niter=2)` of every tracked matrix. "
         "Errors: the largest relative error of the top r = k/2 singular values after 30 tracked "
-        "steps, against float64 `torch.linalg.svdvals` of the same weights.",
+        "steps, against float64 `torch.linalg.svdvals` of the same weights. A tracker without "
+        "a schedule runs the library's default (on the CPU's torch backend: alternating Y = W V "
+        "and Z = W^T U sketches, one per step); `schedule both` computes both every step, as "
+        "the GPU kernels do.",
         "",
     ]
     mat = ok[(ok["workload"] == "matrix")]

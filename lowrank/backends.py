@@ -127,18 +127,28 @@ def kernel_options(requested: str, resolved: str, *, precision: str = "fp32",
     return {}
 
 
-def sketch(W, U, V, *, backend: str = "torch", **options):
+def sketch(W, U, V, *, backend: str = "torch", sides: str = "both", **options):
     """Op ``sketch`` on the given concrete backend; see :func:`lowrank.sketch.sketch_torch`."""
     if backend == "torch":
-        return sketch_torch(W, U, V)
+        return sketch_torch(W, U, V, sides=sides)
+    _both_sides(backend, sides)
     return getattr(kernel_module(backend, "sketch"), f"sketch_{backend}")(W, U, V, **options)
 
 
-def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None, **hyper):
+def _both_sides(backend: str, sides: str) -> None:
+    if sides != "both":
+        raise ValueError(f"backend={backend!r} always sketches both sides (sides='both'); "
+                         "one-sided sketches are the torch backend's alternating schedule")
+
+
+def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None,
+                     sides: str = "both", **hyper):
     """Op ``fused_sgd_sketch``; see :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`.
-    ``options``: kernel options from :func:`kernel_options` (none for torch)."""
+    ``options``: kernel options from :func:`kernel_options` (none for torch); ``sides``: "y" or
+    "z" for a one-sided sketch (torch backend only)."""
     if backend == "torch":
-        return fused_sgd_sketch_torch(W, G, buf, U, V, **hyper)
+        return fused_sgd_sketch_torch(W, G, buf, U, V, sides=sides, **hyper)
+    _both_sides(backend, sides)
     fn = getattr(kernel_module(backend, "fused_sgd_sketch"), f"fused_sgd_sketch_{backend}")
     return fn(W, G, buf, U, V, **hyper, **(options or {}))
 

@@ -50,8 +50,10 @@ def sgd_update_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
 def fused_sgd_sketch_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
                            U: torch.Tensor, V: torch.Tensor, *, lr, weight_decay: float = 0.0,
                            momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-                           maximize: bool = False) -> tuple[SketchOut, torch.Tensor | None]:
-    """Update W in place (and buf), then sketch the updated W. Returns (sketch, buf)."""
+                           maximize: bool = False, sides: str = "both"
+                           ) -> tuple[SketchOut, torch.Tensor | None]:
+    """Update W in place (and buf), then sketch the updated W. Returns (sketch, buf).
+    ``sides``: as :func:`lowrank.sketch.sketch_torch`."""
     buf = sgd_update_torch(W, G, buf, lr=lr, weight_decay=weight_decay, momentum=momentum,
                            dampening=dampening, nesterov=nesterov, maximize=maximize)
-    return sketch_torch(as_batched(W), U, V), buf
+    return sketch_torch(as_batched(W), U, V, sides=sides), buf

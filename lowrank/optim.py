@@ -64,6 +64,11 @@ class SpectralSGD(torch.optim.Optimizer):
             tf32x3 about fp32's). Matrices on the torch backend under "auto" stay exact.
         deterministic: bitwise-reproducible sketches with the Triton kernels (a fixed-order
             reduction instead of atomics); the torch backend always is.
+        schedule: "auto" (default: alternate on the CPU's torch backend where k < min(m, n),
+            both elsewhere) | "both" (Y = W V and Z = W^T U every step, the GPU kernels' way) |
+            "alternate" (Y on even tracked steps, Z on odd ones: the same convergence per step
+            at half the sketch cost, for the torch backend, where the products are
+            compute-bound). See :data:`lowrank.trackset.SCHEDULES`.
 
     AMP: works with ``torch.amp.GradScaler`` (``_step_supports_amp_scaling``): gradients are
     unscaled inside the step, and a step with ``found_inf`` leaves parameters, buffers, tracker
@@ -77,7 +82,7 @@ class SpectralSGD(torch.optim.Optimizer):
                  fused=None, rank=8, sketch_rank=None, track_every=1, track_grad=False,
                  audit_every=0, backend="auto", seed=0, include=None, exclude=None,
                  rank_tol=1e-3, skip_nonfinite=False, log=None, precision="fp32",
-                 deterministic=False):
+                 deterministic=False, schedule="auto"):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -111,7 +116,8 @@ class SpectralSGD(torch.optim.Optimizer):
         self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
                                   backend=backend, rank_tol=rank_tol, audit_every=audit_every,
                                   track_grad=track_grad, include=include, exclude=exclude, log=log,
-                                  precision=precision, deterministic=deterministic)
+                                  precision=precision, deterministic=deterministic,
+                                  schedule=schedule)
         if log is not None:
             # Nested, so that the user's own config keys (a data "seed", ...) are never replaced.
             log.update_config({"optimizer": {
@@ -121,7 +127,7 @@ class SpectralSGD(torch.optim.Optimizer):
                 "track_grad": bool(track_grad), "audit_every": audit_every, "seed": seed,
                 "backend": backend, "include": include, "exclude": exclude,
                 "rank_tol": rank_tol, "skip_nonfinite": self.skip_nonfinite,
-                "precision": precision, "deterministic": deterministic},
+                "precision": precision, "deterministic": deterministic, "schedule": schedule},
                 "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
 
     def add_param_group(self, param_group):
@@ -217,7 +223,8 @@ class SpectralSGD(torch.optim.Optimizer):
         W, G = p.view(tr.shape), grad.view(tr.shape)
         B = buf.view(tr.shape) if buf is not None else None
         sk, B = backends.fused_sgd_sketch(W, G, B, tr.U, tr.V, backend=self.tracked.backend[name],
-                                          options=self.tracked.options[name], **hyper)
+                                          options=self.tracked.options[name],
+                                          sides=self.tracked.sides(name), **hyper)
         self.tracked.absorb(name, sk)
         return B.view(p.shape) if B is not None else None
 

@@ -154,6 +154,17 @@ def _side(S: torch.Tensor, B_old: torch.Tensor, refill):
     return Q.to(B_old.dtype), sigma, overlap
 
 
+def postprocess_side_torch(S: torch.Tensor, B_old: torch.Tensor, refill):
+    """Post-processing of a one-sided sketch S = W V (b, m, k) or W^T U (b, n, k): the next basis
+    of that side (in B_old's dtype), its sigma (b, k) and the overlap B_old^T B_next (b, k, k).
+    ``refill``: candidates (b, p, k) or a function returning them (see :func:`ritz_basis`)."""
+    if _checks.host_reads_are_free(S):
+        fast = _fast_side(S, B_old)
+        if fast is not None:
+            return fast
+    return _side(S, B_old, refill)
+
+
 def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
                       *, seed: int = 0, step: int = 0, refill=None) -> PostOut:
     """Reference post-processing of one step's sketches (see the module docstring).

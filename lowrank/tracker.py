@@ -22,7 +22,7 @@ class SpectrumTracker:
     def __init__(self, model_or_named_params, rank: int = 8, every: int = 1, *,
                  sketch_rank=None, audit_every: int = 0, backend: str = "auto", seed: int = 0,
                  include=None, exclude=None, rank_tol: float = 1e-3, log=None,
-                 precision: str = "fp32", deterministic: bool = False):
+                 precision: str = "fp32", deterministic: bool = False, schedule: str = "auto"):
         if isinstance(model_or_named_params, torch.nn.Module):
             named = list(model_or_named_params.named_parameters())
         else:
@@ -38,7 +38,8 @@ class SpectrumTracker:
         self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
                                   backend=backend, rank_tol=rank_tol, audit_every=audit_every,
                                   track_grad=False, include=include, exclude=exclude, log=log,
-                                  precision=precision, deterministic=deterministic)
+                                  precision=precision, deterministic=deterministic,
+                                  schedule=schedule)
         if not self.tracked.trackers:
             raise ValueError("no parameter with 2 or more dimensions to track")
         if log is not None:
@@ -47,7 +48,7 @@ class SpectrumTracker:
                 "name": "SpectrumTracker", "rank": rank, "every": every,
                 "sketch_rank": sketch_rank, "audit_every": audit_every, "seed": seed,
                 "backend": backend, "include": include, "exclude": exclude, "rank_tol": rank_tol,
-                "precision": precision, "deterministic": deterministic},
+                "precision": precision, "deterministic": deterministic, "schedule": schedule},
                 "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
 
     @torch.no_grad()

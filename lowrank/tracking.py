@@ -16,7 +16,7 @@ import torch
 
 from . import _checks, backends, metrics
 from ._checks import check_int, check_rank
-from .postprocess import refill_candidates
+from .postprocess import postprocess_side_torch, refill_candidates
 from .sketch import SketchOut, init_bases, name_seed
 
 
@@ -114,6 +114,34 @@ class MatrixTracker:
         self.nonfinite = ~finite
         self.step += 1
 
+    def commit_side(self, side: str, sk: SketchOut, basis: torch.Tensor, sigma: torch.Tensor,
+                    overlap: torch.Tensor, finite: torch.Tensor, all_finite: bool) -> None:
+        """Swap in one step of the alternating schedule: only the basis of ``side`` ("y": U from
+        Y = W V, "z": V from Z = W^T U) is new. ``sigma`` is that side's estimate of the current
+        W; the other side's estimate stays from the previous step (it feeds the convergence
+        indicator only), and ``overlap_u`` holds the overlap of the basis updated this step.
+        """
+        f1, fb = finite.view(-1, 1), finite.view(-1, 1, 1)
+
+        def keep(new, old, mask):  # the new value where the sketch was finite
+            return new if all_finite else torch.where(mask, new, old)
+
+        if side == "y":
+            self.U, self.sigma_y = keep(basis, self.U, fb), keep(sigma, self.sigma_y, f1)
+        else:
+            self.V, self.sigma_z = keep(basis, self.V, fb), keep(sigma, self.sigma_z, f1)
+        if all_finite:
+            self.sigma_prev, self.sigma = self.sigma, sigma
+            self.overlap_u, self.fro2, self.row_sq = overlap, sk.fro2, sk.row_sq
+        else:
+            self.sigma_prev = torch.where(f1, self.sigma, self.sigma_prev)
+            self.sigma = torch.where(f1, sigma, self.sigma)
+            self.overlap_u = torch.where(fb, overlap, self.overlap_u)
+            self.fro2 = torch.where(finite, sk.fro2, self.fro2)
+            self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
+        self.nonfinite = ~finite
+        self.step += 1
+
     def metrics(self, r: int, tol: float = 1e-3) -> dict[str, torch.Tensor]:
         """Metrics of the latest step, each of shape (1, ...). Needs 1 <= r <= k."""
         r = check_int(r, "r", minimum=1)
@@ -158,6 +186,9 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     def cat(parts):
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
+    if sketches[0].Y is None or sketches[0].Z is None:
+        _absorb_group_one_side(trackers, sketches, cat)
+        return
     sk = SketchOut(*(cat([getattr(s, f) for s in sketches]) for f in SketchOut._fields))
     U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
     finite = (torch.isfinite(sk.fro2) & torch.isfinite(sk.Y).flatten(1).all(-1)
@@ -177,3 +208,25 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     for i, (t, s) in enumerate(zip(trackers, sketches)):
         one = post if len(trackers) == 1 else type(post)(*(x[i:i + 1] for x in post))
         t.commit(s, one, finite[i:i + 1], all_finite)
+
+
+def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchOut], cat) -> None:
+    """:func:`absorb_group` for one-sided sketches (torch backend, alternating schedule)."""
+    side = "y" if sketches[0].Z is None else "z"
+    if any((s.Z is None) != (side == "y") or (s.Y is None) != (side == "z") for s in sketches):
+        raise ValueError("a group of trackers must sketch the same side each step")
+    S = cat([s.Y if side == "y" else s.Z for s in sketches])
+    B_old = cat([t.U if side == "y" else t.V for t in trackers])
+    fro2 = cat([s.fro2 for s in sketches])
+    finite = torch.isfinite(fro2) & torch.isfinite(S).flatten(1).all(-1)
+    all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
+    if not all_finite:
+        S = torch.where(finite.view(-1, 1, 1), S, torch.zeros_like(S))
+    p, k, dev = S.shape[-2], trackers[0].k, S.device
+    offset = 0 if side == "y" else 1  # the refill seeds of postprocess_torch's two sides
+    refill = lambda: cat([refill_candidates((1, p, k), t.seed, 2 * t.step + offset, dev)  # noqa: E731
+                          for t in trackers])
+    basis, sigma, overlap = postprocess_side_torch(S, B_old, refill)
+    for i, (t, s) in enumerate(zip(trackers, sketches)):
+        one = slice(i, i + 1)
+        t.commit_side(side, s, basis[one], sigma[one], overlap[one], finite[one], all_finite)

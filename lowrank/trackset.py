@@ -18,6 +18,15 @@ from .sketch import matrix_shape, sketch_torch
 from .tracking import MatrixTracker, SpectrumResult, absorb_group
 
 _NAN = float("nan")
+# How the two sketches are spread over steps. "both": Y = W V and Z = W^T U every step from one
+# read of W (the kernel contract; on a GPU the second product rides on the same memory traffic).
+# "alternate": Y on even tracked steps, Z on odd ones. The bi-iteration runs two interleaved
+# chains of half power steps (V0 -> U1 -> V2 ... and U0 -> V1 -> U2 ...); alternating keeps
+# exactly the first chain, so its bases converge as fast per step at half the products and half
+# the post-processing: what a CPU, where the products are compute-bound, wants. It reports one
+# side's estimate per step instead of the larger of two. "auto" (the default): alternate for
+# matrices on the torch backend on a CPU whose sketch width k < min(m, n), both elsewhere.
+SCHEDULES = ("both", "alternate", "auto")
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -85,7 +94,7 @@ class TrackedSet:
     def __init__(self, named_params, *, rank: int, sketch_rank: int | None, seed: int,
                  backend: str, rank_tol: float, audit_every: int, track_grad: bool,
                  include=None, exclude=None, log=None, precision: str = "fp32",
-                 deterministic: bool = False):
+                 deterministic: bool = False, schedule: str = "auto"):
         self.rank = check_positive_int(rank, "rank")
         if sketch_rank is not None:
             check_positive_int(sketch_rank, "sketch_rank")
@@ -96,6 +105,8 @@ class TrackedSet:
             raise ValueError(f"rank_tol must be in (0, 1), got {rank_tol!r}")
         if backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         self.rank_tol = float(rank_tol)
         self.track_grad = bool(track_grad)
         self.log = log
@@ -104,6 +115,7 @@ class TrackedSet:
         self.grad_trackers: dict[str, MatrixTracker] = {}
         self.backend: dict[str, str] = {}
         self.options: dict[str, dict] = {}  # kernel options per matrix (backends.kernel_options)
+        self.alternate: dict[str, bool] = {}  # per matrix: the alternating schedule (see SCHEDULES)
         self.audits: dict[str, dict] = {}
         self.grad_stats: dict[str, dict] = {}
         self._pending: list[tuple] = []  # (name, sketch) of this step, see finish_step
@@ -124,15 +136,31 @@ class TrackedSet:
                                                   deterministic=deterministic)
             except ValueError as exc:
                 raise ValueError(f"parameter {name!r}: {exc}") from None
+            if schedule == "alternate" and resolved != "torch":
+                raise ValueError(f"parameter {name!r}: schedule='alternate' runs on the torch "
+                                 f"backend only (this matrix is on {resolved!r}, whose fused pass "
+                                 "gets both products from one read of W); use 'auto' or 'both'")
             self.params[name] = p
             self.backend[name] = resolved
             self.options[name] = options
+            # auto keeps both sides where k = min(m, n): one side's basis then spans the whole
+            # space, so every "both" step is exact, and such a matrix is cheap anyway.
+            self.alternate[name] = schedule == "alternate" or (
+                schedule == "auto" and resolved == "torch" and p.device.type == "cpu"
+                and k < min(m, n))
             self.trackers[name] = MatrixTracker(name, (m, n), k, seed=seed, device=p.device,
                                                 basis_dtype=basis_dtype)
             if self.track_grad:
                 self.grad_trackers[name] = MatrixTracker(name + "#grad", (m, n), k, seed=seed,
                                                          device=p.device, basis_dtype=basis_dtype)
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
+
+    def sides(self, name: str) -> str:
+        """Which sketch the next tracked step of ``name`` computes: "both", or under the
+        alternating schedule "y" (Y = W V, new U) on even tracked steps and "z" (new V) on odd."""
+        if not self.alternate[name]:
+            return "both"
+        return "y" if self.trackers[name].step % 2 == 0 else "z"
 
     def matrix(self, name: str, t: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` (default: the parameter) as the (m, n) matrix it is tracked as (a view when the
@@ -171,10 +199,11 @@ class TrackedSet:
         groups: dict[tuple, list] = {}
         for name, sk in pending:
             tr = self.trackers[name]
-            key = (tr.shape, tr.k, tr.U.dtype, tr.U.device, self.backend[name])
+            key = (tr.shape, tr.k, tr.U.dtype, tr.U.device, self.backend[name], sk.Y is None,
+                   sk.Z is None)
             groups.setdefault(key, []).append((tr, sk))
         for key, items in groups.items():
-            absorb_group([tr for tr, _ in items], [sk for _, sk in items], backend=key[-1])
+            absorb_group([tr for tr, _ in items], [sk for _, sk in items], backend=key[4])
         for name, _ in pending:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:
@@ -184,7 +213,7 @@ class TrackedSet:
         """The sketch-only pass (no update) of one tracked parameter."""
         tr = self.trackers[name]
         sk = backends.sketch(self.matrix(name), tr.U, tr.V, backend=self.backend[name],
-                             **self.options[name])
+                             sides=self.sides(name), **self.options[name])
         self.absorb(name, sk)
 
     def _audit(self, name: str) -> dict:

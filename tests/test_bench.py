@@ -15,7 +15,7 @@ import torch
 
 from bench import results, timing
 from bench.harness import Group, measure_group
-from bench.providers import provider_names
+from bench.providers import lowrank_backends, provider_names
 from bench.subspace_iter import WarmSubspaceIteration
 from bench.workloads import synthetic_matrix
 
@@ -46,7 +46,8 @@ def test_quick_schema(quick_run):
         assert (df[col] != "").all(), col
     assert (df["device_type"] == "cpu").all()
     # every provider in every group: k-free ones once, the others once per k
-    names = provider_names(torch.device("cpu"), ["torch"])
+    names = provider_names(torch.device("cpu"), lowrank_backends(torch.device("cpu"))[0])
+    assert "spectral_sgd[torch]" in names and "spectral_sgd[torch-both]" in names
     for group, g in df.groupby("group"):
         assert set(g["provider"]) == set(names), group
         assert len(g) == len(names)

@@ -85,7 +85,7 @@ def test_options_reach_the_triton_kernels(monkeypatch, precision, deterministic)
     q = torch.nn.Parameter(p.detach().clone())
     opt = lowrank.SpectralSGD([("w", p)], lr=0.05, rank=3, backend="triton", precision=precision,
                               deterministic=deterministic)
-    ref = lowrank.SpectralSGD([("w", q)], lr=0.05, rank=3, backend="torch")
+    ref = lowrank.SpectralSGD([("w", q)], lr=0.05, rank=3, backend="torch", schedule="both")
     for step in range(4):
         g = torch.randn(40, 24, generator=torch.Generator().manual_seed(10 + step)).to(device)
         p.grad, q.grad = (None, None) if step == 2 else (g, g.clone())  # step 2: sketch-only pass

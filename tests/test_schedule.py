@@ -1,0 +1,208 @@
+"""The alternating schedule (``schedule="alternate"``): Y = W V on even tracked steps, Z = W^T U
+on odd ones, on the torch backend.
+
+The bi-iteration ("both") runs two interleaved chains of half power steps, V0 -> U1 -> V2 -> ...
+and U0 -> V1 -> U2 -> ...; alternating keeps exactly the first chain. So its bases must equal
+the bi-iteration's U after even steps and V after odd steps (same weights, same gradients), its
+estimates must equal the bi-iteration's sigma_y / sigma_z of those steps, and it must converge
+to float64 svdvals like the bi-iteration does, at half the products per step.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+
+import lowrank
+from lowrank import backends
+from lowrank.sketch import init_bases, sketch_torch
+from lowrank.tracking import MatrixTracker
+
+F64 = torch.float64
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Same tolerance story as tests/test_tracking.py: float64 reaches rounding level, float32 bases
+# cap the accuracy at ~1e-8 relative, hence 1e-6.
+FIXED_RTOL = {F64: 1e-12, torch.float32: 1e-6}
+# Chain equality: the two runs do the same float64 arithmetic on the shared chain except that
+# the bi-iteration batches both sides of a square group; non-square shapes keep it identical up
+# to the order of a few float64 operations.
+CHAIN_ATOL = 1e-10
+
+
+def _spectrum_matrix(m, n, seed, decay=0.8):
+    g = torch.Generator().manual_seed(seed)
+    h = min(m, n)
+    Q1, _ = torch.linalg.qr(torch.randn(m, h, generator=g, dtype=F64))
+    Q2, _ = torch.linalg.qr(torch.randn(n, h, generator=g, dtype=F64))
+    return (Q1 * decay ** torch.arange(h, dtype=F64)) @ Q2.T
+
+
+def _params(dtype=F64):
+    return [("a", torch.nn.Parameter(_spectrum_matrix(48, 32, 1).to(dtype))),
+            ("b", torch.nn.Parameter(_spectrum_matrix(48, 32, 2).to(dtype))),  # same shape as a
+            ("c", torch.nn.Parameter(_spectrum_matrix(24, 40, 3).to(dtype)))]
+
+
+def _grads(named, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for _, p in named:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.01
+
+
+def test_alternate_is_the_first_chain_of_the_bi_iteration():
+    both_p, alt_p = _params(), _params()
+    both = lowrank.SpectralSGD(both_p, lr=0.1, momentum=0.9, rank=4, sketch_rank=8,
+                               schedule="both")
+    alt = lowrank.SpectralSGD(alt_p, lr=0.1, momentum=0.9, rank=4, sketch_rank=8,
+                              schedule="alternate")
+    assert all(alt.tracked.alternate.values()) and not any(both.tracked.alternate.values())
+    for step in range(12):
+        _grads(both_p, step)
+        _grads(alt_p, step)
+        side = alt.tracked.sides("a")
+        assert side == ("y" if step % 2 == 0 else "z")
+        both.step()
+        alt.step()
+        for (name, p), (_, q) in zip(both_p, alt_p):
+            assert torch.equal(p, q)  # the update is torch.optim.SGD's either way
+            tb, ta = both.tracked.trackers[name], alt.tracked.trackers[name]
+            B_both, B_alt = (tb.U, ta.U) if side == "y" else (tb.V, ta.V)
+            # Equal up to column signs: each run ties a column's sign to that side's previous
+            # basis, which in the bi-iteration belongs to the other chain.
+            sign = torch.sign(torch.diagonal(B_both.transpose(-2, -1) @ B_alt, dim1=-2, dim2=-1))
+            torch.testing.assert_close(B_alt * sign.unsqueeze(-2), B_both, rtol=0, atol=CHAIN_ATOL)
+            s_both = tb.sigma_y if side == "y" else tb.sigma_z
+            torch.testing.assert_close(ta.sigma, s_both, rtol=CHAIN_ATOL, atol=0)
+            # Each side's estimate is a lower bound: alternating reports one, "both" the larger.
+            assert bool((ta.sigma <= tb.sigma * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize("bdt", [pytest.param(F64, id="fp64"), pytest.param(torch.float32, id="fp32")])
+def test_alternate_converges_on_a_fixed_matrix(bdt):
+    W = _spectrum_matrix(96, 80, 4).to(bdt)
+    exact = torch.linalg.svdvals(W.to(F64))
+    tr = MatrixTracker("fixed", (96, 80), 12, seed=0, basis_dtype=bdt)
+    for step in range(40):
+        sides = "y" if step % 2 == 0 else "z"
+        sk = sketch_torch(W, tr.U, tr.V, sides=sides)
+        assert (sk.Z is None) == (sides == "y") and (sk.Y is None) == (sides == "z")
+        tr.absorb(sk)
+        assert bool((tr.sigma[0] <= exact[:12] * (1 + FIXED_RTOL[bdt])).all())
+    err = float(((tr.sigma[0, :4] - exact[:4]) / exact[:4]).abs().max())
+    assert err < FIXED_RTOL[bdt], err
+    res = tr.result(4)
+    assert float(res.convergence) < 1e-6 and float(res.subspace_drift) < 1e-3
+    assert tr.step == 40
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05])
+def test_alternate_tracks_a_moving_matrix_like_the_bi_iteration(rate):
+    """float32 weights drifting by rate of their norm per step (rank-k drift): after warm-up the
+    alternating estimates stay within 1e-3 of float64 svdvals, as the bi-iteration's do."""
+    g = torch.Generator().manual_seed(7)
+    W = _spectrum_matrix(96, 80, 5, decay=0.9).float()
+    trackers = {s: MatrixTracker("moving", (96, 80), 12, seed=3) for s in ("both", "alternate")}
+    worst = {s: 0.0 for s in trackers}
+    for step in range(60):
+        D = torch.randn(96, 12, generator=g) @ torch.randn(12, 80, generator=g)
+        W = W + (rate * W.norm() / D.norm()) * D
+        exact = torch.linalg.svdvals(W.double())[:4]
+        for s, tr in trackers.items():
+            sides = "both" if s == "both" else ("y" if step % 2 == 0 else "z")
+            tr.absorb(sketch_torch(W, tr.U, tr.V, sides=sides))
+            if step >= 30:
+                worst[s] = max(worst[s], float(((tr.sigma[0, :4] - exact) / exact).abs().max()))
+    assert worst["alternate"] < 1e-3 and worst["both"] < 1e-3, worst
+
+
+def test_schedule_validation_and_auto():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="sequential")
+    opt = lowrank.SpectralSGD(_params(), lr=0.1, rank=2)  # default "auto", CPU, torch backend
+    assert all(opt.tracked.alternate.values())
+    # k = min(m, n): one side's basis spans the whole space and every "both" step is exact.
+    small = lowrank.SpectralSGD([("head", torch.nn.Parameter(torch.randn(4, 30)))], lr=0.1,
+                                rank=2, sketch_rank=4)
+    assert not small.tracked.alternate["head"]
+    tr = lowrank.SpectrumTracker(_params(), rank=2, schedule="both")
+    assert not any(tr.tracked.alternate.values())
+    with pytest.raises(ValueError, match="sides must be one of"):
+        sketch_torch(torch.ones(4, 3), *init_bases(4, 3, 2), sides="u")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs the Triton interpreter on the CPU")
+def test_alternate_is_refused_for_the_fused_kernels_and_auto_keeps_both():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="torch backend only"):
+        lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton",
+                            schedule="alternate")
+    opt = lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton",
+                              schedule="auto")
+    assert not any(opt.tracked.alternate.values())
+    W = torch.randn(1, 8, 6)
+    U, V = init_bases(8, 6, 3)
+    with pytest.raises(ValueError, match="always sketches both sides"):
+        backends.sketch(W, U, V, backend="triton", sides="y")
+
+
+def test_alternate_nonfinite_step_keeps_state_and_continues():
+    named = _params(torch.float32)
+    opt = lowrank.SpectralSGD(named, lr=0.1, rank=2, sketch_rank=6, schedule="alternate")
+    for step in range(3):
+        _grads(named, step)
+        opt.step()
+    tr = opt.tracked.trackers["a"]
+    before = {k: getattr(tr, k).clone() for k in ("U", "V", "sigma", "sigma_y", "sigma_z")}
+    _grads(named, 3)
+    named[0][1].grad[0, 0] = float("nan")  # "a" becomes NaN (torch.optim.SGD semantics)
+    opt.step()
+    assert bool(tr.nonfinite.all())
+    for k, v in before.items():
+        assert torch.equal(getattr(tr, k), v), k
+    other = opt.tracked.trackers["b"]
+    assert not bool(other.nonfinite.any()) and bool(torch.isfinite(other.sigma).all())
+
+
+def test_alternate_resume_at_an_odd_step_is_bitwise_identical():
+    def run(split):
+        named = _params(torch.float32)
+        opt = lowrank.SpectralSGD(named, lr=0.05, momentum=0.9, rank=3, schedule="alternate")
+        for step in range(9):
+            if step == split:
+                buf = io.BytesIO()
+                torch.save({"opt": opt.state_dict(),
+                            "w": {n: p.detach().clone() for n, p in named}}, buf)
+                buf.seek(0)
+                saved = torch.load(buf, weights_only=True)
+                named = _params(torch.float32)
+                with torch.no_grad():
+                    for n, p in named:
+                        p.copy_(saved["w"][n])
+                opt = lowrank.SpectralSGD(named, lr=0.05, momentum=0.9, rank=3,
+                                          schedule="alternate")
+                opt.load_state_dict(saved["opt"])
+            _grads(named, step)
+            opt.step()
+        return opt.tracked.trackers["c"]
+
+    a, b = run(split=-1), run(split=5)
+    for key in ("U", "V", "sigma", "sigma_y", "sigma_z", "fro2"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+def test_spectrum_tracker_alternates_after_adamw():
+    named = _params(torch.float32)
+    adamw = torch.optim.AdamW([p for _, p in named], lr=1e-3)
+    tracker = lowrank.SpectrumTracker(named, rank=4, sketch_rank=12, schedule="alternate")
+    for step in range(30):
+        _grads(named, step)
+        adamw.step()
+        tracker.step()
+    for name, p in named:
+        exact = torch.linalg.svdvals(p.detach().double())[:4]
+        est = tracker.spectra()[name].sigma
+        assert float(((est - exact) / exact).abs().max()) < 1e-4, name
