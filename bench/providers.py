@@ -166,8 +166,8 @@ class SgdSubspace(Provider):
 
 
 def backend_schedule(backend: str) -> dict:
-    """'torch' -> the backend with the library's default schedule; 'torch-both' -> backend torch,
-    schedule "both"."""
+    """'torch' -> the backend with the library's default schedule; 'torch-alternate' -> backend
+    torch, schedule "alternate"."""
     name, _, schedule = backend.partition("-")
     return {"backend": name, **({"schedule": schedule} if schedule else {})}
 
@@ -236,9 +236,9 @@ def lowrank_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     silently replaced.
     """
     if device.type != "cuda":
-        # The default schedule (on the CPU: alternating) and the kernels' one (both sketches
-        # every step), side by side (lowrank.trackset.SCHEDULES).
-        return ["torch", "torch-both"], {"triton": "CPU run", "cupy": "CPU run"}
+        # The default schedule (both sketches every step) and the opt-in alternating one, side
+        # by side (lowrank.trackset.SCHEDULES).
+        return ["torch", "torch-alternate"], {"triton": "CPU run", "cupy": "CPU run"}
     ok, skipped = ["torch"], {}
     for backend in ("triton", "cupy"):
         try:

@@ -110,9 +110,8 @@ def build_tables(df) -> str:
         "`torch.linalg.svdvals` / `torch.svd_lowrank(q=k, niter=2)` of every tracked matrix. "
         "Errors: the largest relative error of the top r = k/2 singular values after 30 tracked "
         "steps, against float64 `torch.linalg.svdvals` of the same weights. A tracker without "
-        "a schedule runs the library's default (on the CPU's torch backend: alternating Y = W V "
-        "and Z = W^T U sketches, one per step); `schedule both` computes both every step, as "
-        "the GPU kernels do.",
+        "a schedule runs the library's default (both sketches Y = W V and Z = W^T U every step); "
+        "`schedule alternate` computes one of them per step, in turn (half the products).",
         "",
     ]
     mat = ok[(ok["workload"] == "matrix")]

@@ -64,11 +64,12 @@ class SpectralSGD(torch.optim.Optimizer):
             tf32x3 about fp32's). Matrices on the torch backend under "auto" stay exact.
         deterministic: bitwise-reproducible sketches with the Triton kernels (a fixed-order
             reduction instead of atomics); the torch backend always is.
-        schedule: "auto" (default: alternate on the CPU's torch backend where k < min(m, n),
-            both elsewhere) | "both" (Y = W V and Z = W^T U every step, the GPU kernels' way) |
-            "alternate" (Y on even tracked steps, Z on odd ones: the same convergence per step
-            at half the sketch cost, for the torch backend, where the products are
-            compute-bound). See :data:`lowrank.trackset.SCHEDULES`.
+        schedule: "both" (default: Y = W V and Z = W^T U every step) | "alternate" (Y on even
+            tracked steps, Z on odd ones: half the sketch cost, for the CPU's torch backend
+            where the products are compute-bound; exact as fast on slowly moving weights, but
+            2-10x larger worst-case errors on fast-moving ones) | "auto" (alternate on the CPU's
+            torch backend where k < min(m, n), both elsewhere). See
+            :data:`lowrank.trackset.SCHEDULES`.
 
     AMP: works with ``torch.amp.GradScaler`` (``_step_supports_amp_scaling``): gradients are
     unscaled inside the step, and a step with ``found_inf`` leaves parameters, buffers, tracker
@@ -82,7 +83,7 @@ class SpectralSGD(torch.optim.Optimizer):
                  fused=None, rank=8, sketch_rank=None, track_every=1, track_grad=False,
                  audit_every=0, backend="auto", seed=0, include=None, exclude=None,
                  rank_tol=1e-3, skip_nonfinite=False, log=None, precision="fp32",
-                 deterministic=False, schedule="auto"):
+                 deterministic=False, schedule="both"):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:

@@ -47,7 +47,7 @@ def test_quick_schema(quick_run):
     assert (df["device_type"] == "cpu").all()
     # every provider in every group: k-free ones once, the others once per k
     names = provider_names(torch.device("cpu"), lowrank_backends(torch.device("cpu"))[0])
-    assert "spectral_sgd[torch]" in names and "spectral_sgd[torch-both]" in names
+    assert "spectral_sgd[torch]" in names and "spectral_sgd[torch-alternate]" in names
     for group, g in df.groupby("group"):
         assert set(g["provider"]) == set(names), group
         assert len(g) == len(names)

@@ -122,11 +122,13 @@ def test_alternate_tracks_a_moving_matrix_like_the_bi_iteration(rate):
 def test_schedule_validation_and_auto():
     with pytest.raises(ValueError, match="schedule must be one of"):
         lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="sequential")
-    opt = lowrank.SpectralSGD(_params(), lr=0.1, rank=2)  # default "auto", CPU, torch backend
+    default = lowrank.SpectralSGD(_params(), lr=0.1, rank=2)
+    assert not any(default.tracked.alternate.values())  # the default is "both"
+    opt = lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="auto")  # CPU, torch backend
     assert all(opt.tracked.alternate.values())
     # k = min(m, n): one side's basis spans the whole space and every "both" step is exact.
     small = lowrank.SpectralSGD([("head", torch.nn.Parameter(torch.randn(4, 30)))], lr=0.1,
-                                rank=2, sketch_rank=4)
+                                rank=2, sketch_rank=4, schedule="auto")
     assert not small.tracked.alternate["head"]
     tr = lowrank.SpectrumTracker(_params(), rank=2, schedule="both")
     assert not any(tr.tracked.alternate.values())
