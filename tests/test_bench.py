@@ -175,3 +175,15 @@ def test_readme_table_is_rewritten_from_the_rows(quick_run, tmp_path):
     plain.write_text("# nothing to replace\n")
     assert not report.update_readme(plain, section)
     assert plain.read_text() == "# nothing to replace\n"
+
+
+def test_pytest_benchmark_suite_runs():
+    """bench/test_cpu_pytest_benchmark.py (pytest-benchmark view of the CPU suite) stays runnable:
+    the smallest size, every provider, timing disabled (one call each)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(REPO / "bench" / "test_cpu_pytest_benchmark.py"),
+                           "--benchmark-disable", "-k", "256x256"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "8 passed" in proc.stdout
