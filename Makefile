@@ -21,6 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
-# On the GPU machine, from a source checkout (no network): every GPU test and benchmark.
+# On the GPU machine, from a source checkout (no network): every GPU check, test and benchmark
+# into one folder. Where one command may run 10 minutes at most, run the parts one per command:
+#   make gpu-check GPU_OUT=$OUT/smoke PARTS=smoke   (then tests, kernels, postprocess, suite)
+GPU_OUT ?= bench/results/gpu-$(shell date +%Y%m%d-%H%M%S)
+PARTS ?= smoke,tests,kernels,postprocess,suite
 gpu-check:
-	python3 -m bench.gpu_check --out bench/results/gpu-$$(date +%Y%m%d-%H%M%S)
+	python3 -m bench.gpu_check --out $(GPU_OUT) --parts $(PARTS)

@@ -1,9 +1,18 @@
-"""Everything to run on a GPU machine in one command: the GPU tests, then the kernel benchmarks.
+"""Everything to run on a GPU machine, in parts that each fit a 10-minute command.
 
-    python3 -m bench.gpu_check --out DIR          (from the repository root)
+    python3 -m bench.gpu_check --out DIR [--parts smoke,tests,kernels,postprocess,suite]
 
-1. ``pytest -m gpu tests``: junit XML, the log and a summary go to DIR.
-2. Kernel benchmarks (fp32, cold L2) of ``fused_sgd_sketch`` and ``sketch`` on 4096^2, 8192^2 and
+Parts (default: all, in this order; ``make gpu-check`` runs them all in one command):
+
+0. ``smoke`` (about a minute): compiles and launches every kernel once on small shapes (Triton
+   fused pass and sketch; CuPy fused pass and post-processing at k = 64, which needs > 48 KB of
+   shared memory; one SpectralSGD step per backend) and checks each against the torch
+   reference. DIR/smoke.json says what ran, what failed and why. Run it first: a kernel that
+   faults poisons the CUDA context of its process, so the later parts run in their own.
+1. ``tests``: ``pytest tests/test_triton_gpu.py`` and ``pytest tests/test_cupy_gpu.py`` in two
+   processes (a fault in one cannot fail the other), each streaming its log to DIR as it runs,
+   with junit XML and a summary.
+2. ``kernels``: kernel benchmarks (fp32, cold L2) of ``fused_sgd_sketch`` and ``sketch`` on 4096^2, 8192^2 and
    4096 x 16384 for k in {0 (tracking off), 8, 16, 32, 64}, without and with momentum, beside the
    anchors torch.optim.SGD(fused=True), foreach SGD, torch.linalg.svdvals and torch.svd_lowrank;
    plus a small tile-size sweep of the Triton kernel. One CSV row per measurement in
@@ -19,12 +28,17 @@ torch.optim.SGD(fused=True) on the same shape and momentum; ``check`` is the cor
 before timing (max error against the torch reference, relative to the stated bound).
 
 Timing: ``triton.testing.do_bench`` (CUDA events; it zeroes a 256 MB buffer before every run, so
-L2 is cold), 20th/50th/80th percentiles. Ops that take seconds (svdvals) are timed with CUDA
-events over a few runs instead.
+L2 is cold), 20th/50th/80th percentiles. Ops that take seconds are timed with CUDA events instead:
+``svdvals`` once, on 4096^2 only (a full SVD of 8192^2 costs minutes of a short device lease).
+
+3. ``postprocess``: bench/bench_postprocess_gpu.py (DIR/postprocess.csv).
+4. ``suite``: the end-to-end providers of ``python -m bench`` on CUDA (``--suite quick`` by
+   default; the full one does not fit in 10 minutes).
 
 Nothing GPU-related is imported at module import time: ``--help`` and the no-CUDA message work on
-any machine. Where one command may run at most 10 minutes, split the run: ``--skip-bench`` first,
-then ``--skip-tests`` (``--no-sweep`` or ``--quick`` shorten the benchmarks further).
+any machine. With a 10-minute limit per command, run the parts one per command, each with its own
+``--out`` (``--no-sweep`` or ``--quick`` shorten the kernel benchmarks further); every part
+writes its rows as they are measured, so a part that is stopped still leaves them.
 """
 
 from __future__ import annotations
@@ -49,6 +63,8 @@ COLUMNS = ["op", "provider", "m", "n", "k", "dtype", "momentum", "median_ms", "p
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 16384)]
 KS = [0, 8, 16, 32, 64]
 MOMENTA = [0.0, 0.9]
+PARTS = ("smoke", "tests", "kernels", "postprocess", "suite")
+GPU_TEST_FILES = ("tests/test_triton_gpu.py", "tests/test_cupy_gpu.py")
 DEV = "cuda"  # a module constant so the pipeline can be smoke-tested on the CPU interpreter
 LR = 1e-6  # tiny: W is updated in place by every timed run and must stay finite and O(1)
 
@@ -67,19 +83,35 @@ PEAK_GBPS = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python3 -m bench.gpu_check",
-        description="Run the GPU tests (pytest -m gpu) and the kernel benchmarks; write junit, "
-                    "a summary and DIR/kernels.csv.")
+        description="Run the GPU smoke checks, tests and benchmarks in parts; write smoke.json, "
+                    "junit XML and logs, DIR/kernels.csv, postprocess.csv, the suite's rows and "
+                    "summary.md.")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
-    p.add_argument("--skip-bench", action="store_true", help="do not run the benchmarks")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, in order (default: all: {','.join(PARTS)})")
+    p.add_argument("--skip-tests", action="store_true", help="leave out the tests part")
+    p.add_argument("--skip-bench", action="store_true",
+                   help="leave out the kernels, postprocess and suite parts")
+    p.add_argument("--suite", choices=("quick", "full"), default="quick",
+                   help="end-to-end suite of the suite part (default quick; full takes > 10 min)")
     p.add_argument("--no-sweep", action="store_true", help="skip the Triton tile-size sweep")
     p.add_argument("--quick", action="store_true",
                    help="4096^2 only, k in {0, 16, 64}: a smoke run of the whole pipeline")
-    p.add_argument("--pytest-timeout", type=int, default=420,
-                   help="seconds before the pytest run is stopped (default 420)")
+    p.add_argument("--pytest-timeout", type=int, default=240,
+                   help="seconds before each of the two pytest runs is stopped (default 240)")
     p.add_argument("--pytest-args", default="",
                    help="extra arguments for pytest, e.g. \"-k 'not 2_to_31'\"")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.skip_tests:
+        parts = [x for x in parts if x != "tests"]
+    if args.skip_bench:
+        parts = [x for x in parts if x not in ("kernels", "postprocess", "suite")]
+    args.parts = parts
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,31 +155,39 @@ def now() -> str:
 # ------------------------------------------------------------------------------------------------
 
 def run_gpu_tests(out: Path, timeout: int, extra: str) -> dict:
-    junit = out / "pytest-gpu.xml"
-    log = out / "pytest-gpu.log"
+    """Each GPU test file in its own pytest process, its log streamed to DIR as it runs."""
+    results = {}
+    for test_file in GPU_TEST_FILES:
+        results[Path(test_file).stem] = _run_pytest(out, test_file, timeout, extra)
+    codes = [r["returncode"] for r in results.values()]
+    summary = {"returncode": 0 if all(c == 0 for c in codes) else next(c for c in codes if c != 0),
+               "runs": results}
+    (out / "pytest-gpu-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run_pytest(out: Path, test_file: str, timeout: int, extra: str) -> dict:
+    stem = Path(test_file).stem
+    junit, log = out / f"{stem}.xml", out / f"{stem}.log"
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # real GPU kernels, not the interpreter
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", f"--junitxml={junit}", "-rA",
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "pytest", test_file, f"--junitxml={junit}", "-rA",
            "-p", "no:cacheprovider", "-o", "junit_logging=all"]
     if extra:
         import shlex
 
         cmd += shlex.split(extra)
     print("running:", " ".join(cmd), flush=True)
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = "timeout"
-        text = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
-                else (exc.stdout or "")) + f"\n[gpu_check] pytest stopped after {timeout} s\n"
-    log.write_text(text)
-    summary = {"returncode": rc, "junit": str(junit), "log": str(log)}
-    summary.update(_junit_counts(junit))
-    tail = "\n".join(text.strip().splitlines()[-40:])
-    (out / "pytest-gpu-summary.txt").write_text(
-        json.dumps(summary, indent=2) + "\n\n--- last lines of the log ---\n" + tail + "\n")
+    with log.open("w") as f:  # streamed: a stopped command still leaves the log so far
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            f.write(f"\n[gpu_check] pytest stopped after {timeout} s\n")
+    summary = {"returncode": rc, "junit": str(junit), "log": str(log), **_junit_counts(junit)}
+    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-25:])
     print(tail, flush=True)
     return summary
 
@@ -215,7 +255,7 @@ def measured_copy_gbps() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def time_ms(fn, slow=False):
+def time_ms(fn, slow=False, runs=3):
     """(median, p20, p80) in ms. Cold L2: do_bench zeroes a 256 MB buffer before each run."""
     import torch
     import triton
@@ -225,7 +265,7 @@ def time_ms(fn, slow=False):
         return tuple(float(x) for x in q)
     # Seconds-long ops (already warmed up by the memory probe): a few runs, CUDA events.
     times = []
-    for _ in range(3):
+    for _ in range(runs):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -266,13 +306,13 @@ class Bench:
         self.anchor = {}  # (m, n, momentum) -> median ms of torch.optim.SGD(fused=True)
 
     def measure(self, op, provider, m, n, k, momentum, fn, nbytes, *, slow=False, check="",
-                anchor_key=None):
+                anchor_key=None, runs=3):
         row = dict(op=op, provider=provider, m=m, n=n, k=k, dtype="float32", momentum=momentum,
                    check=check)
         try:
             # For seconds-long ops the memory probe doubles as the warm-up run.
             mem = extra_memory_mb(fn)
-            med, p20, p80 = time_ms(fn, slow=slow)
+            med, p20, p80 = time_ms(fn, slow=slow, runs=runs)
             gbps = nbytes / (med * 1e-3) / 1e9
             row.update(median_ms=med, p20_ms=p20, p80_ms=p80, gbps=gbps,
                        pct_peak_bw=100 * gbps / self.peak, peak_mem_mb=mem)
@@ -491,11 +531,13 @@ def _bench_sketch(bench, sk, ref_fn, W, m, n, k):
 def _bench_anchors_spectrum(bench, W, m, n):
     import torch
 
-    try:
-        bench.measure("svdvals", "torch_linalg", m, n, 0, 0.0,
-                      lambda: torch.linalg.svdvals(W), sketch_bytes(m, n, 0), slow=True)
-    except Exception as exc:  # noqa: BLE001
-        bench.error_row("svdvals", "torch_linalg", m, n, 0, 0.0, exc)
+    if (m, n) == SHAPES[0]:  # larger full SVDs cost minutes each: 4096^2 only, timed once
+        try:
+            bench.measure("svdvals", "torch_linalg", m, n, 0, 0.0,
+                          lambda: torch.linalg.svdvals(W), sketch_bytes(m, n, 0), slow=True,
+                          runs=1)
+        except Exception as exc:  # noqa: BLE001
+            bench.error_row("svdvals", "torch_linalg", m, n, 0, 0.0, exc)
     try:
         # torch.svd_lowrank(q=k, niter=2): five passes over W, the usual randomized estimate.
         bench.measure("svd_lowrank", "torch", m, n, 16, 0.0,
@@ -540,8 +582,15 @@ def _sweep(bench, fs):
 
 def write_summary(out: Path, tests: dict | None) -> None:
     lines = ["# gpu_check summary", ""]
+    smoke = out / "smoke.json"
+    if smoke.exists():
+        checks = json.loads(smoke.read_text())["checks"]
+        lines += ["## smoke", "", "| check | ok | result or error | s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['check']} | {'yes' if c['ok'] else '**no**'} | "
+                  f"{c.get('result') or c.get('error', '')} | {c['seconds']} |" for c in checks]
+        lines.append("")
     if tests is not None:
-        lines += ["## pytest -m gpu", "", "```", json.dumps(tests, indent=2), "```", ""]
+        lines += ["## GPU tests", "", "```", json.dumps(tests, indent=2), "```", ""]
     csv_path = out / "kernels.csv"
     if csv_path.exists():
         with csv_path.open() as f:
@@ -566,12 +615,124 @@ def _run_postprocess_bench(out: Path) -> None:
     run(out)
 
 
-def _run_end_to_end_suite(out: Path, quick: bool) -> None:
+def _run_end_to_end_suite(out: Path, suite: str) -> None:
     from bench import report, results, suites
 
-    rows, csv_path = suites.run_suite("cuda", suite="quick" if quick else "full", out_dir=out)
+    rows, csv_path = suites.run_suite("cuda", suite=suite, out_dir=out)
     df = results.read_rows([csv_path])
     report.write_report(df[df["run_id"] == rows[0]["run_id"]], out)
+
+
+# ------------------------------------------------------------------------------------------------
+# 0. Smoke: every kernel compiled and launched once, checked against the torch reference
+# ------------------------------------------------------------------------------------------------
+
+def smoke_checks():
+    """(name, fn) pairs; each fn runs one small launch and returns a short result string, or
+    raises. Small shapes with every code path the real runs take (masks, k padding, > 48 KB of
+    shared memory for the CuPy post-processing at k = 64)."""
+    import torch
+
+    from lowrank import backends
+    from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch
+    from lowrank.postprocess import postprocess_torch
+    from lowrank.sketch import sketch_torch
+
+    m, n, k = 300, 200, 16
+
+    def sync():  # a fault shows up here, inside the check that caused it
+        if torch.device(DEV).type == "cuda":
+            torch.cuda.synchronize()
+
+    def data(seed=0):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        W = torch.randn(m, n, device=DEV, generator=g)
+        G = torch.randn(m, n, device=DEV, generator=g) * 1e-2
+        return W, G, *_bases(m, n, k)
+
+    def rel(a, b):
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+    def fused(backend):
+        def run():
+            fn = getattr(backends.kernel_module(backend, "fused_sgd_sketch"),
+                         f"fused_sgd_sketch_{backend}")
+            W, G, U, V = data()
+            W2 = W.clone()
+            out, _ = fn(W, G, None, U, V, lr=0.1, momentum=0.9)
+            ref, _ = fused_sgd_sketch_torch(W2, G, None, U, V, lr=0.1, momentum=0.9)
+            sync()
+            err = max(rel(out.Y, ref.Y), rel(out.Z, ref.Z), rel(W, W2))
+            if not err < 1e-4:
+                raise AssertionError(f"max relative error {err:.1e} against the torch reference")
+            return f"max rel err {err:.1e}"
+        return run
+
+    def sketch_triton():
+        W, _, U, V = data(1)
+        out = backends.sketch(W.unsqueeze(0), U, V, backend="triton")
+        ref = sketch_torch(W, U, V)
+        err = max(rel(out.Y, ref.Y), rel(out.Z, ref.Z), rel(out.fro2, ref.fro2))
+        if not err < 1e-4:
+            raise AssertionError(f"max relative error {err:.1e}")
+        return f"max rel err {err:.1e}"
+
+    def postprocess_cupy():
+        pp = backends.kernel_module("cupy", "postprocess").postprocess_cupy
+        kk = 64
+        g = torch.Generator(device=DEV).manual_seed(2)
+        Y = torch.randn(2, 512, kk, device=DEV, generator=g)
+        Z = torch.randn(2, 384, kk, device=DEV, generator=g)
+        U, V = _bases(512, 384, kk)
+        U, V = U.expand(2, -1, -1).contiguous(), V.expand(2, -1, -1).contiguous()
+        ours = pp(Y, Z, U, V, seed=0, step=1)
+        ref = postprocess_torch(Y, Z, U, V, seed=0, step=1)
+        sync()
+        err = rel(ours.sigma, ref.sigma)
+        if not err < 1e-6:
+            raise AssertionError(f"sigma max relative error {err:.1e}")
+        return f"k=64 sigma max rel err {err:.1e}"
+
+    def spectral_sgd(backend):
+        def run():
+            import lowrank
+
+            p = torch.nn.Parameter(torch.randn(256, 192, device=DEV))
+            opt = lowrank.SpectralSGD([("w", p)], lr=1e-3, momentum=0.9, rank=4, sketch_rank=8,
+                                      backend=backend)
+            for _ in range(3):
+                p.grad = torch.randn_like(p) * 1e-2
+                opt.step()
+            sigma = opt.spectra()["w"].sigma
+            if not bool(torch.isfinite(sigma).all()):
+                raise AssertionError("non-finite estimates")
+            return f"sigma_1 {float(sigma[0]):.4g}"
+        return run
+
+    return [("triton fused_sgd_sketch", fused("triton")), ("triton sketch", sketch_triton),
+            ("cupy fused_sgd_sketch", fused("cupy")), ("cupy postprocess k=64", postprocess_cupy),
+            ("SpectralSGD triton", spectral_sgd("triton")), ("SpectralSGD cupy", spectral_sgd("cupy"))]
+
+
+def run_smoke(out: Path) -> dict:
+    import time
+
+    results = []
+    for name, fn in smoke_checks():
+        t0 = time.perf_counter()
+        try:
+            results.append({"check": name, "ok": True, "result": fn()})
+        except Exception as exc:  # noqa: BLE001 - every check reports, none stops the others
+            results.append({"check": name, "ok": False,
+                            "error": f"{type(exc).__name__}: {exc}"[:500],
+                            "traceback": traceback.format_exc()[-3000:]})
+        results[-1]["seconds"] = round(time.perf_counter() - t0, 2)
+        r = results[-1]
+        print(f"smoke: {name}: {'ok ' + r['result'] if r['ok'] else 'FAILED ' + r['error']} "
+              f"({r['seconds']} s)", flush=True)
+    summary = {"ok": all(r["ok"] for r in results), "checks": results, "date": now()}
+    (out / "smoke.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def main(argv=None) -> int:
@@ -588,27 +749,33 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tests = None
-    if not args.skip_tests:
-        tests = run_gpu_tests(out, args.pytest_timeout, args.pytest_args)
-    bench_failed = False
-    if not args.skip_bench:
+    tests, failed = None, []
+    jobs = {
+        "smoke": lambda: run_smoke(out)["ok"] or failed.append("smoke"),
+        "tests": None,
         # Kernel rows, then the CuPy post-processing rows, then the end-to-end providers
         # (optimizer steps beside torch.linalg, with accuracy): one failure keeps the others.
-        for label, job in (
-                ("kernels", lambda: run_benchmarks(out, args.quick, sweep=not args.no_sweep)),
-                ("postprocess", lambda: _run_postprocess_bench(out)),
-                ("suite", lambda: _run_end_to_end_suite(out, args.quick))):
-            try:
-                job()
-            except Exception:  # noqa: BLE001 - still write what was measured and the summary
-                print(f"bench.gpu_check: the {label} benchmarks failed:", file=sys.stderr)
-                traceback.print_exc()
-                bench_failed = True
+        "kernels": lambda: run_benchmarks(out, args.quick, sweep=not args.no_sweep),
+        "postprocess": lambda: _run_postprocess_bench(out),
+        "suite": lambda: _run_end_to_end_suite(out, args.suite),
+    }
+    for part in args.parts:
+        print(f"bench.gpu_check: part {part}", flush=True)
+        if part == "tests":
+            tests = run_gpu_tests(out, args.pytest_timeout, args.pytest_args)
+            if tests["returncode"] != 0:
+                failed.append("tests")
+            continue
+        try:
+            jobs[part]()
+        except Exception:  # noqa: BLE001 - still write what was measured and the summary
+            print(f"bench.gpu_check: the {part} part failed:", file=sys.stderr)
+            traceback.print_exc()
+            failed.append(part)
     write_summary(out, tests)
-    print(f"results in {out}", flush=True)
-    tests_failed = tests is not None and tests.get("returncode") not in (0,)
-    return 1 if (tests_failed or bench_failed) else 0
+    print(f"results in {out}" + (f"; failed parts: {', '.join(failed)}" if failed else ""),
+          flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ from lowrank.backends import BackendUnavailable
 _INCLUDE = '#include "common.cuh"'
 # NVRTC options: C++17, no fast math (the fp32/fp64 arithmetic must be IEEE: rsqrt/sqrt/div of
 # the float64 eigen solver and the fp32 SGD update are compared with the torch reference).
+# CuPy itself appends -ftz=true to every NVRTC compile (cupy/cuda/compiler.py), so float32
+# subnormals (|x| < 1.2e-38) flush to zero in these kernels where torch keeps them: an update of
+# such weights may differ from torch.optim.SGD. float64 arithmetic is not affected.
 _OPTIONS = ("-std=c++17",)
 
 _lock = threading.Lock()
@@ -99,11 +102,19 @@ def function(cu_name: str, func_name: str, device: torch.device):
     return fn
 
 
+# cudaDevAttrMaxSharedMemoryPerBlockOptin in the CUDA runtime's cudaDeviceAttr enum: used if
+# CuPy's runtime module does not export the name.
+_ATTR_SHARED_OPTIN = 97
+
+
 @functools.lru_cache(maxsize=None)
 def _optin_shared_bytes(index: int) -> int:
-    cupy = require_cupy()
-    runtime = cupy.cuda.runtime
-    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, index))
+    props = torch.cuda.get_device_properties(index)
+    if getattr(props, "shared_memory_per_block_optin", 0):
+        return int(props.shared_memory_per_block_optin)
+    runtime = require_cupy().cuda.runtime
+    attr = getattr(runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin", _ATTR_SHARED_OPTIN)
+    return int(runtime.deviceGetAttribute(attr, index))
 
 
 def max_shared_bytes(device: torch.device) -> int:
