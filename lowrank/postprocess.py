@@ -124,17 +124,16 @@ def _align_signs(B_old: torch.Tensor, B_new: torch.Tensor):
 def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     """CPU fast path of one side: the Ritz basis of S (b, p, k), sign-aligned to B_old.
 
-    The Gram matrix and the projection of the old basis come from ONE float64 product
-    [S B_old]^T S, the sign flips are folded into the k x k factor, and the basis is formed once:
-    three p-sized operations where the general path takes about ten (the small ops dominate a
-    CPU step). Returns (Q in B_old's dtype, sigma, overlap), or None when some direction needs a
-    refill or the Ritz vectors would need a Cholesky-QR round (the general path handles those).
+    The projection of the old basis B_old^T S is taken before the basis is formed, the sign flips
+    are folded into the k x k factor, and the basis is formed once: four p-sized float64
+    operations where the general path takes about ten (the small ops dominate a CPU step).
+    (One product [S B_old]^T S on a concatenation measured slower: its strided float64 view made
+    the final S @ M 4x slower for a batch of four 2304 x 16 sketches.) Returns (Q in B_old's
+    dtype, sigma, overlap), or None when some direction needs a refill or the Ritz vectors would
+    need a Cholesky-QR round (the general path handles those).
     """
-    k = S.shape[-1]
-    SB = torch.cat([S, B_old.to(S.dtype)], -1).to(torch.float64)  # (b, p, 2k)
-    S64 = SB[..., :k]
-    P = SB.transpose(-2, -1) @ S64  # (b, 2k, k): [S^T S; B_old^T S]
-    evals, evecs = torch.linalg.eigh(P[..., :k, :])
+    S64, B64 = S.to(torch.float64), B_old.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(S64.transpose(-2, -1) @ S64)
     evals, evecs = evals.flip(-1).clamp_min(0.0), evecs.flip(-1)  # descending
     top, low = evals[..., :1], evals[..., -1:]
     full, well = torch.stack([((low > GRAM_RELATIVE_FLOOR * top) & (low > GRAM_ABSOLUTE_FLOOR)).all(),
@@ -142,7 +141,7 @@ def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     if not (full and well):
         return None
     M = evecs * evals.rsqrt().unsqueeze(-2)
-    overlap = P[..., k:, :] @ M  # B_old^T (S M) = B_old^T Q
+    overlap = (B64.transpose(-2, -1) @ S64) @ M  # B_old^T (S M) = B_old^T Q
     sign = torch.where(torch.diagonal(overlap, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
     return (S64 @ (M * sign)).to(B_old.dtype), evals.sqrt(), overlap * sign
 
