@@ -28,7 +28,8 @@ from lowrank.sketch import sketch_torch
 
 from . import env, timing, workloads
 
-TOTAL = "SpectralSGD step, default schedule both (all)"
+TOTAL = "SpectralSGD step, schedule both (all)"
+SEQUENTIAL = "SpectralSGD step, default schedule (CPU: sequential)"
 ALTERNATE = "SpectralSGD step, schedule alternate (Y / Z in turn)"
 UPDATE = "update: sgd_update_torch"
 SKETCH = "sketch_torch (products + norms)"
@@ -55,11 +56,14 @@ def components(n: int, k: int, device, *, dtype=torch.float32, momentum: float =
     sgd = torch.optim.SGD([p], **hp)
     add("torch.optim.SGD step", sgd.step, lambda: setattr(p, "grad", G))
     q = torch.nn.Parameter(W0.clone())
-    # The components below add up to a step of the default "both" schedule (both sketches every
-    # step); a step of the opt-in alternating schedule is timed beside it.
+    # The components below add up to a step of the "both" schedule (the GPU kernels' contract);
+    # steps of the CPU's default (sequential) and of the alternating schedule are timed beside.
     spectral = lowrank.SpectralSGD([("w", q)], rank=k // 2, sketch_rank=k, backend="torch",
                                    schedule="both", **hp)
     add(TOTAL, spectral.step, lambda: setattr(q, "grad", G))
+    q3 = torch.nn.Parameter(W0.clone())
+    default = lowrank.SpectralSGD([("w", q3)], rank=k // 2, sketch_rank=k, backend="torch", **hp)
+    add(SEQUENTIAL, default.step, lambda: setattr(q3, "grad", G))
     q2 = torch.nn.Parameter(W0.clone())
     alternate = lowrank.SpectralSGD([("w", q2)], rank=k // 2, sketch_rank=k, backend="torch",
                                   schedule="alternate", **hp)

@@ -12,6 +12,7 @@ on ``.grad`` beforehand; the harness times :meth:`Provider.step` alone. Names:
     sgd+subspace           sgd, then one step of a warm subspace iteration (bench/subspace_iter.py)
     spectral_sgd[B]        lowrank.SpectralSGD with backend B (torch; triton, cupy on CUDA) and
                            its default schedule; B-both / B-alternate: schedule="both" / "alternate"
+                           (B-both on the CPU: the schedule of the GPU kernels)
     adamw                  torch.optim.AdamW, default implementation
     adamw+tracker[B]       adamw, then lowrank.SpectrumTracker.step() (sketch-only pass), backend B
 
@@ -236,9 +237,9 @@ def lowrank_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     silently replaced.
     """
     if device.type != "cuda":
-        # The default schedule (both sketches every step) and the opt-in alternating one, side
-        # by side (lowrank.trackset.SCHEDULES).
-        return ["torch", "torch-alternate"], {"triton": "CPU run", "cupy": "CPU run"}
+        # The default schedule (on the CPU: sequential), the GPU kernels' one (both) and the
+        # opt-in alternating one, side by side (lowrank.trackset.SCHEDULES).
+        return ["torch", "torch-both", "torch-alternate"], {"triton": "CPU run", "cupy": "CPU run"}
     ok, skipped = ["torch"], {}
     for backend in ("triton", "cupy"):
         try:

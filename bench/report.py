@@ -110,8 +110,9 @@ def build_tables(df) -> str:
         "`torch.linalg.svdvals` / `torch.svd_lowrank(q=k, niter=2)` of every tracked matrix. "
         "Errors: the largest relative error of the top r = k/2 singular values after 30 tracked "
         "steps, against float64 `torch.linalg.svdvals` of the same weights. A tracker without "
-        "a schedule runs the library's default (both sketches Y = W V and Z = W^T U every step); "
-        "`schedule alternate` computes one of them per step, in turn (half the products).",
+        "a schedule runs the library's default (on the CPU: `sequential`, Y = W V, the next U, "
+        "then Z = W^T U from it); `schedule both` computes Y and Z from the same bases, as the "
+        "GPU kernels do in one pass; `schedule alternate` one of them per step, in turn.",
         "",
     ]
     mat = ok[(ok["workload"] == "matrix")]

@@ -64,12 +64,12 @@ class SpectralSGD(torch.optim.Optimizer):
             tf32x3 about fp32's). Matrices on the torch backend under "auto" stay exact.
         deterministic: bitwise-reproducible sketches with the Triton kernels (a fixed-order
             reduction instead of atomics); the torch backend always is.
-        schedule: "both" (default: Y = W V and Z = W^T U every step) | "alternate" (Y on even
-            tracked steps, Z on odd ones: half the sketch cost, for the CPU's torch backend
-            where the products are compute-bound; exact as fast on slowly moving weights, but
-            2-10x larger worst-case errors on fast-moving ones) | "auto" (alternate on the CPU's
-            torch backend where k < min(m, n), both elsewhere). See
-            :data:`lowrank.trackset.SCHEDULES`.
+        schedule: how the two sketches Y = W V and Z = W^T U are spread over steps (see
+            :data:`lowrank.trackset.SCHEDULES`). "auto" (default): "sequential" on the CPU's
+            torch backend (Y, the next U, then Z from it: a full power step per training step at
+            the cost of "both" there, and much smaller errors on moving weights), "both"
+            elsewhere (one fused pass on a GPU). "alternate" (torch backend): Y and Z in turn,
+            half the products, but larger errors on fast-moving weights.
 
     AMP: works with ``torch.amp.GradScaler`` (``_step_supports_amp_scaling``): gradients are
     unscaled inside the step, and a step with ``found_inf`` leaves parameters, buffers, tracker
@@ -83,7 +83,7 @@ class SpectralSGD(torch.optim.Optimizer):
                  fused=None, rank=8, sketch_rank=None, track_every=1, track_grad=False,
                  audit_every=0, backend="auto", seed=0, include=None, exclude=None,
                  rank_tol=1e-3, skip_nonfinite=False, log=None, precision="fp32",
-                 deterministic=False, schedule="both"):
+                 deterministic=False, schedule="auto"):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:

@@ -22,7 +22,7 @@ class SpectrumTracker:
     def __init__(self, model_or_named_params, rank: int = 8, every: int = 1, *,
                  sketch_rank=None, audit_every: int = 0, backend: str = "auto", seed: int = 0,
                  include=None, exclude=None, rank_tol: float = 1e-3, log=None,
-                 precision: str = "fp32", deterministic: bool = False, schedule: str = "both"):
+                 precision: str = "fp32", deterministic: bool = False, schedule: str = "auto"):
         if isinstance(model_or_named_params, torch.nn.Module):
             named = list(model_or_named_params.named_parameters())
         else:

@@ -16,7 +16,7 @@ import torch
 
 from . import _checks, backends, metrics
 from ._checks import check_int, check_rank
-from .postprocess import postprocess_side_torch, refill_candidates
+from .postprocess import PostOut, postprocess_side_torch, refill_candidates
 from .sketch import SketchOut, init_bases, name_seed
 
 
@@ -178,7 +178,7 @@ class MatrixTracker:
 
 
 def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", weights: list[torch.Tensor] | None = None) -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
     with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed.
@@ -186,6 +186,9 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     def cat(parts):
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
+    if weights is not None:
+        _absorb_group_sequential(trackers, sketches, weights, cat)
+        return
     if sketches[0].Y is None or sketches[0].Z is None:
         _absorb_group_one_side(trackers, sketches, cat)
         return
@@ -230,3 +233,34 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
     for i, (t, s) in enumerate(zip(trackers, sketches)):
         one = slice(i, i + 1)
         t.commit_side(side, s, basis[one], sigma[one], overlap[one], finite[one], all_finite)
+
+
+def _absorb_group_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
+                             weights: list[torch.Tensor], cat) -> None:
+    """:func:`absorb_group` for the sequential schedule (torch backend): from Y = W V (the
+    sketches) the next U, then Z = W^T U_next from the same weights (``weights``: each matrix
+    as (m, n)) and the next V. Both estimates are of the current W, so the state is committed
+    as for "both"; the basis pair has moved a full power step instead of two half steps."""
+    if any(s.Y is None for s in sketches):
+        raise ValueError("the sequential schedule starts from Y = W V sketches")
+    Y, fro2 = cat([s.Y for s in sketches]), cat([s.fro2 for s in sketches])
+    U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
+    finite = torch.isfinite(fro2) & torch.isfinite(Y).flatten(1).all(-1)
+    all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
+    fb = finite.view(-1, 1, 1)
+    if not all_finite:
+        Y = torch.where(fb, Y, torch.zeros_like(Y))
+    (m, n), k, dev = trackers[0].shape, trackers[0].k, Y.device
+    Uq, sigma_y, overlap_u = postprocess_side_torch(
+        Y, U, lambda: cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trackers]))
+    Z = torch.stack([W.to(Y.dtype).transpose(-2, -1) @ Uq[i].to(Y.dtype)
+                     for i, W in enumerate(weights)])
+    if not all_finite:
+        Z = torch.where(fb, Z, torch.zeros_like(Z))
+    Vq, sigma_z, overlap_v = postprocess_side_torch(
+        Z, V, lambda: cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
+                           for t in trackers]))
+    post = PostOut(torch.maximum(sigma_y, sigma_z), sigma_y, sigma_z, Uq, Vq, overlap_u, overlap_v)
+    for i, (t, s) in enumerate(zip(trackers, sketches)):
+        one = post if len(trackers) == 1 else PostOut(*(x[i:i + 1] for x in post))
+        t.commit(s, one, finite[i:i + 1], all_finite)

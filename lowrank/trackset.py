@@ -18,18 +18,21 @@ from .sketch import matrix_shape, sketch_torch
 from .tracking import MatrixTracker, SpectrumResult, absorb_group
 
 _NAN = float("nan")
-# How the two sketches are spread over steps. "both": Y = W V and Z = W^T U every step from one
-# read of W (the kernel contract; on a GPU the second product rides on the same memory traffic).
-# "alternate": Y on even tracked steps, Z on odd ones. The bi-iteration runs two interleaved
-# chains of half power steps (V0 -> U1 -> V2 ... and U0 -> V1 -> U2 ...); alternating keeps
-# exactly the first chain, so its bases converge as fast per step at half the products and half
-# the post-processing: what a CPU, where the products are compute-bound, wants. It reports one
-# chain's estimate per step instead of the larger of two, and each basis sees the new weights
-# every other step: on fast-moving weights (the demo's lr 0.2 MLP) its worst error against
-# exact svdvals was 2-10x that of "both" (up to 4e-3 of sigma_1 against 3.6e-4), so "both" is
-# the default and alternating an opt-in. "auto": alternate for matrices on the torch backend on
-# a CPU whose sketch width k < min(m, n), both elsewhere.
-SCHEDULES = ("both", "alternate", "auto")
+# How the two sketches are spread over steps. The bi-iteration runs two interleaved chains of
+# half power steps (V0 -> U1 -> V2 ... and U0 -> V1 -> U2 ...).
+# "both": Y = W V and Z = W^T U every step from one read of W (the kernel contract; on a GPU the
+#   second product rides on the same memory traffic).
+# "sequential": Y = W V, the next U from it, then Z = W^T U_next from the same W: one chain
+#   moving a full power step per training step, with both bases fitted to the current weights.
+#   Two reads of W, which a CPU pays for "both" anyway (two matrix products): the same cost
+#   there, and measured 3-30x smaller worst errors on drifting matrices (tests/test_schedule.py).
+# "alternate": Y on even tracked steps, Z on odd ones. It keeps exactly the first chain of
+#   "both" at half the products and half the post-processing, but reports one chain's estimate
+#   per step and refreshes each basis every other step: on fast-moving weights (the demo's lr
+#   0.2 MLP) its worst error against exact svdvals was 2-10x that of "both" (4e-3 of sigma_1
+#   against 3.6e-4). An opt-in for speed.
+# "auto" (the default): sequential for matrices on the torch backend on a CPU, both elsewhere.
+SCHEDULES = ("auto", "both", "sequential", "alternate")
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -97,7 +100,7 @@ class TrackedSet:
     def __init__(self, named_params, *, rank: int, sketch_rank: int | None, seed: int,
                  backend: str, rank_tol: float, audit_every: int, track_grad: bool,
                  include=None, exclude=None, log=None, precision: str = "fp32",
-                 deterministic: bool = False, schedule: str = "both"):
+                 deterministic: bool = False, schedule: str = "auto"):
         self.rank = check_positive_int(rank, "rank")
         if sketch_rank is not None:
             check_positive_int(sketch_rank, "sketch_rank")
@@ -118,7 +121,7 @@ class TrackedSet:
         self.grad_trackers: dict[str, MatrixTracker] = {}
         self.backend: dict[str, str] = {}
         self.options: dict[str, dict] = {}  # kernel options per matrix (backends.kernel_options)
-        self.alternate: dict[str, bool] = {}  # per matrix: the alternating schedule (see SCHEDULES)
+        self.schedule: dict[str, str] = {}  # per matrix: "both" | "sequential" | "alternate"
         self.audits: dict[str, dict] = {}
         self.grad_stats: dict[str, dict] = {}
         self._pending: list[tuple] = []  # (name, sketch) of this step, see finish_step
@@ -139,18 +142,18 @@ class TrackedSet:
                                                   deterministic=deterministic)
             except ValueError as exc:
                 raise ValueError(f"parameter {name!r}: {exc}") from None
-            if schedule == "alternate" and resolved != "torch":
-                raise ValueError(f"parameter {name!r}: schedule='alternate' runs on the torch "
+            if schedule in ("alternate", "sequential") and resolved != "torch":
+                raise ValueError(f"parameter {name!r}: schedule={schedule!r} runs on the torch "
                                  f"backend only (this matrix is on {resolved!r}, whose fused pass "
                                  "gets both products from one read of W); use 'auto' or 'both'")
             self.params[name] = p
             self.backend[name] = resolved
             self.options[name] = options
-            # auto keeps both sides where k = min(m, n): one side's basis then spans the whole
-            # space, so every "both" step is exact, and such a matrix is cheap anyway.
-            self.alternate[name] = schedule == "alternate" or (
-                schedule == "auto" and resolved == "torch" and p.device.type == "cpu"
-                and k < min(m, n))
+            if schedule == "auto":
+                cpu_torch = resolved == "torch" and p.device.type == "cpu"
+                self.schedule[name] = "sequential" if cpu_torch else "both"
+            else:
+                self.schedule[name] = schedule
             self.trackers[name] = MatrixTracker(name, (m, n), k, seed=seed, device=p.device,
                                                 basis_dtype=basis_dtype)
             if self.track_grad:
@@ -159,10 +162,14 @@ class TrackedSet:
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
 
     def sides(self, name: str) -> str:
-        """Which sketch the next tracked step of ``name`` computes: "both", or under the
-        alternating schedule "y" (Y = W V, new U) on even tracked steps and "z" (new V) on odd."""
-        if not self.alternate[name]:
+        """Which sketch the pass over ``name``'s weights computes this step: "both"; "y" (Y = W V)
+        under the sequential schedule (Z follows in :meth:`finish_step`); under the alternating
+        one "y" on even tracked steps and "z" (Z = W^T U) on odd ones."""
+        schedule = self.schedule[name]
+        if schedule == "both":
             return "both"
+        if schedule == "sequential":
+            return "y"
         return "y" if self.trackers[name].step % 2 == 0 else "z"
 
     def matrix(self, name: str, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,10 +210,13 @@ class TrackedSet:
         for name, sk in pending:
             tr = self.trackers[name]
             key = (tr.shape, tr.k, tr.U.dtype, tr.U.device, self.backend[name], sk.Y is None,
-                   sk.Z is None)
-            groups.setdefault(key, []).append((tr, sk))
+                   sk.Z is None, self.schedule[name] == "sequential")
+            groups.setdefault(key, []).append((name, tr, sk))
         for key, items in groups.items():
-            absorb_group([tr for tr, _ in items], [sk for _, sk in items], backend=key[4])
+            # The sequential schedule takes Z = W^T U_next from the weights after the update.
+            weights = [self.matrix(name) for name, _, _ in items] if key[-1] else None
+            absorb_group([tr for _, tr, _ in items], [sk for _, _, sk in items], backend=key[4],
+                         weights=weights)
         for name, _ in pending:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:

@@ -59,7 +59,8 @@ def test_alternate_is_the_first_chain_of_the_bi_iteration():
                                schedule="both")
     alt = lowrank.SpectralSGD(alt_p, lr=0.1, momentum=0.9, rank=4, sketch_rank=8,
                               schedule="alternate")
-    assert all(alt.tracked.alternate.values()) and not any(both.tracked.alternate.values())
+    assert set(alt.tracked.schedule.values()) == {"alternate"}
+    assert set(both.tracked.schedule.values()) == {"both"}
     for step in range(12):
         _grads(both_p, step)
         _grads(alt_p, step)
@@ -121,30 +122,26 @@ def test_alternate_tracks_a_moving_matrix_like_the_bi_iteration(rate):
 
 def test_schedule_validation_and_auto():
     with pytest.raises(ValueError, match="schedule must be one of"):
-        lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="sequential")
-    default = lowrank.SpectralSGD(_params(), lr=0.1, rank=2)
-    assert not any(default.tracked.alternate.values())  # the default is "both"
-    opt = lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="auto")  # CPU, torch backend
-    assert all(opt.tracked.alternate.values())
-    # k = min(m, n): one side's basis spans the whole space and every "both" step is exact.
-    small = lowrank.SpectralSGD([("head", torch.nn.Parameter(torch.randn(4, 30)))], lr=0.1,
-                                rank=2, sketch_rank=4, schedule="auto")
-    assert not small.tracked.alternate["head"]
-    tr = lowrank.SpectrumTracker(_params(), rank=2, schedule="both")
-    assert not any(tr.tracked.alternate.values())
+        lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="bi")
+    default = lowrank.SpectralSGD(_params(), lr=0.1, rank=2)  # "auto" on the CPU: sequential
+    assert set(default.tracked.schedule.values()) == {"sequential"}
+    assert default.tracked.sides("a") == "y"
+    for schedule in ("both", "alternate", "sequential"):
+        tr = lowrank.SpectrumTracker(_params(), rank=2, schedule=schedule)
+        assert set(tr.tracked.schedule.values()) == {schedule}
     with pytest.raises(ValueError, match="sides must be one of"):
         sketch_torch(torch.ones(4, 3), *init_bases(4, 3, 2), sides="u")
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs the Triton interpreter on the CPU")
-def test_alternate_is_refused_for_the_fused_kernels_and_auto_keeps_both():
+def test_torch_only_schedules_are_refused_for_the_fused_kernels_and_auto_keeps_both():
     pytest.importorskip("triton")
-    with pytest.raises(ValueError, match="torch backend only"):
-        lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton",
-                            schedule="alternate")
-    opt = lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton",
-                              schedule="auto")
-    assert not any(opt.tracked.alternate.values())
+    for schedule in ("alternate", "sequential"):
+        with pytest.raises(ValueError, match="torch backend only"):
+            lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton",
+                                schedule=schedule)
+    opt = lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton")
+    assert set(opt.tracked.schedule.values()) == {"both"}  # "auto" with the fused kernels
     W = torch.randn(1, 8, 6)
     U, V = init_bases(8, 6, 3)
     with pytest.raises(ValueError, match="always sketches both sides"):
@@ -208,3 +205,55 @@ def test_spectrum_tracker_alternates_after_adamw():
         exact = torch.linalg.svdvals(p.detach().double())[:4]
         est = tracker.spectra()[name].sigma
         assert float(((est - exact) / exact).abs().max()) < 1e-4, name
+
+
+def test_sequential_moves_a_full_power_step_per_training_step():
+    """On fixed weights, sequential step t equals the bi-iteration's first chain after 2t + 1
+    half steps: U after step t is "both"'s U after step 2t, V is "both"'s V after step 2t + 1."""
+    seq_p, both_p = _params(), _params()
+    seq = lowrank.SpectralSGD(seq_p, lr=0.0, rank=4, sketch_rank=8, schedule="sequential")
+    both = lowrank.SpectralSGD(both_p, lr=0.0, rank=4, sketch_rank=8, schedule="both")
+    history = []
+    for _ in range(8):
+        for named in (seq_p, both_p):
+            for _, p in named:
+                p.grad = torch.zeros_like(p)
+        both.step()
+        history.append({n: (t.U.clone(), t.V.clone()) for n, t in both.tracked.trackers.items()})
+    for _ in range(4):
+        seq.step()
+    for name, tr in seq.tracked.trackers.items():
+        for got, want in ((tr.U, history[6][name][0]), (tr.V, history[7][name][1])):
+            sign = torch.sign(torch.diagonal(want.transpose(-2, -1) @ got, dim1=-2, dim2=-1))
+            torch.testing.assert_close(got * sign.unsqueeze(-2), want, rtol=0, atol=CHAIN_ATOL)
+        # Both estimates are of the current W (lower bounds), the reported one the larger.
+        assert torch.equal(tr.sigma, torch.maximum(tr.sigma_y, tr.sigma_z))
+        exact = torch.linalg.svdvals(dict(seq_p)[name].detach())[:8]
+        assert bool((tr.sigma[0] <= exact * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize("shape,k,rate", [((96, 80), 12, 0.01), ((96, 80), 12, 0.05),
+                                          ((256, 64), 48, 0.05)])
+def test_sequential_tracks_moving_weights_better_than_both(shape, k, rate):
+    """float32 weights drifting by rate of their norm per step (rank-k drift), top k/2 values
+    after warm-up against float64 svdvals: sequential's worst error is below both's (measured
+    3-30x below) and within 1e-3."""
+    m, n = shape
+    g = torch.Generator().manual_seed(7)
+    W = _spectrum_matrix(m, n, 5, decay=0.9 if n > 64 else 0.97).float()
+    worst = {}
+    trackers = {s: MatrixTracker("moving", shape, k, seed=3) for s in ("both", "sequential")}
+    for step in range(60):
+        D = torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g)
+        W = W + (rate * W.norm() / D.norm()) * D
+        exact = torch.linalg.svdvals(W.double())[: k // 2]
+        for s, tr in trackers.items():
+            if s == "both":
+                tr.absorb(sketch_torch(W, tr.U, tr.V))
+            else:  # what the sequential schedule does inside SpectralSGD / SpectrumTracker
+                from lowrank.tracking import absorb_group
+                absorb_group([tr], [sketch_torch(W, tr.U, tr.V, sides="y")], weights=[W])
+            if step >= 30:
+                err = float(((tr.sigma[0, : k // 2] - exact).abs() / exact[0]).max())
+                worst[s] = max(worst.get(s, 0.0), err)
+    assert worst["sequential"] < worst["both"] and worst["sequential"] < 1e-3, worst
