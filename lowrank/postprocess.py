@@ -133,13 +133,15 @@ def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     need a Cholesky-QR round (the general path handles those).
     """
     S64, B64 = S.to(torch.float64), B_old.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(S64.transpose(-2, -1) @ S64)
-    evals, evecs = evals.flip(-1).clamp_min(0.0), evecs.flip(-1)  # descending
-    top, low = evals[..., :1], evals[..., -1:]
-    full, well = torch.stack([((low > GRAM_RELATIVE_FLOOR * top) & (low > GRAM_ABSOLUTE_FLOOR)).all(),
-                              (low > _WELL_CONDITIONED[B_old.dtype] * top).all()]).tolist()
-    if not (full and well):
-        return None
+    # eigh of -G: its ascending order is G's descending one, without two flips.
+    neg, evecs = torch.linalg.eigh(S64.transpose(-2, -1) @ S64 * -1.0)
+    evals = -neg
+    # One host read of each matrix's largest and smallest eigenvalue decides the path.
+    well_above = _WELL_CONDITIONED[B_old.dtype]
+    for top, low in torch.stack([evals[..., 0], evals[..., -1]], -1).tolist():
+        if not (low > GRAM_RELATIVE_FLOOR * top and low > GRAM_ABSOLUTE_FLOOR
+                and low > well_above * top):
+            return None
     M = evecs * evals.rsqrt().unsqueeze(-2)
     overlap = (B64.transpose(-2, -1) @ S64) @ M  # B_old^T (S M) = B_old^T Q
     sign = torch.where(torch.diagonal(overlap, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
