@@ -6,11 +6,12 @@ Each component runs on its own copy of the same data, interleaved call by call w
 and with the whole ``SpectralSGD.step`` (:mod:`bench.timing`), the same number of rounds each.
 The components call the library's own functions (lowrank.fused_sgd_sketch.sgd_update_torch,
 lowrank.sketch.sketch_torch, lowrank.postprocess.postprocess_torch). Two rows are differences
-taken round by round: "norms" = sketch_torch - its two products (the float64 fro2/row_sq), and
-"rest" = the whole step - update - sketch_torch - postprocess (Python, checks, bookkeeping).
-The norms are not timed on their own: alone, their two float64 temporaries of m*n*8 bytes come
-from fresh mmap'd pages (16k page faults per call at 2048^2 with glibc), inside sketch_torch
-from the heap; a difference keeps the allocator state of the real call.
+taken round by round: "norms" = sketch_torch - its two products (fro2 and row_sq: a float32
+row-norm pass returned in float64, plus the overflow check), and "rest" = the whole step -
+update - sketch_torch - postprocess (Python, checks, bookkeeping). The norms are timed as a
+difference so that they see W as the real call does (just read by the products). The
+components add up to a step of the "both" schedule; "refill candidates" is what a step pays
+only when some direction is rank-deficient (never on these random weights), shown for scale.
 Rows use the result schema with workload "breakdown" and provider "component:<name>".
 """
 
@@ -104,7 +105,7 @@ def breakdown(n: int = 1024, k: int = 16, device="cpu", *, rounds: int = 60,
                            group_cap_s=math.inf)
     samples = timing.time_interleaved(tasks, device, budget)
     t = {name: torch.tensor(v, dtype=torch.float64) for name, v in samples.items()}
-    norms = {"  norms: fro2 + row_sq in float64 (= sketch - products)": t[SKETCH] - t[PRODUCTS]}
+    norms = {"  norms: fro2 + row_sq (= sketch - products)": t[SKETCH] - t[PRODUCTS]}
     t = {**{n: v for n, v in t.items() if list(t).index(n) <= list(t).index(PRODUCTS)}, **norms,
          **{n: v for n, v in t.items() if list(t).index(n) > list(t).index(PRODUCTS)}}
     t["rest: Python, checks, bookkeeping (= step - update - sketch - postprocess)"] = (

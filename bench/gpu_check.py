@@ -7,8 +7,9 @@ Parts (default: all, in this order; ``make gpu-check`` runs them all in one comm
 0. ``smoke`` (about a minute): compiles and launches every kernel once on small shapes (Triton
    fused pass and sketch; CuPy fused pass and post-processing at k = 64, which needs > 48 KB of
    shared memory; one SpectralSGD step per backend) and checks each against the torch
-   reference. DIR/smoke.json says what ran, what failed and why. Run it first: a kernel that
-   faults poisons the CUDA context of its process, so the later parts run in their own.
+   reference. DIR/smoke.json says what ran, what failed and why. Run it first, and each part as
+   its own command: a kernel that faults poisons the CUDA context of its process, and every
+   later part of the same command would fail with it.
 1. ``tests``: ``pytest tests/test_triton_gpu.py`` and ``pytest tests/test_cupy_gpu.py`` in two
    processes (a fault in one cannot fail the other), each streaming its log to DIR as it runs,
    with junit XML and a summary.

@@ -337,7 +337,8 @@ README_END = "<!-- bench-table:end -->"
 
 def readme_section(df) -> str:
     """The README's short performance table: the 1024^2 and 2048^2 float32 rows (k = 16, no
-    momentum) and the whole models with momentum, for the first SpectralSGD backend measured."""
+    momentum) and the whole models with momentum, for the first SpectralSGD provider in
+    :func:`_backends`' order (on the CPU: the torch backend with its default schedule)."""
     ok = df[df["status"] == "ok"]
     first = df.iloc[0]
     spectral = _backends(ok)

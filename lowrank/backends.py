@@ -138,7 +138,8 @@ def sketch(W, U, V, *, backend: str = "torch", sides: str = "both", **options):
 def _both_sides(backend: str, sides: str) -> None:
     if sides != "both":
         raise ValueError(f"backend={backend!r} always sketches both sides (sides='both'); "
-                         "one-sided sketches are the torch backend's alternating schedule")
+                         "one-sided sketches serve the torch backend's sequential and "
+                         "alternating schedules")
 
 
 def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None,

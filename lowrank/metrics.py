@@ -159,10 +159,12 @@ def convergence(sigma_y: torch.Tensor, sigma_z: torch.Tensor, sigma_prev: torch.
     """Convergence indicator (b,): the largest relative disagreement among the top-r estimates.
 
     max_i |sigma_y,i - sigma_z,i| / sigma_1, and the step-to-step change max_i |sigma_i -
-    sigma_prev,i| / sigma_1 when ``sigma_prev`` is given. The two sketches come from independent
-    chains; both agree with the truth only when converged, so a value below ~1e-3 says the top-r
-    estimates are good to about that relative accuracy (a heuristic, not a bound). Returns 1.0
-    where sigma_1 is zero.
+    sigma_prev,i| / sigma_1 when ``sigma_prev`` is given. sigma_y and sigma_z are the estimates
+    of the two sketches Y = W V and Z = W^T U (two interleaved chains under the "both" schedule,
+    two consecutive half steps of one chain under "sequential", the latest of each side under
+    "alternate", where they come from consecutive steps' weights); they agree with the truth
+    only when converged, so a value below ~1e-3 says the top-r estimates are good to about that
+    relative accuracy (a heuristic, not a bound). Returns 1.0 where sigma_1 is zero.
     """
     s1 = torch.maximum(sigma_y[..., 0], sigma_z[..., 0])
     gap = (sigma_y[..., :r] - sigma_z[..., :r]).abs().amax(-1)

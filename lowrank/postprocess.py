@@ -132,12 +132,14 @@ def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     dtype, sigma, overlap), or None when some direction needs a refill or the Ritz vectors would
     need a Cholesky-QR round (the general path handles those).
     """
+    well_above = _WELL_CONDITIONED[B_old.dtype]
+    if well_above > 1:  # float64 bases always take the Cholesky-QR round of the general path
+        return None
     S64, B64 = S.to(torch.float64), B_old.to(torch.float64)
     # eigh of -G: its ascending order is G's descending one, without two flips.
     neg, evecs = torch.linalg.eigh(S64.transpose(-2, -1) @ S64 * -1.0)
     evals = -neg
     # One host read of each matrix's largest and smallest eigenvalue decides the path.
-    well_above = _WELL_CONDITIONED[B_old.dtype]
     for top, low in torch.stack([evals[..., 0], evals[..., -1]], -1).tolist():
         if not (low > GRAM_RELATIVE_FLOOR * top and low > GRAM_ABSOLUTE_FLOOR
                 and low > well_above * top):
@@ -182,13 +184,15 @@ def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_o
                   lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
     fast = None
     if _checks.host_reads_are_free(Y):
-        if m == n and U_old.dtype == V_old.dtype:  # square: both sides in one batch
+        same_batch = U_old.shape[0] == b and V_old.shape[0] == b  # not broadcast (1, m, k) bases
+        if m == n and U_old.dtype == V_old.dtype and same_batch:  # square: both sides at once
             both = _fast_side(torch.cat([Y, Z]), torch.cat([U_old, V_old]))
             if both is not None:
                 fast = tuple((x[:b], x[b:]) for x in both)
         else:
-            y, z = _fast_side(Y, U_old), _fast_side(Z, V_old)
-            if y is not None and z is not None:
+            y = _fast_side(Y, U_old)
+            z = _fast_side(Z, V_old) if y is not None else None
+            if z is not None:
                 fast = tuple(zip(y, z))
     if fast is not None:
         (Uq, Vq), (sigma_y, sigma_z), (overlap_u, overlap_v) = fast

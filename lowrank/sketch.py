@@ -93,7 +93,8 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
     """Reference sketch pass over W with bases U (b, m, k), V (b, n, k).
 
     ``sides``: "both" (the kernel contract), or only Y ("y") or only Z ("z"), the other
-    returned as None: the alternating schedule of the CPU backend (:mod:`lowrank.trackset`).
+    returned as None: the torch backend's sequential and alternating schedules
+    (:data:`lowrank.trackset.SCHEDULES`).
 
     W is a batch of matrices (b, m, n) or one matrix (m, n) (read as b = 1); to sketch a
     parameter of any shape, pass ``as_batched(W)``. Products run in float32 (float64 for

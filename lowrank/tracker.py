@@ -11,8 +11,9 @@ class SpectrumTracker:
     """Track the spectrum of every weight matrix of a model, whatever updates it.
 
     Call :meth:`step` after ``optimizer.step()``, or :meth:`attach` the tracker to the optimizer
-    (through its step post-hook). Each ``every``-th call reads each tracked matrix once (the
-    sketch-only pass) and advances its tracker. Results and metrics are those of
+    (through its step post-hook). Each ``every``-th call sketches each tracked matrix (the
+    sketch-only pass: one read of W, two under the CPU's default sequential schedule) and
+    advances its tracker. Results and metrics are those of
     :class:`lowrank.SpectralSGD`; the arguments of the same name mean the same.
 
     ``model_or_named_params``: an ``nn.Module`` (its ``named_parameters()``), or an iterable

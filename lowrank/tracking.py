@@ -255,6 +255,12 @@ def _absorb_group_sequential(trackers: list[MatrixTracker], sketches: list[Sketc
         Y, U, lambda: cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trackers]))
     Z = torch.stack([W.to(Y.dtype).transpose(-2, -1) @ Uq[i].to(Y.dtype)
                      for i, W in enumerate(weights)])
+    # Z can overflow where Y did not (a column of huge weights): the step is then non-finite.
+    z_finite = torch.isfinite(Z).flatten(1).all(-1)
+    if all_finite and not (_checks.host_reads_are_free(z_finite) and bool(z_finite.all())):
+        all_finite = False
+    finite = finite & z_finite
+    fb = finite.view(-1, 1, 1)
     if not all_finite:
         Z = torch.where(fb, Z, torch.zeros_like(Z))
     Vq, sigma_z, overlap_v = postprocess_side_torch(

@@ -113,6 +113,8 @@ class TrackedSet:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        # Values checked once even when nothing is tracked; per matrix below for its backend.
+        backends.kernel_options("auto", "torch", precision=precision, deterministic=deterministic)
         self.rank_tol = float(rank_tol)
         self.track_grad = bool(track_grad)
         self.log = log

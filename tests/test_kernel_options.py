@@ -96,3 +96,11 @@ def test_options_reach_the_triton_kernels(monkeypatch, precision, deterministic)
     # tf32x3 keeps about fp32 accuracy (and the interpreter computes fp32 exactly).
     torch.testing.assert_close(opt.spectra()["w"].sigma, ref.spectra()["w"].sigma,
                                rtol=1e-4, atol=0)
+
+
+def test_settings_are_checked_even_when_nothing_is_tracked():
+    biases = [("b", torch.nn.Parameter(torch.zeros(5)))]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lowrank.SpectralSGD(biases, lr=0.1, rank=2, precision="bogus")
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        lowrank.SpectralSGD(biases, lr=0.1, rank=2, deterministic="yes")

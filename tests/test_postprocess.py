@@ -239,3 +239,17 @@ def test_cpu_fast_path_declines_an_ill_conditioned_sketch():
     sk = sketch_torch(W, U_old, V_old)
     assert pp._fast_side(sk.Z, V_old) is None
     _check_post(sk.Y, sk.Z, U_old, V_old, postprocess_torch(sk.Y, sk.Z, U_old, V_old))
+
+
+def test_square_batch_with_broadcast_bases():
+    """Bases of batch 1 for sketches of batch b (broadcast): the CPU fast path, which stacks the
+    two sides of a square batch, must not pair them wrongly; the result equals per-matrix calls."""
+    m, k, b = 24, 4, 3
+    W = torch.stack([_weight("random", m, m) * (i + 1) for i in range(b)]).float()
+    U_old, V_old = init_bases(m, m, k, seed=31)
+    sk = sketch_torch(W, U_old.expand(b, -1, -1), V_old.expand(b, -1, -1))
+    out = postprocess_torch(sk.Y, sk.Z, U_old, V_old)
+    assert out.U.shape == (b, m, k) and out.V.shape == (b, m, k)
+    for i in range(b):
+        one = postprocess_torch(sk.Y[i:i + 1], sk.Z[i:i + 1], U_old, V_old)
+        torch.testing.assert_close(out.sigma[i], one.sigma[0], rtol=1e-12, atol=0)

@@ -1,5 +1,8 @@
-"""The alternating schedule (``schedule="alternate"``): Y = W V on even tracked steps, Z = W^T U
-on odd ones, on the torch backend.
+"""The sketch schedules of the torch backend (lowrank.trackset.SCHEDULES).
+
+"sequential" (the CPU default): Y = W V, the next U, then Z = W^T U_next from the same weights,
+a full power step per training step. "alternate": Y = W V on even tracked steps, Z = W^T U on
+odd ones.
 
 The bi-iteration ("both") runs two interleaved chains of half power steps, V0 -> U1 -> V2 -> ...
 and U0 -> V1 -> U2 -> ...; alternating keeps exactly the first chain. So its bases must equal
@@ -257,3 +260,26 @@ def test_sequential_tracks_moving_weights_better_than_both(shape, k, rate):
                 err = float(((tr.sigma[0, : k // 2] - exact).abs() / exact[0]).max())
                 worst[s] = max(worst.get(s, 0.0), err)
     assert worst["sequential"] < worst["both"] and worst["sequential"] < 1e-3, worst
+
+
+def test_sequential_step_whose_z_overflows_is_flagged_not_raised():
+    """A column of huge float32 weights: Y = W V stays finite, Z = W^T U overflows. The step is
+    non-finite for the tracker (previous state kept, flag raised), as under "both"."""
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(64, 32, generator=g)
+    p = torch.nn.Parameter(W0.clone())
+    opt = lowrank.SpectralSGD([("w", p)], lr=0.0, rank=2, sketch_rank=4)  # auto: sequential
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    tr = opt.tracked.trackers["w"]
+    before = {k: getattr(tr, k).clone() for k in ("U", "V", "sigma")}
+    with torch.no_grad():
+        p[:, 3] = 1e38
+    opt.step()
+    assert bool(tr.nonfinite.all())
+    for k, v in before.items():
+        assert torch.equal(getattr(tr, k), v), k
+    with torch.no_grad():
+        p.copy_(W0)
+    opt.step()  # and the next finite step goes on from the kept state
+    assert not bool(tr.nonfinite.any()) and bool(torch.isfinite(tr.sigma).all())
