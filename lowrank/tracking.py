@@ -26,6 +26,8 @@ class SpectrumResult:
 
     sigma: top-r singular values, descending (estimated lower bounds); step: the tracked step
     count; the other fields are the metrics of :mod:`lowrank.metrics` (see each for what is exact).
+    subspace_drift is that of the left basis U (under the "alternate" schedule: of the basis
+    updated that step, U or V in turn).
     """
 
     name: str
