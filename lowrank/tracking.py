@@ -189,7 +189,7 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     if weights is not None:
-        _absorb_group_sequential(trackers, sketches, weights, cat)
+        absorb_sequential(trackers, sketches, weights)
         return
     if sketches[0].Y is None or sketches[0].Z is None:
         _absorb_group_one_side(trackers, sketches, cat)
@@ -237,38 +237,58 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
         t.commit_side(side, s, basis[one], sigma[one], overlap[one], finite[one], all_finite)
 
 
-def _absorb_group_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
-                             weights: list[torch.Tensor], cat) -> None:
-    """:func:`absorb_group` for the sequential schedule (torch backend): from Y = W V (the
-    sketches) the next U, then Z = W^T U_next from the same weights (``weights``: each matrix
-    as (m, n)) and the next V. Both estimates are of the current W, so the state is committed
-    as for "both"; the basis pair has moved a full power step instead of two half steps."""
+def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
+                      weights: list[torch.Tensor]) -> None:
+    """The sequential schedule (torch backend) for any set of tracked matrices, whatever their
+    shapes: from Y = W V (the sketches) the next U, then Z = W^T U_next from the same weights
+    (``weights``: each matrix as (m, n), after this step's update) and the next V. Both
+    estimates are of the current W, so each state is committed as for "both"; the basis pair
+    has moved a full power step instead of two half steps.
+
+    The small post-processing of each side is batched over the matrices that share that side's
+    dimension: the Y sides by (m, k), the Z sides by (n, k). A convnet whose layers share output
+    widths but not input sizes pays one call per distinct dimension, not one per shape.
+    """
     if any(s.Y is None for s in sketches):
         raise ValueError("the sequential schedule starts from Y = W V sketches")
-    Y, fro2 = cat([s.Y for s in sketches]), cat([s.fro2 for s in sketches])
-    U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
-    finite = torch.isfinite(fro2) & torch.isfinite(Y).flatten(1).all(-1)
-    all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
-    fb = finite.view(-1, 1, 1)
-    if not all_finite:
-        Y = torch.where(fb, Y, torch.zeros_like(Y))
-    (m, n), k, dev = trackers[0].shape, trackers[0].k, Y.device
-    Uq, sigma_y, overlap_u = postprocess_side_torch(
-        Y, U, lambda: cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trackers]))
-    Z = torch.stack([W.to(Y.dtype).transpose(-2, -1) @ Uq[i].to(Y.dtype)
-                     for i, W in enumerate(weights)])
+    count = len(trackers)
+    finite = [torch.isfinite(s.fro2) & torch.isfinite(s.Y).flatten(1).all(-1) for s in sketches]
+    Uq, sigma_y, overlap_u = _sides_batched(
+        [s.Y for s in sketches], [t.U for t in trackers], finite, trackers, offset=0)
+    Z = [W.to(s.Y.dtype).transpose(-2, -1).unsqueeze(0) @ u.to(s.Y.dtype)
+         for W, s, u in zip(weights, sketches, Uq)]
     # Z can overflow where Y did not (a column of huge weights): the step is then non-finite.
-    z_finite = torch.isfinite(Z).flatten(1).all(-1)
-    if all_finite and not (_checks.host_reads_are_free(z_finite) and bool(z_finite.all())):
-        all_finite = False
-    finite = finite & z_finite
-    fb = finite.view(-1, 1, 1)
-    if not all_finite:
-        Z = torch.where(fb, Z, torch.zeros_like(Z))
-    Vq, sigma_z, overlap_v = postprocess_side_torch(
-        Z, V, lambda: cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
-                           for t in trackers]))
-    post = PostOut(torch.maximum(sigma_y, sigma_z), sigma_y, sigma_z, Uq, Vq, overlap_u, overlap_v)
-    for i, (t, s) in enumerate(zip(trackers, sketches)):
-        one = post if len(trackers) == 1 else PostOut(*(x[i:i + 1] for x in post))
-        t.commit(s, one, finite[i:i + 1], all_finite)
+    finite = [f & torch.isfinite(z).flatten(1).all(-1) for f, z in zip(finite, Z)]
+    Vq, sigma_z, overlap_v = _sides_batched(Z, [t.V for t in trackers], finite, trackers, offset=1)
+    flags = torch.cat(finite)
+    all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
+    for i in range(count):
+        post = PostOut(torch.maximum(sigma_y[i], sigma_z[i]), sigma_y[i], sigma_z[i], Uq[i], Vq[i],
+                       overlap_u[i], overlap_v[i])
+        trackers[i].commit(sketches[i], post, finite[i], all_finite)
+
+
+def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], finite: list[torch.Tensor],
+                   trackers: list[MatrixTracker], *, offset: int):
+    """One side of :func:`absorb_sequential`: post-process the sketches S[i] (1, p_i, k_i) against
+    the bases B_old[i], one batched call per (p, k, dtype, device); refill seeds as in
+    :func:`lowrank.postprocess.postprocess_torch` (2 step + offset). Non-finite sketches are
+    zeroed first (their state is kept by the commit). Returns three lists, in input order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, b) in enumerate(zip(S, B_old)):
+        groups.setdefault((s.shape[-2], s.shape[-1], b.dtype, s.device), []).append(i)
+    out_basis, out_sigma, out_overlap = [None] * len(S), [None] * len(S), [None] * len(S)
+    for (p, k, _, dev), idx in groups.items():
+        flags = torch.cat([finite[i] for i in idx])
+        sk = torch.cat([S[i] for i in idx])
+        if not (_checks.host_reads_are_free(flags) and bool(flags.all())):
+            sk = torch.where(flags.view(-1, 1, 1), sk, torch.zeros_like(sk))
+        seeds = [(trackers[i].seed, 2 * trackers[i].step + offset) for i in idx]
+        basis, sigma, overlap = postprocess_side_torch(
+            sk, torch.cat([B_old[i] for i in idx]),
+            lambda seeds=seeds, p=p, k=k, dev=dev: torch.cat(
+                [refill_candidates((1, p, k), seed, step, dev) for seed, step in seeds]))
+        for j, i in enumerate(idx):
+            out_basis[i], out_sigma[i] = basis[j:j + 1], sigma[j:j + 1]
+            out_overlap[i] = overlap[j:j + 1]
+    return out_basis, out_sigma, out_overlap

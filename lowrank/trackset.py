@@ -15,7 +15,7 @@ import torch
 
 from . import backends
 from .sketch import matrix_shape, sketch_torch
-from .tracking import MatrixTracker, SpectrumResult, absorb_group
+from .tracking import MatrixTracker, SpectrumResult, absorb_group, absorb_sequential
 
 _NAN = float("nan")
 # How the two sketches are spread over steps. The bi-iteration runs two interleaved chains of
@@ -209,16 +209,22 @@ class TrackedSet:
         dtype, device and backend; then run the audits that are due."""
         pending, self._pending = self._pending, []
         groups: dict[tuple, list] = {}
+        sequential = []
         for name, sk in pending:
             tr = self.trackers[name]
+            if self.schedule[name] == "sequential":
+                sequential.append((name, tr, sk))
+                continue
             key = (tr.shape, tr.k, tr.U.dtype, tr.U.device, self.backend[name], sk.Y is None,
-                   sk.Z is None, self.schedule[name] == "sequential")
-            groups.setdefault(key, []).append((name, tr, sk))
+                   sk.Z is None)
+            groups.setdefault(key, []).append((tr, sk))
         for key, items in groups.items():
-            # The sequential schedule takes Z = W^T U_next from the weights after the update.
-            weights = [self.matrix(name) for name, _, _ in items] if key[-1] else None
-            absorb_group([tr for _, tr, _ in items], [sk for _, _, sk in items], backend=key[4],
-                         weights=weights)
+            absorb_group([tr for tr, _ in items], [sk for _, sk in items], backend=key[4])
+        if sequential:
+            # Z = W^T U_next comes from the weights after the update; each side is batched over
+            # the matrices that share its dimension (see absorb_sequential).
+            absorb_sequential([tr for _, tr, _ in sequential], [sk for _, _, sk in sequential],
+                              [self.matrix(name) for name, _, _ in sequential])
         for name, _ in pending:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:

@@ -283,3 +283,28 @@ def test_sequential_step_whose_z_overflows_is_flagged_not_raised():
         p.copy_(W0)
     opt.step()  # and the next finite step goes on from the kept state
     assert not bool(tr.nonfinite.any()) and bool(torch.isfinite(tr.sigma).all())
+
+
+def test_sequential_batches_each_side_across_shapes_like_one_matrix_at_a_time():
+    """(48, 32), (48, 20) and (24, 32): the Y sides of the first two share m = 48 and the Z
+    sides of the first and last share n = 32, so they are post-processed together; the result
+    must be that of each matrix on its own, over several steps of moving weights."""
+    from lowrank.tracking import absorb_sequential
+
+    shapes = [(48, 32), (48, 20), (24, 32)]
+    g = torch.Generator().manual_seed(9)
+    Ws = [_spectrum_matrix(m, n, 10 + i).float() for i, (m, n) in enumerate(shapes)]
+    together = [MatrixTracker(f"m{i}", s, 6, seed=1) for i, s in enumerate(shapes)]
+    alone = [MatrixTracker(f"m{i}", s, 6, seed=1) for i, s in enumerate(shapes)]
+    for _ in range(5):
+        Ws = [W + 0.01 * W.norm() * torch.randn(W.shape, generator=g) / W.numel() ** 0.5 for W in Ws]
+        absorb_sequential(together, [sketch_torch(W, t.U, t.V, sides="y") for W, t in zip(Ws, together)], Ws)
+        for W, t in zip(Ws, alone):
+            absorb_sequential([t], [sketch_torch(W, t.U, t.V, sides="y")], [W])
+    for a, b, W in zip(together, alone, Ws):
+        for key in ("U", "V"):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-12, atol=0)
+        exact = torch.linalg.svdvals(W.double())[:3]
+        assert float(((a.sigma[0, :3] - exact) / exact).abs().max()) < 1e-4
+        assert a.step == 5
