@@ -182,22 +182,17 @@ def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_o
     if refill is None:
         refill = (lambda: refill_candidates((b, m, k), seed, 2 * step, Y.device),
                   lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
-    fast = None
-    if _checks.host_reads_are_free(Y):
-        same_batch = U_old.shape[0] == b and V_old.shape[0] == b  # not broadcast (1, m, k) bases
-        if m == n and U_old.dtype == V_old.dtype and same_batch:  # square: both sides at once
-            both = _fast_side(torch.cat([Y, Z]), torch.cat([U_old, V_old]))
-            if both is not None:
-                fast = tuple((x[:b], x[b:]) for x in both)
+    same_batch = U_old.shape[0] == b and V_old.shape[0] == b  # not broadcast (1, m, k) bases
+    if m == n and U_old.dtype == V_old.dtype and same_batch and _checks.host_reads_are_free(Y):
+        # Square on the CPU: both sides in one batch of the fast path.
+        both = _fast_side(torch.cat([Y, Z]), torch.cat([U_old, V_old]))
+        if both is not None:
+            (Uq, Vq), (sigma_y, sigma_z), (overlap_u, overlap_v) = ((x[:b], x[b:]) for x in both)
         else:
-            y = _fast_side(Y, U_old)
-            z = _fast_side(Z, V_old) if y is not None else None
-            if z is not None:
-                fast = tuple(zip(y, z))
-    if fast is not None:
-        (Uq, Vq), (sigma_y, sigma_z), (overlap_u, overlap_v) = fast
+            Uq, sigma_y, overlap_u = _side(Y, U_old, refill[0])
+            Vq, sigma_z, overlap_v = _side(Z, V_old, refill[1])
     else:
-        Uq, sigma_y, overlap_u = _side(Y, U_old, refill[0])
-        Vq, sigma_z, overlap_v = _side(Z, V_old, refill[1])
+        Uq, sigma_y, overlap_u = postprocess_side_torch(Y, U_old, refill[0])
+        Vq, sigma_z, overlap_v = postprocess_side_torch(Z, V_old, refill[1])
     sigma = torch.maximum(sigma_y, sigma_z)
     return PostOut(sigma, sigma_y, sigma_z, Uq, Vq, overlap_u, overlap_v)

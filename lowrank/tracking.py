@@ -122,27 +122,12 @@ class MatrixTracker:
         Y = W V, "z": V from Z = W^T U) is new. ``sigma`` is that side's estimate of the current
         W; the other side's estimate stays from the previous step (it feeds the convergence
         indicator only), and ``overlap_u`` holds the overlap of the basis updated this step.
+        A :meth:`commit` whose other side carries the current state, which it keeps.
         """
-        f1, fb = finite.view(-1, 1), finite.view(-1, 1, 1)
-
-        def keep(new, old, mask):  # the new value where the sketch was finite
-            return new if all_finite else torch.where(mask, new, old)
-
-        if side == "y":
-            self.U, self.sigma_y = keep(basis, self.U, fb), keep(sigma, self.sigma_y, f1)
-        else:
-            self.V, self.sigma_z = keep(basis, self.V, fb), keep(sigma, self.sigma_z, f1)
-        if all_finite:
-            self.sigma_prev, self.sigma = self.sigma, sigma
-            self.overlap_u, self.fro2, self.row_sq = overlap, sk.fro2, sk.row_sq
-        else:
-            self.sigma_prev = torch.where(f1, self.sigma, self.sigma_prev)
-            self.sigma = torch.where(f1, sigma, self.sigma)
-            self.overlap_u = torch.where(fb, overlap, self.overlap_u)
-            self.fro2 = torch.where(finite, sk.fro2, self.fro2)
-            self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
-        self.nonfinite = ~finite
-        self.step += 1
+        y = side == "y"
+        post = PostOut(sigma, sigma if y else self.sigma_y, self.sigma_z if y else sigma,
+                       basis if y else self.U, self.V if y else basis, overlap, overlap)
+        self.commit(sk, post, finite, all_finite)
 
     def metrics(self, r: int, tol: float = 1e-3) -> dict[str, torch.Tensor]:
         """Metrics of the latest step, each of shape (1, ...). Needs 1 <= r <= k."""
@@ -180,7 +165,7 @@ class MatrixTracker:
 
 
 def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
-                 backend: str = "torch", weights: list[torch.Tensor] | None = None) -> None:
+                 backend: str = "torch") -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
     with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed.
@@ -188,9 +173,6 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     def cat(parts):
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
-    if weights is not None:
-        absorb_sequential(trackers, sketches, weights)
-        return
     if sketches[0].Y is None or sketches[0].Z is None:
         _absorb_group_one_side(trackers, sketches, cat)
         return

@@ -254,8 +254,8 @@ def test_sequential_tracks_moving_weights_better_than_both(shape, k, rate):
             if s == "both":
                 tr.absorb(sketch_torch(W, tr.U, tr.V))
             else:  # what the sequential schedule does inside SpectralSGD / SpectrumTracker
-                from lowrank.tracking import absorb_group
-                absorb_group([tr], [sketch_torch(W, tr.U, tr.V, sides="y")], weights=[W])
+                from lowrank.tracking import absorb_sequential
+                absorb_sequential([tr], [sketch_torch(W, tr.U, tr.V, sides="y")], [W])
             if step >= 30:
                 err = float(((tr.sigma[0, : k // 2] - exact).abs() / exact[0]).max())
                 worst[s] = max(worst.get(s, 0.0), err)
