@@ -21,7 +21,7 @@ from lowrank.postprocess import postprocess_torch, refill_candidates  # noqa: E4
 from test_cupy_kernels import (  # noqa: E402
     HYPERS, PP_CASES, UNIT, _orth, _postprocess_case, check_postprocess, check_sketch, gamma)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32_matmul")]
 DEV = torch.device("cuda")
 F64 = torch.float64
 FS = kernel_module("cupy", "fused_sgd_sketch")
@@ -31,15 +31,6 @@ PP = kernel_module("cupy", "postprocess")
 
 def _gen(seed):
     return torch.Generator(device=DEV).manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32_matmul():
-    """The references must not use TF32 (the kernels are exact fp32)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)

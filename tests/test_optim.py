@@ -20,14 +20,7 @@ from lowrank import BackendUnavailable, SpectralSGD, SpectrumResult
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: one intra-op thread is several times faster than two
-    (no OpenMP hand-offs), and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- helpers ----------------------------------------------------------------------------------

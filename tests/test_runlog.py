@@ -24,13 +24,7 @@ METRICS = [f.name for f in dataclasses.fields(SpectrumResult)
            if f.name not in ("name", "shape", "step", "extra")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model():

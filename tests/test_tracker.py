@@ -12,13 +12,7 @@ from torch import nn
 from lowrank import BackendUnavailable, SpectralSGD, SpectrumTracker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gapped_matrix(m, n, sigma, seed=0):

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32_matmul")]
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -32,15 +32,6 @@ U64 = 2.0**-53
 # Same table as tests/test_triton_kernels.py: extra relative error per product of each
 # tl.dot input precision (TF32: 10 mantissa bits per operand; 3xTF32: drops lo*lo, ~3 * 2^-20).
 PRODUCT_ERR = {"fp32": 0.0, "tf32x3": 4 * 2.0**-20, "tf32": 2 * 2.0**-10}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32_in_torch():
-    # The float64 truth and torch's fp32 comparisons must not silently use TF32 themselves.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def gamma(n, u=U32):
