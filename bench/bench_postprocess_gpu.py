@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
-import subprocess
 import sys
 import traceback
 import warnings
@@ -42,29 +40,14 @@ M = N = 4096
 
 
 def _versions() -> dict:
-    import torch
+    """Device, library versions, commit and date: the same columns as bench/gpu_check.py."""
+    from bench import gpu_check
 
-    out = {"torch_version": torch.__version__, "cupy_version": "", "triton_version": ""}
-    for name in ("cupy", "triton"):
-        try:
-            out[f"{name}_version"] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 (absent or broken: reported as empty)
-            pass
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).resolve().parent.parent,
-                                       timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        out["commit"] = ""
-    out["device_name"] = torch.cuda.get_device_name()
-    out["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return out
+    return {**gpu_check.environment(), "date": gpu_check.now()}
 
 
 def _time_ms(fn) -> tuple[float, float, float]:
     """(median, p20, p80) in ms."""
-    import torch
-
     try:
         from triton.testing import do_bench
     except ImportError:
@@ -72,17 +55,9 @@ def _time_ms(fn) -> tuple[float, float, float]:
     if do_bench is not None:
         p20, p50, p80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=5, rep=200)
         return p50, p20, p80
-    times = []
-    for _ in range(20):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return q(0.5), q(0.2), q(0.8)
+    from bench import timing
+
+    return timing.quantiles(timing.cuda_event_times(fn, 20))
 
 
 def count_host_syncs(fn) -> int:

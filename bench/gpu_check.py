@@ -258,35 +258,24 @@ def measured_copy_gbps() -> float:
 
 def time_ms(fn, slow=False, runs=3):
     """(median, p20, p80) in ms. Cold L2: do_bench zeroes a 256 MB buffer before each run."""
-    import torch
     import triton
 
     if not slow:
         q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return tuple(float(x) for x in q)
     # Seconds-long ops (already warmed up by the memory probe): a few runs, CUDA events.
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    t = torch.tensor(times)
-    return tuple(float(torch.quantile(t, q)) for q in (0.5, 0.2, 0.8))
+    from bench import timing
+
+    return timing.quantiles(timing.cuda_event_times(fn, runs))
 
 
 def extra_memory_mb(fn) -> float:
     """Memory one call allocates beyond what exists before it (workspaces, outputs), in MB."""
     import torch
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from bench import timing
+
+    return timing.peak_step_memory(lambda: None, fn, torch.device("cuda"))
 
 
 def update_bytes(m, n, k, momentum, elem=4):

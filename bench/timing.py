@@ -94,6 +94,20 @@ def time_interleaved(tasks: dict, device: torch.device, budget: Budget) -> dict[
                 spent[name] += ms / 1e3
 
 
+def cuda_event_times(fn, runs: int) -> list[float]:
+    """Milliseconds of ``runs`` calls of ``fn``, each between a pair of CUDA events and finished
+    before the next starts: for ops long enough that launch overlap does not matter."""
+    times = []
+    for _ in range(runs):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return times
+
+
 def quantiles(ms: list[float]) -> tuple[float, float, float]:
     """(median, 20th percentile, 80th percentile) of the samples."""
     t = torch.tensor(ms, dtype=torch.float64)
