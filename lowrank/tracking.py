@@ -202,21 +202,15 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
     side = "y" if sketches[0].Z is None else "z"
     if any((s.Z is None) != (side == "y") or (s.Y is None) != (side == "z") for s in sketches):
         raise ValueError("a group of trackers must sketch the same side each step")
-    S = cat([s.Y if side == "y" else s.Z for s in sketches])
-    B_old = cat([t.U if side == "y" else t.V for t in trackers])
-    fro2 = cat([s.fro2 for s in sketches])
-    finite = torch.isfinite(fro2) & torch.isfinite(S).flatten(1).all(-1)
-    all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
-    if not all_finite:
-        S = torch.where(finite.view(-1, 1, 1), S, torch.zeros_like(S))
-    p, k, dev = S.shape[-2], trackers[0].k, S.device
-    offset = 0 if side == "y" else 1  # the refill seeds of postprocess_torch's two sides
-    refill = lambda: cat([refill_candidates((1, p, k), t.seed, 2 * t.step + offset, dev)  # noqa: E731
-                          for t in trackers])
-    basis, sigma, overlap = postprocess_side_torch(S, B_old, refill)
+    S = [s.Y if side == "y" else s.Z for s in sketches]
+    finite = [torch.isfinite(s.fro2) & torch.isfinite(x).flatten(1).all(-1)
+              for s, x in zip(sketches, S)]
+    basis, sigma, overlap = _sides_batched(S, [t.U if side == "y" else t.V for t in trackers],
+                                           finite, trackers, offset=0 if side == "y" else 1)
+    flags = cat(finite)
+    all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
     for i, (t, s) in enumerate(zip(trackers, sketches)):
-        one = slice(i, i + 1)
-        t.commit_side(side, s, basis[one], sigma[one], overlap[one], finite[one], all_finite)
+        t.commit_side(side, s, basis[i], sigma[i], overlap[i], finite[i], all_finite)
 
 
 def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
