@@ -1,7 +1,8 @@
 """Backend dispatch for the three ops: ``sketch``, ``fused_sgd_sketch``, ``postprocess``.
 
-``backend`` is one of "auto", "torch", "triton", "cupy". "auto" picks the fastest available for
-the tensor's device: Triton on CUDA when it imports, else torch. Asking explicitly for a backend
+``backend`` is one of "auto", "torch", "triton", "cupy", "cpu". "auto" picks the fastest available
+for the tensor's device and dtype: Triton on CUDA when it imports; on the CPU, the C kernel
+("cpu", compiled on first use) for float32 weights when a C compiler is found; else torch. Asking explicitly for a backend
 that is not available raises :class:`BackendUnavailable`; nothing falls back silently.
 
 The kernels live in the repository's top-level ``kernels/`` folder, installed as
@@ -23,7 +24,7 @@ from .fused_sgd_sketch import fused_sgd_sketch_torch
 from .postprocess import postprocess_torch
 from .sketch import sketch_torch
 
-BACKENDS = ("auto", "torch", "triton", "cupy")
+BACKENDS = ("auto", "torch", "triton", "cupy", "cpu")
 # Precision of the sketch products (``precision=``): exact fp32, or TF32 tensor cores with three
 # (~fp32 accuracy) or one (~1e-3 relative error per product) term. Only the Triton kernels offer
 # the TF32 modes; the torch and CuPy products are always exact fp32 (fp64 for fp64 weights).
@@ -68,6 +69,14 @@ def cupy_available() -> bool:
     return importlib.util.find_spec("cupy") is not None
 
 
+def cpu_kernel_available() -> bool:
+    """Whether the CPU C kernel builds and loads here (compiles it on the first call, ~1 s).
+    ``LOWRANK_CPU_KERNEL=0`` in the environment turns it off for "auto"."""
+    if os.environ.get("LOWRANK_CPU_KERNEL", "1") == "0":
+        return False
+    return kernel_module("cpu", "_loader").available()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -80,9 +89,19 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
     if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if dtype == torch.float32 and cpu_kernel_available() else "torch"
         fast = device.type == "cuda" and triton_available() and dtype != torch.float64
         return "triton" if fast else "torch"
     if backend == "torch":
+        return backend
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise BackendUnavailable(f"backend='cpu' runs on CPU tensors; this one is on {device}")
+        if dtype is not None and dtype != torch.float32:
+            raise TypeError(f"backend='cpu' takes float32 weights, got {dtype}; "
+                            "use backend='torch' or 'auto'")
+        kernel_module("cpu", "_loader").library()  # raises BackendUnavailable with the reason
         return backend
     if backend == "triton":
         if dtype == torch.float64:
@@ -109,7 +128,8 @@ def kernel_options(requested: str, resolved: str, *, precision: str = "fp32",
     ``precision`` other than "fp32" selects TF32 tensor cores where the Triton kernels run; under
     ``backend="auto"`` a matrix that lands on torch (CPU, float64) is computed exactly instead,
     while an explicit "torch" or "cupy" raises (they have no TF32 path). ``deterministic``: the
-    torch backend is always deterministic, Triton sums its cross-program partials in a fixed
+    torch and cpu backends are always deterministic (the C kernel sums its threads' partials in
+    a fixed order), Triton sums its cross-program partials in a fixed
     order, and the CuPy kernel (atomics) raises.
     """
     if precision not in PRECISIONS:
@@ -131,6 +151,8 @@ def sketch(W, U, V, *, backend: str = "torch", sides: str = "both", **options):
     """Op ``sketch`` on the given concrete backend; see :func:`lowrank.sketch.sketch_torch`."""
     if backend == "torch":
         return sketch_torch(W, U, V, sides=sides)
+    if backend == "cpu":
+        return kernel_module("cpu", "sketch").sketch_cpu(W, U, V, sides=sides)
     _both_sides(backend, sides)
     return getattr(kernel_module(backend, "sketch"), f"sketch_{backend}")(W, U, V, **options)
 
@@ -138,7 +160,7 @@ def sketch(W, U, V, *, backend: str = "torch", sides: str = "both", **options):
 def _both_sides(backend: str, sides: str) -> None:
     if sides != "both":
         raise ValueError(f"backend={backend!r} always sketches both sides (sides='both'); "
-                         "one-sided sketches serve the torch backend's sequential and "
+                         "one-sided and power sketches serve the CPU backends' sequential and "
                          "alternating schedules")
 
 
@@ -146,16 +168,19 @@ def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None,
                      sides: str = "both", **hyper):
     """Op ``fused_sgd_sketch``; see :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`.
     ``options``: kernel options from :func:`kernel_options` (none for torch); ``sides``: "y" or
-    "z" for a one-sided sketch (torch backend only)."""
+    "z" for a one-sided sketch, "power" for Y and W^T Y (torch and cpu backends only)."""
     if backend == "torch":
         return fused_sgd_sketch_torch(W, G, buf, U, V, sides=sides, **hyper)
+    if backend == "cpu":
+        return kernel_module("cpu", "fused_sgd_sketch").fused_sgd_sketch_cpu(
+            W, G, buf, U, V, sides=sides, **hyper)
     _both_sides(backend, sides)
     fn = getattr(kernel_module(backend, "fused_sgd_sketch"), f"fused_sgd_sketch_{backend}")
     return fn(W, G, buf, U, V, **hyper, **(options or {}))
 
 
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):
-    """Op ``postprocess``. Only CuPy has its own kernel; Triton uses the torch reference.
+    """Op ``postprocess``. Only CuPy has its own kernel; Triton and cpu use the torch reference.
 
     ``refill`` (see :func:`lowrank.postprocess.postprocess_torch`) is used by the torch path;
     the CuPy kernel draws its own candidates from (seed, step) on the device.

@@ -130,7 +130,8 @@ def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     (One product [S B_old]^T S on a concatenation measured slower: its strided float64 view made
     the final S @ M 4x slower for a batch of four 2304 x 16 sketches.) Returns (Q in B_old's
     dtype, sigma, overlap), or None when some direction needs a refill or the Ritz vectors would
-    need a Cholesky-QR round (the general path handles those).
+    need a Cholesky-QR round (the general path handles those). The fourth entry is the float64
+    k x k factor T with Q = S T (the sequential schedule maps W^T S to W^T Q with it).
     """
     well_above = _WELL_CONDITIONED[B_old.dtype]
     if well_above > 1:  # float64 bases always take the Cholesky-QR round of the general path
@@ -147,7 +148,8 @@ def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     M = evecs * evals.rsqrt().unsqueeze(-2)
     overlap = (B64.transpose(-2, -1) @ S64) @ M  # B_old^T (S M) = B_old^T Q
     sign = torch.where(torch.diagonal(overlap, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
-    return (S64 @ (M * sign)).to(B_old.dtype), evals.sqrt(), overlap * sign
+    T = M * sign
+    return (S64 @ T).to(B_old.dtype), evals.sqrt(), overlap * sign, T
 
 
 def _side(S: torch.Tensor, B_old: torch.Tensor, refill):
@@ -157,15 +159,19 @@ def _side(S: torch.Tensor, B_old: torch.Tensor, refill):
     return Q.to(B_old.dtype), sigma, overlap
 
 
-def postprocess_side_torch(S: torch.Tensor, B_old: torch.Tensor, refill):
+def postprocess_side_torch(S: torch.Tensor, B_old: torch.Tensor, refill, *,
+                           with_factor: bool = False):
     """Post-processing of a one-sided sketch S = W V (b, m, k) or W^T U (b, n, k): the next basis
     of that side (in B_old's dtype), its sigma (b, k) and the overlap B_old^T B_next (b, k, k).
-    ``refill``: candidates (b, p, k) or a function returning them (see :func:`ritz_basis`)."""
+    ``refill``: candidates (b, p, k) or a function returning them (see :func:`ritz_basis`).
+    ``with_factor``: also return the float64 (b, k, k) factor T with B_next = S T where the CPU
+    fast path ran, else None (refilled or re-orthonormalised bases have no such factor)."""
     if _checks.host_reads_are_free(S):
         fast = _fast_side(S, B_old)
         if fast is not None:
-            return fast
-    return _side(S, B_old, refill)
+            return fast if with_factor else fast[:3]
+    out = _side(S, B_old, refill)
+    return (*out, None) if with_factor else out
 
 
 def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
@@ -187,7 +193,7 @@ def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_o
         # Square on the CPU: both sides in one batch of the fast path.
         both = _fast_side(torch.cat([Y, Z]), torch.cat([U_old, V_old]))
         if both is not None:
-            (Uq, Vq), (sigma_y, sigma_z), (overlap_u, overlap_v) = ((x[:b], x[b:]) for x in both)
+            (Uq, Vq), (sigma_y, sigma_z), (overlap_u, overlap_v) = ((x[:b], x[b:]) for x in both[:3])
         else:
             Uq, sigma_y, overlap_u = _side(Y, U_old, refill[0])
             Vq, sigma_z, overlap_v = _side(Z, V_old, refill[1])

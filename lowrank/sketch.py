@@ -27,6 +27,10 @@ class SketchOut(NamedTuple):
     Z: torch.Tensor | None  # (b, n, k); one of the two is None for a one-sided sketch
     fro2: torch.Tensor  # (b,) float64
     row_sq: torch.Tensor  # (b, m) float64
+    # sides="power" only (Z is None then): P = W^T Y = W^T W V (b, n, k), the second half of a
+    # power step taken in the same read of W. With U_next = Y T (T the k x k factor of the
+    # post-processing), W^T U_next = P T: the sequential schedule without a second pass.
+    P: torch.Tensor | None = None
 
 
 def as_batched(W: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,7 @@ def init_bases(m: int, n: int, k: int, *, seed: int = 0, batch: int = 1, device=
     return U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)
 
 
-SIDES = ("both", "y", "z")
+SIDES = ("both", "y", "z", "power")
 
 
 def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
@@ -93,8 +97,8 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
     """Reference sketch pass over W with bases U (b, m, k), V (b, n, k).
 
     ``sides``: "both" (the kernel contract), or only Y ("y") or only Z ("z"), the other
-    returned as None: the torch backend's sequential and alternating schedules
-    (:data:`lowrank.trackset.SCHEDULES`).
+    returned as None (the alternating schedule), or "power": Y and P = W^T Y, Z None (the
+    sequential schedule, :data:`lowrank.trackset.SCHEDULES`).
 
     W is a batch of matrices (b, m, n) or one matrix (m, n) (read as b = 1); to sketch a
     parameter of any shape, pass ``as_batched(W)``. Products run in float32 (float64 for
@@ -113,15 +117,16 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
         raise ValueError(f"sides must be one of {', '.join(SIDES)}; got {sides!r}")
     cdt = sketch_dtype(W.dtype)
     Wc = W.to(cdt)
-    Y = torch.matmul(Wc, V.to(cdt)) if sides != "z" else None
+    Y = torch.matmul(Wc, V.to(cdt)) if sides != "z" else None  # "both", "y", "power"
     # W^T U through the transposed view, not (U^T W)^T: with W fresh from memory, as in a
     # training step, it measured 1.5-1.7x faster on the CPU (0.88 vs 1.32 ms at 1024^2, 2.98 vs
     # 5.05 ms at 2048^2, k = 16); with W already in cache the two are within 20%.
-    Z = torch.matmul(Wc.transpose(-2, -1), U.to(cdt)) if sides != "y" else None
+    Z = torch.matmul(Wc.transpose(-2, -1), U.to(cdt)) if sides in ("both", "z") else None
+    P = torch.matmul(Wc.transpose(-2, -1), Y) if sides == "power" else None
     if not _checks.host_reads_are_free(W):
         # Device path, no data-dependent branch: the reduction casts to float64 on the fly.
         row_sq = torch.linalg.vector_norm(W, dim=-1, dtype=torch.float64).square()
-        return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq)
+        return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq, P)
     # The norm kernel streams W once (an einsum here took 2.6 ms against 0.3 ms at 2048^2);
     # squaring the float32 norm adds one rounding to a sum already carrying ~1e-7.
     row_sq = torch.linalg.vector_norm(Wc, dim=-1).to(torch.float64).square()
@@ -130,4 +135,4 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
         # small, e.g. weights scaled by 1e-30, or an all-zero row): redo exactly in float64.
         # Non-finite W also lands here and keeps its NaN/Inf.
         row_sq = W.to(torch.float64).square().sum(dim=-1)
-    return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq)
+    return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq, P)

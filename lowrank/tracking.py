@@ -164,6 +164,20 @@ class MatrixTracker:
         self.step = int(state["step"])
 
 
+def finite_each(S: torch.Tensor) -> torch.Tensor:
+    """(b,) bool: whether every entry of each matrix of the batch S (b, p, k) is finite.
+
+    For float32 (and narrower) sketches, one float64 sum per matrix: NaN and Inf propagate
+    through it (Inf - Inf is NaN), and finite float32 entries cannot overflow a float64 sum.
+    A third of the cost of an elementwise isfinite and its reduction (19 vs 60 us for a
+    1024 x 16 sketch, three of which a sequential CPU step checks). float64 sketches could
+    overflow the sum, so they take the elementwise test.
+    """
+    if S.dtype == torch.float64:
+        return torch.isfinite(S).flatten(1).all(-1)
+    return torch.isfinite(S.sum(dim=(-2, -1), dtype=torch.float64))
+
+
 def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
                  backend: str = "torch") -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
@@ -176,10 +190,9 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     if sketches[0].Y is None or sketches[0].Z is None:
         _absorb_group_one_side(trackers, sketches, cat)
         return
-    sk = SketchOut(*(cat([getattr(s, f) for s in sketches]) for f in SketchOut._fields))
+    sk = SketchOut(*(cat([getattr(s, f) for s in sketches]) for f in ("Y", "Z", "fro2", "row_sq")))
     U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
-    finite = (torch.isfinite(sk.fro2) & torch.isfinite(sk.Y).flatten(1).all(-1)
-              & torch.isfinite(sk.Z).flatten(1).all(-1))  # (b,)
+    finite = torch.isfinite(sk.fro2) & finite_each(sk.Y) & finite_each(sk.Z)  # (b,)
     # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
     all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
     Y, Z = sk.Y, sk.Z
@@ -203,7 +216,7 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
     if any((s.Z is None) != (side == "y") or (s.Y is None) != (side == "z") for s in sketches):
         raise ValueError("a group of trackers must sketch the same side each step")
     S = [s.Y if side == "y" else s.Z for s in sketches]
-    finite = [torch.isfinite(s.fro2) & torch.isfinite(x).flatten(1).all(-1)
+    finite = [torch.isfinite(s.fro2) & finite_each(x)
               for s, x in zip(sketches, S)]
     basis, sigma, overlap = _sides_batched(S, [t.U if side == "y" else t.V for t in trackers],
                                            finite, trackers, offset=0 if side == "y" else 1)
@@ -215,11 +228,16 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
 
 def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
                       weights: list[torch.Tensor]) -> None:
-    """The sequential schedule (torch backend) for any set of tracked matrices, whatever their
-    shapes: from Y = W V (the sketches) the next U, then Z = W^T U_next from the same weights
-    (``weights``: each matrix as (m, n), after this step's update) and the next V. Both
-    estimates are of the current W, so each state is committed as for "both"; the basis pair
-    has moved a full power step instead of two half steps.
+    """The sequential schedule (torch and cpu backends) for any set of tracked matrices, whatever
+    their shapes: from Y = W V (the sketches) the next U, then Z = W^T U_next and the next V.
+    Both estimates are of the current W, so each state is committed as for "both"; the basis
+    pair has moved a full power step instead of two half steps.
+
+    Z comes without a second read of W where the sketch carries P = W^T Y (sides="power") and the
+    Y side took the CPU fast path, whose factor T gives U_next = Y T, so W^T U_next = P T (in
+    float64; the float32 rounding of U_next is the only difference from the product). Else (a
+    refill or a re-orthonormalised basis, or no P) Z = W^T U_next from ``weights`` (each matrix
+    as (m, n), after this step's update).
 
     The small post-processing of each side is batched over the matrices that share that side's
     dimension: the Y sides by (m, k), the Z sides by (n, k). A convnet whose layers share output
@@ -228,13 +246,15 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
     if any(s.Y is None for s in sketches):
         raise ValueError("the sequential schedule starts from Y = W V sketches")
     count = len(trackers)
-    finite = [torch.isfinite(s.fro2) & torch.isfinite(s.Y).flatten(1).all(-1) for s in sketches]
-    Uq, sigma_y, overlap_u = _sides_batched(
-        [s.Y for s in sketches], [t.U for t in trackers], finite, trackers, offset=0)
-    Z = [W.to(s.Y.dtype).transpose(-2, -1).unsqueeze(0) @ u.to(s.Y.dtype)
-         for W, s, u in zip(weights, sketches, Uq)]
+    finite = [torch.isfinite(s.fro2) & finite_each(s.Y) for s in sketches]
+    Uq, sigma_y, overlap_u, factor = _sides_batched(
+        [s.Y for s in sketches], [t.U for t in trackers], finite, trackers, offset=0,
+        with_factor=True)
+    Z = [s.P.to(torch.float64) @ T if s.P is not None and T is not None
+         else W.to(s.Y.dtype).transpose(-2, -1).unsqueeze(0) @ u.to(s.Y.dtype)
+         for W, s, u, T in zip(weights, sketches, Uq, factor)]
     # Z can overflow where Y did not (a column of huge weights): the step is then non-finite.
-    finite = [f & torch.isfinite(z).flatten(1).all(-1) for f, z in zip(finite, Z)]
+    finite = [f & finite_each(z) for f, z in zip(finite, Z)]
     Vq, sigma_z, overlap_v = _sides_batched(Z, [t.V for t in trackers], finite, trackers, offset=1)
     flags = torch.cat(finite)
     all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
@@ -245,26 +265,32 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
 
 
 def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], finite: list[torch.Tensor],
-                   trackers: list[MatrixTracker], *, offset: int):
+                   trackers: list[MatrixTracker], *, offset: int, with_factor: bool = False):
     """One side of :func:`absorb_sequential`: post-process the sketches S[i] (1, p_i, k_i) against
     the bases B_old[i], one batched call per (p, k, dtype, device); refill seeds as in
     :func:`lowrank.postprocess.postprocess_torch` (2 step + offset). Non-finite sketches are
-    zeroed first (their state is kept by the commit). Returns three lists, in input order."""
+    zeroed first (their state is kept by the commit). Returns three lists, in input order, and
+    with ``with_factor`` a fourth: the factors T (or None) of
+    :func:`lowrank.postprocess.postprocess_side_torch`."""
     groups: dict[tuple, list[int]] = {}
     for i, (s, b) in enumerate(zip(S, B_old)):
         groups.setdefault((s.shape[-2], s.shape[-1], b.dtype, s.device), []).append(i)
-    out_basis, out_sigma, out_overlap = [None] * len(S), [None] * len(S), [None] * len(S)
+    out_basis, out_sigma, out_overlap, out_factor = ([None] * len(S) for _ in range(4))
     for (p, k, _, dev), idx in groups.items():
         flags = torch.cat([finite[i] for i in idx])
         sk = torch.cat([S[i] for i in idx])
         if not (_checks.host_reads_are_free(flags) and bool(flags.all())):
             sk = torch.where(flags.view(-1, 1, 1), sk, torch.zeros_like(sk))
         seeds = [(trackers[i].seed, 2 * trackers[i].step + offset) for i in idx]
-        basis, sigma, overlap = postprocess_side_torch(
+        basis, sigma, overlap, factor = postprocess_side_torch(
             sk, torch.cat([B_old[i] for i in idx]),
             lambda seeds=seeds, p=p, k=k, dev=dev: torch.cat(
-                [refill_candidates((1, p, k), seed, step, dev) for seed, step in seeds]))
+                [refill_candidates((1, p, k), seed, step, dev) for seed, step in seeds]),
+            with_factor=True)
         for j, i in enumerate(idx):
             out_basis[i], out_sigma[i] = basis[j:j + 1], sigma[j:j + 1]
             out_overlap[i] = overlap[j:j + 1]
+            out_factor[i] = None if factor is None else factor[j:j + 1]
+    if with_factor:
+        return out_basis, out_sigma, out_overlap, out_factor
     return out_basis, out_sigma, out_overlap

@@ -24,15 +24,19 @@ _NAN = float("nan")
 #   second product rides on the same memory traffic).
 # "sequential": Y = W V, the next U from it, then Z = W^T U_next from the same W: one chain
 #   moving a full power step per training step, with both bases fitted to the current weights.
-#   Two reads of W, which a CPU pays for "both" anyway (two matrix products): the same cost
-#   there, and measured 3-30x smaller worst errors on drifting matrices (tests/test_schedule.py).
+#   The pass computes Y and P = W^T Y (= W^T W V) from one read of W (the cpu kernel sweeps
+#   each band of rows twice while it is in cache); since U_next = Y T for a k x k factor T of the
+#   post-processing, Z = P T. The cost of "both", and measured 3-30x smaller worst errors on
+#   drifting matrices (tests/test_schedule.py).
 # "alternate": Y on even tracked steps, Z on odd ones. It keeps exactly the first chain of
 #   "both" at half the products and half the post-processing, but reports one chain's estimate
 #   per step and refreshes each basis every other step: on fast-moving weights (the demo's lr
 #   0.2 MLP) its worst error against exact svdvals was 2-10x that of "both" (4e-3 of sigma_1
 #   against 3.6e-4). An opt-in for speed.
-# "auto" (the default): sequential for matrices on the torch backend on a CPU, both elsewhere.
+# "auto" (the default): sequential for matrices on the CPU (torch or cpu backend), both elsewhere.
 SCHEDULES = ("auto", "both", "sequential", "alternate")
+# Backends that run every schedule (one-sided and power sketches); the GPU kernels run "both".
+CPU_BACKENDS = ("torch", "cpu")
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -144,16 +148,17 @@ class TrackedSet:
                                                   deterministic=deterministic)
             except ValueError as exc:
                 raise ValueError(f"parameter {name!r}: {exc}") from None
-            if schedule in ("alternate", "sequential") and resolved != "torch":
+            if schedule in ("alternate", "sequential") and resolved not in CPU_BACKENDS:
                 raise ValueError(f"parameter {name!r}: schedule={schedule!r} runs on the torch "
-                                 f"backend only (this matrix is on {resolved!r}, whose fused pass "
-                                 "gets both products from one read of W); use 'auto' or 'both'")
+                                 f"and cpu backends only (this matrix is on {resolved!r}, whose "
+                                 "fused pass gets both products from one read of W); use 'auto' "
+                                 "or 'both'")
             self.params[name] = p
             self.backend[name] = resolved
             self.options[name] = options
             if schedule == "auto":
-                cpu_torch = resolved == "torch" and p.device.type == "cpu"
-                self.schedule[name] = "sequential" if cpu_torch else "both"
+                on_cpu = resolved in CPU_BACKENDS and p.device.type == "cpu"
+                self.schedule[name] = "sequential" if on_cpu else "both"
             else:
                 self.schedule[name] = schedule
             self.trackers[name] = MatrixTracker(name, (m, n), k, seed=seed, device=p.device,
@@ -164,14 +169,15 @@ class TrackedSet:
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
 
     def sides(self, name: str) -> str:
-        """Which sketch the pass over ``name``'s weights computes this step: "both"; "y" (Y = W V)
-        under the sequential schedule (Z follows in :meth:`finish_step`); under the alternating
-        one "y" on even tracked steps and "z" (Z = W^T U) on odd ones."""
+        """Which sketch the pass over ``name``'s weights computes this step: "both"; "power"
+        (Y = W V and P = W^T Y) under the sequential schedule (Z = W^T U_next = P T follows in
+        :meth:`finish_step`); under the alternating one "y" on even tracked steps and "z"
+        (Z = W^T U) on odd ones."""
         schedule = self.schedule[name]
         if schedule == "both":
             return "both"
         if schedule == "sequential":
-            return "y"
+            return "power"
         return "y" if self.trackers[name].step % 2 == 0 else "z"
 
     def matrix(self, name: str, t: torch.Tensor | None = None) -> torch.Tensor:

@@ -128,7 +128,7 @@ def test_schedule_validation_and_auto():
         lowrank.SpectralSGD(_params(), lr=0.1, rank=2, schedule="bi")
     default = lowrank.SpectralSGD(_params(), lr=0.1, rank=2)  # "auto" on the CPU: sequential
     assert set(default.tracked.schedule.values()) == {"sequential"}
-    assert default.tracked.sides("a") == "y"
+    assert default.tracked.sides("a") == "power"  # Y and P = W^T Y from one read of W
     for schedule in ("both", "alternate", "sequential"):
         tr = lowrank.SpectrumTracker(_params(), rank=2, schedule=schedule)
         assert set(tr.tracked.schedule.values()) == {schedule}
@@ -140,7 +140,7 @@ def test_schedule_validation_and_auto():
 def test_torch_only_schedules_are_refused_for_the_fused_kernels_and_auto_keeps_both():
     pytest.importorskip("triton")
     for schedule in ("alternate", "sequential"):
-        with pytest.raises(ValueError, match="torch backend only"):
+        with pytest.raises(ValueError, match="torch and cpu backends only"):
             lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton",
                                 schedule=schedule)
     opt = lowrank.SpectralSGD(_params(torch.float32), lr=0.1, rank=2, backend="triton")

@@ -180,7 +180,8 @@ def test_fro2_exact_for_extreme_fp32_scales(scale):
 def test_zero_weight_sketch_is_zero():
     U, V = init_bases(9, 4, 3, seed=0)
     out = sketch_torch(torch.zeros(9, 4), U, V)
-    for t in out:
+    assert out.P is None
+    for t in (out.Y, out.Z, out.fro2, out.row_sq):
         assert bool((t == 0).all())
 
 

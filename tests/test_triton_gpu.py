@@ -117,7 +117,8 @@ def test_sketch_deterministic_bitwise_on_gpu():
     runs = [SK.sketch_triton(W, U, V, deterministic=True) for _ in range(3)]
     for r in runs[1:]:
         for name, x, y in zip(r._fields, runs[0], r, strict=True):
-            assert torch.equal(x, y), f"{name} differs between deterministic runs"
+            assert (x is None and y is None) or torch.equal(x, y), \
+                f"{name} differs between deterministic runs"
 
 
 def sgd_tol(W_ref, steps):

@@ -226,8 +226,10 @@ def test_sketch_deterministic_is_bitwise_reproducible():
     W, U, V = rand(2, 129, 65, seed=42), rand(2, 129, 5, seed=43), rand(2, 65, 5, seed=44)
     a = SK.sketch_triton(W, U, V, deterministic=True, **SMALL_TILES)
     b = SK.sketch_triton(W, U, V, deterministic=True, **SMALL_TILES)
-    for name, x, y in zip(a._fields, a, b, strict=True):
-        assert torch.equal(x, y), f"{name} differs between two deterministic runs"
+    assert a.P is None and b.P is None  # the kernels sketch both sides (no power step)
+    for name in ("Y", "Z", "fro2", "row_sq"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), \
+            f"{name} differs between two deterministic runs"
 
 
 def test_sketch_empty_matrix():
@@ -235,7 +237,7 @@ def test_sketch_empty_matrix():
     out = SK.sketch_triton(W, torch.zeros(1, 0, 2, device=DEVICE), rand(1, 5, 2, seed=45))
     ref = sketch_torch(W, torch.zeros(1, 0, 2, device=DEVICE), rand(1, 5, 2, seed=45))
     for x, y in zip(out, ref, strict=True):
-        assert x.shape == y.shape and torch.equal(x, y.to(x.dtype))
+        assert (x is None and y is None) or (x.shape == y.shape and torch.equal(x, y.to(x.dtype)))
 
 
 def _meta_like(x):
@@ -416,7 +418,7 @@ def test_fused_empty_parameter():
     ref = sketch_torch(W.unsqueeze(0), U, V)
     assert buf.shape == W.shape
     for x, y in zip(out, ref, strict=True):
-        assert x.shape == y.shape and torch.equal(x, y.to(x.dtype))
+        assert (x is None and y is None) or (x.shape == y.shape and torch.equal(x, y.to(x.dtype)))
 
 
 def test_fused_momentum_zero_returns_given_buffer_untouched():
@@ -528,7 +530,8 @@ def test_fused_deterministic_is_bitwise_reproducible():
                                               deterministic=True, **SMALL_TILES)
         runs.append((W, buf) + tuple(out))
     for name, x, y in zip(("W", "buf") + out._fields, *runs, strict=True):
-        assert torch.equal(x, y), f"{name} differs between two deterministic runs"
+        assert (x is None and y is None) or torch.equal(x, y), \
+            f"{name} differs between two deterministic runs"
 
 
 @pytest.mark.parametrize("case", [

@@ -1,0 +1,136 @@
+"""CPU launcher of op ``fused_sgd_sketch``: the torch.optim.SGD update and the sketch of the
+updated W in one pass over memory (kernel: ``sgd_sketch.c``).
+
+Reference and contract: :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch` (same update,
+same operation order; the sketch products are summed in another order than torch's matmul, so
+they agree to float32 rounding, not bit for bit). float32 weights on the CPU only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from lowrank.sketch import SIDES, SketchOut
+
+from . import _loader
+
+MODE_Y, MODE_Z, MODE_POWER = 1, 2, 4
+_MODES = {"both": MODE_Y | MODE_Z, "y": MODE_Y, "z": MODE_Z, "power": MODE_POWER}
+assert set(_MODES) == set(SIDES)
+# Below this many elements a matrix runs on one thread (starting the pool costs more).
+_PARALLEL_MIN = 1 << 15
+# Rows are handed to threads in chunks of ROWS-row blocks, this many chunks per thread (see
+# sgd_sketch.c); Z partials per chunk make the result independent of the scheduling.
+_CHUNKS_PER_THREAD = 4
+_ROWS = 8  # ROWS of sgd_sketch.c
+
+
+def _check(name: str, t: torch.Tensor | None, op: str) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{op} (backend='cpu') needs CPU tensors; {name} is on {t.device}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{op} (backend='cpu') takes float32 tensors; {name} is {t.dtype} "
+                        "(use backend='torch' for other dtypes)")
+
+
+def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U: torch.Tensor,
+           V: torch.Tensor, *, sides: str, op: str, lr: float = 0.0, weight_decay: float = 0.0,
+           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+           maximize: bool = False):
+    """Run the kernel over W (b, m, n), in place when G is given. Returns (SketchOut, buf)."""
+    if sides not in _MODES:
+        raise ValueError(f"sides must be one of {', '.join(SIDES)}; got {sides!r}")
+    for name, t in (("W", W), ("G", G), ("buf", buf), ("U", U), ("V", V)):
+        _check(name, t, op)
+    if W.dim() == 2:
+        W = W.unsqueeze(0)
+    b, m, n = W.shape
+    k = U.shape[-1]
+    if U.shape[-2:] != (m, k) or V.shape[-2:] != (n, k) or U.shape[0] not in (1, b) \
+            or V.shape[0] not in (1, b):
+        raise ValueError(f"{op}: bases of shapes {tuple(U.shape)}, {tuple(V.shape)} do not fit "
+                         f"W of shape {tuple(W.shape)} (need (b, m, k) and (b, n, k))")
+    if G is not None and G.numel() != W.numel():
+        raise ValueError(f"{op}: G has shape {tuple(G.shape)}, W has {tuple(W.shape)}")
+    lib = _loader.library()
+    kp = -(-k // 8) * 8  # the kernel works on chunks of 8 / 16 sketch columns
+    pad = (0, kp - k)
+    Up = torch.nn.functional.pad(U, pad).contiguous() if kp != k else U.contiguous()
+    Vp = torch.nn.functional.pad(V, pad).contiguous() if kp != k else V.contiguous()
+    mode = _MODES[sides]
+    want_y = mode & (MODE_Y | MODE_POWER)
+    want_z = mode & (MODE_Z | MODE_POWER)
+    Y = torch.empty(b, m, kp) if want_y else None
+    Z = torch.empty(b, n, kp) if want_z else None
+    row_sq = torch.empty(b, m, dtype=torch.float64)
+    threads = torch.get_num_threads() if m * n >= _PARALLEL_MIN else 1
+    chunks = min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))  # as the kernel clamps it
+    zwork = torch.empty(chunks, n, kp) if want_z else None
+    update = G is not None
+    if update and not (W.is_contiguous() and (buf is None or buf.is_contiguous())):
+        raise ValueError(f"{op}: the in-place update needs contiguous W and buf")
+    Wc = W.contiguous()  # sketch only: a copy where the layout needs one
+    Gc = None if G is None else G.reshape(W.shape).contiguous()
+    new_buf = update and momentum != 0 and buf is None
+    if new_buf:
+        buf = torch.empty_like(Wc)
+    bufc = None if buf is None or not update else buf.reshape(W.shape)
+    hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum), float(dampening),
+                             int(bool(nesterov)), int(bool(maximize)), int(new_buf))
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    for i in range(b):
+        Ui, Vi = Up[i if Up.shape[0] > 1 else 0], Vp[i if Vp.shape[0] > 1 else 0]
+        lib.lowrank_sgd_sketch_f32(
+            m, n, kp, ptr(Wc[i]), ptr(None if Gc is None else Gc[i]),
+            ptr(None if bufc is None else bufc[i]), ctypes.byref(hyper),
+            ptr(Ui), ptr(Vi), ptr(None if Y is None else Y[i]),
+            ptr(None if Z is None else Z[i]), ptr(row_sq[i]), mode, ptr(zwork), chunks, threads)
+    if kp != k:
+        Y = None if Y is None else Y[..., :k]
+        Z = None if Z is None else Z[..., :k]
+    if sides == "power":
+        return SketchOut(Y, None, row_sq.sum(dim=-1), row_sq, P=Z), buf
+    return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq), buf
+
+
+def fused_sgd_sketch_cpu(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
+                         U: torch.Tensor, V: torch.Tensor, *, lr, weight_decay: float = 0.0,
+                         momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                         maximize: bool = False, sides: str = "both"
+                         ) -> tuple[SketchOut, torch.Tensor | None]:
+    """Update the parameter W in place (and the momentum buffer), then sketch the updated W
+    (viewed as (1, m, n), conv kernels flattened) with U (1, m, k), V (1, n, k).
+
+    ``sides``: "both", "y", "z", or "power" (Y = W V and P = W^T Y from one read of W; see
+    :class:`lowrank.sketch.SketchOut`). ``buf`` None with momentum: a new buffer is returned
+    (torch.optim.SGD's first step). Returns (SketchOut, buf).
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.requires_grad:
+            raise ValueError("fused_sgd_sketch_cpu takes a plain learning rate; a tensor lr that "
+                             "requires grad needs backend='torch'")
+        lr = lr.item()  # torch.optim.SGD reads a tensor lr as a scalar too
+    m = W.shape[0]
+    shape = (1, m, W.numel() // m)
+    W = W.detach()
+    # channels_last conv weights (or any layout the kernel cannot address): the update runs on
+    # contiguous copies, written back after.
+    Wc = W if W.is_contiguous() else W.contiguous()
+    bufc = buf if buf is None or buf.is_contiguous() else buf.contiguous()
+    out, new_buf = launch(Wc.view(shape), G.detach(), None if bufc is None else bufc.view(shape),
+                          U, V, sides=sides, op="fused_sgd_sketch_cpu", lr=lr,
+                          weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                          nesterov=nesterov, maximize=maximize)
+    if Wc is not W:
+        W.copy_(Wc)
+    if buf is not None:
+        if bufc is not buf:
+            buf.copy_(bufc)
+        return out, buf
+    return out, None if new_buf is None else new_buf.view(W.shape)

@@ -1,0 +1,223 @@
+/* CPU kernel of the ops `fused_sgd_sketch` and `sketch` (float32): one pass over W that applies
+ * the torch.optim.SGD update (optional) and computes, from the updated rows while they are in
+ * cache, the row sums of squares (float64) and the thin products of the sketch.
+ *
+ * Layout: W, G, buf (m, n) row-major; U, Y (m, kp); V, Z (n, kp) row-major, kp a multiple of 8
+ * (the Python side pads k). Modes (bit flags):
+ *   MODE_Y      Y = W V
+ *   MODE_Z      Z = W^T U
+ *   MODE_POWER  Z = W^T Y  (= W^T W V: with MODE_Y, a full power step in one read of W; the
+ *               caller turns it into W^T U_next with a k x k factor, see lowrank/tracking.py)
+ * Work is split by blocks of ROWS rows over OpenMP threads (the runtime torch itself loaded, so
+ * one thread pool serves both); Z is accumulated per chunk of rows and summed in a fixed order
+ * at the end, so results do not depend on timing.
+ *
+ * Register blocking: a tile is ROWS rows x JB columns of W (16 KB: L1). For each column j and a
+ * chunk of 16 (or 8) sketch columns, V[j] and Z[j] are loaded once and each of the ROWS entries
+ * W[r, j] feeds two FMAs, into Y[r] (held in registers across the tile) and into Z[j]: 2k flops
+ * per load of W for each product, near the FMA peak when W streams from cache.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#define MODE_Y 1
+#define MODE_Z 2
+#define MODE_POWER 4
+
+#define ROWS 8
+#define JB 256
+
+typedef float f16v __attribute__((vector_size(64)));
+typedef float f8v __attribute__((vector_size(32)));
+typedef double d8v __attribute__((vector_size(64)));
+
+/* unaligned vector loads / stores (memcpy compiles to a single move) */
+#define DEFINE_LDST(T, NAME)                                                        \
+    static inline T ld_##NAME(const float *p) { T x; memcpy(&x, p, sizeof x); return x; } \
+    static inline void st_##NAME(float *p, T x) { memcpy(p, &x, sizeof x); }
+DEFINE_LDST(f16v, 16)
+DEFINE_LDST(f8v, 8)
+
+/* Products of one tile (rows x jb of W at Wt, row stride ldw) for sketch columns [c, c + VW):
+ * Yt[r] += sum_j W[r, j] Vt[j]   (doy)
+ * Zt[j] += sum_r W[r, j] At[r]   (doz; At is U, or Y for the power step) */
+#define DEFINE_TILE(T, VW)                                                              \
+static inline void tile_##VW(const float *Wt, int64_t ldw, int rows, int64_t jb,       \
+                             const float *At, const float *Vt, float *Yt, float *Zt,    \
+                             int64_t kp, int doy, int doz)                              \
+{                                                                                       \
+    T y[ROWS], a[ROWS];                                                                 \
+    for (int r = 0; r < ROWS; r++) {                                                    \
+        y[r] = (T){0};                                                                  \
+        a[r] = (T){0};                                                                  \
+        if (r < rows) {                                                                 \
+            if (doy) y[r] = ld_##VW(Yt + r * kp);                                       \
+            if (doz) a[r] = ld_##VW(At + r * kp);                                       \
+        }                                                                               \
+    }                                                                                   \
+    if (rows == ROWS && doy && doz) {                                                   \
+        for (int64_t j = 0; j < jb; j++) {                                              \
+            T v = ld_##VW(Vt + j * kp), z = ld_##VW(Zt + j * kp);                      \
+            _Pragma("GCC unroll 8")                                                     \
+            for (int r = 0; r < ROWS; r++) {                                            \
+                float w = Wt[r * ldw + j];                                              \
+                y[r] += w * v;                                                          \
+                z += w * a[r];                                                          \
+            }                                                                           \
+            st_##VW(Zt + j * kp, z);                                                    \
+        }                                                                               \
+    } else if (rows == ROWS && doy) {                                                   \
+        for (int64_t j = 0; j < jb; j++) {                                              \
+            T v = ld_##VW(Vt + j * kp);                                                 \
+            _Pragma("GCC unroll 8")                                                     \
+            for (int r = 0; r < ROWS; r++) y[r] += Wt[r * ldw + j] * v;                 \
+        }                                                                               \
+    } else if (rows == ROWS && doz) {                                                   \
+        for (int64_t j = 0; j < jb; j++) {                                              \
+            T z = ld_##VW(Zt + j * kp);                                                 \
+            _Pragma("GCC unroll 8")                                                     \
+            for (int r = 0; r < ROWS; r++) z += Wt[r * ldw + j] * a[r];                 \
+            st_##VW(Zt + j * kp, z);                                                    \
+        }                                                                               \
+    } else {                                                                            \
+        for (int64_t j = 0; j < jb; j++) {                                              \
+            T v = ld_##VW(Vt + j * kp), z = doz ? ld_##VW(Zt + j * kp) : (T){0};       \
+            for (int r = 0; r < rows; r++) {                                            \
+                float w = Wt[r * ldw + j];                                              \
+                if (doy) y[r] += w * v;                                                 \
+                if (doz) z += w * a[r];                                                 \
+            }                                                                           \
+            if (doz) st_##VW(Zt + j * kp, z);                                           \
+        }                                                                               \
+    }                                                                                   \
+    if (doy)                                                                            \
+        for (int r = 0; r < rows; r++) st_##VW(Yt + r * kp, y[r]);                      \
+}
+DEFINE_TILE(f16v, 16)
+DEFINE_TILE(f8v, 8)
+
+static void tile(const float *Wt, int64_t ldw, int rows, int64_t jb, const float *At,
+                 const float *Vt, float *Yt, float *Zt, int64_t kp, int doy, int doz)
+{
+    int64_t c = 0;
+    for (; c + 16 <= kp; c += 16)
+        tile_16(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz);
+    if (c < kp)
+        tile_8(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz);
+}
+
+typedef struct {
+    float lr, weight_decay, momentum, dampening;
+    int nesterov, maximize, buf_init; /* buf_init: first step, buf = g (torch.clone) */
+} sgd_hyper;
+
+/* The torch.optim.SGD update of one row segment (len <= JB), in torch's order of operations and
+ * roundings: ATen's vectorised "add with alpha" is one fused multiply-add, a.mul_(m) rounds. One
+ * simple loop per operation, so that each vectorises. */
+static void sgd_update(float *w, const float *g, float *buf, int64_t len, const sgd_hyper *h)
+{
+    float d[JB];
+    if (h->maximize)
+        for (int64_t j = 0; j < len; j++) d[j] = -g[j];
+    else
+        for (int64_t j = 0; j < len; j++) d[j] = g[j];
+    if (h->weight_decay != 0.0f)
+        for (int64_t j = 0; j < len; j++) d[j] = __builtin_fmaf(w[j], h->weight_decay, d[j]);
+    if (h->momentum != 0.0f) {
+        if (h->buf_init)
+            for (int64_t j = 0; j < len; j++) buf[j] = d[j];
+        else {
+            const float keep = 1.0f - h->dampening;
+            for (int64_t j = 0; j < len; j++) buf[j] = __builtin_fmaf(d[j], keep, buf[j] * h->momentum);
+        }
+        if (h->nesterov)
+            for (int64_t j = 0; j < len; j++) d[j] = __builtin_fmaf(buf[j], h->momentum, d[j]);
+        else
+            for (int64_t j = 0; j < len; j++) d[j] = buf[j];
+    }
+    for (int64_t j = 0; j < len; j++) w[j] = __builtin_fmaf(d[j], -h->lr, w[j]);
+}
+
+/* Sum of squares in float64, vectorised (16 floats per step, two accumulators). */
+static double square_sum(const float *w, int64_t len)
+{
+    d8v a0 = {0}, a1 = {0};
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+        f16v x = ld_16(w + j);
+        f8v lo = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+        f8v hi = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+        d8v dl = __builtin_convertvector(lo, d8v), dh = __builtin_convertvector(hi, d8v);
+        a0 += dl * dl;
+        a1 += dh * dh;
+    }
+    double s = 0.0;
+    for (; j < len; j++) s += (double)w[j] * w[j];
+    a0 += a1;
+    for (int q = 0; q < 8; q++) s += a0[q];
+    return s;
+}
+
+/* One matrix. G == NULL: sketch only (W is not written). buf may be NULL without momentum.
+ * The rows are cut into `chunks` fixed ranges of ROWS-row blocks, handed to the threads
+ * dynamically (a thread that wakes late takes fewer; on a 2-core VM a sleeping thread's wake-up
+ * cost 0.4 ms of a 0.8 ms pass with a static split). Each chunk has its own Z partial in zwork
+ * (chunks * n * kp floats), summed in chunk order: the result does not depend on which thread
+ * ran what, only on `chunks`. */
+void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const float *G,
+                            float *buf, const sgd_hyper *h, const float *U, const float *V,
+                            float *Y, float *Z, double *row_sq, int mode, float *zwork,
+                            int chunks, int nthreads)
+{
+    const int doy = (mode & (MODE_Y | MODE_POWER)) != 0;
+    const int doz = (mode & MODE_Z) != 0, power = (mode & MODE_POWER) != 0;
+    const int zside = doz || power;
+    const int64_t nblocks = (m + ROWS - 1) / ROWS;
+    if (chunks < 1) chunks = 1;
+    if (chunks > nblocks) chunks = (int)nblocks;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > chunks) nthreads = chunks;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (int c = 0; c < chunks; c++) {
+            float *Zl = zwork + (int64_t)c * n * kp;
+            if (zside) memset(Zl, 0, sizeof(float) * n * kp);
+            const int64_t b0 = nblocks * c / chunks, b1 = nblocks * (c + 1) / chunks;
+            for (int64_t blk = b0; blk < b1; blk++) {
+                const int64_t i0 = blk * ROWS;
+                const int rows = (int)(m - i0 < ROWS ? m - i0 : ROWS);
+                float *Wb = W + i0 * n;
+                double sq[ROWS] = {0};
+                if (doy) memset(Y + i0 * kp, 0, sizeof(float) * rows * kp);
+                for (int64_t j0 = 0; j0 < n; j0 += JB) {
+                    const int64_t jb = n - j0 < JB ? n - j0 : JB;
+                    for (int r = 0; r < rows; r++) {
+                        float *w = Wb + r * n + j0;
+                        if (G) sgd_update(w, G + (i0 + r) * n + j0, buf ? buf + (i0 + r) * n + j0 : NULL, jb, h);
+                        sq[r] += square_sum(w, jb);
+                    }
+                    /* power: Y of these rows is complete only after the sweep; Z follows below */
+                    tile(Wb + j0, n, rows, jb, U + i0 * kp, V + j0 * kp, Y + i0 * kp,
+                         Zl + j0 * kp, kp, doy, doz && !power);
+                }
+                if (power) /* second sweep over the same rows, from cache: Z[j] += W[r, j] Y[r] */
+                    for (int64_t j0 = 0; j0 < n; j0 += JB) {
+                        const int64_t jb = n - j0 < JB ? n - j0 : JB;
+                        tile(Wb + j0, n, rows, jb, Y + i0 * kp, V + j0 * kp, Y + i0 * kp,
+                             Zl + j0 * kp, kp, 0, 1);
+                    }
+                for (int r = 0; r < rows; r++) row_sq[i0 + r] = sq[r];
+            }
+        } /* implicit barrier: every chunk's partial is complete */
+        if (zside) {
+            #pragma omp for schedule(static)
+            for (int64_t q = 0; q < n * kp; q++) {
+                float s = zwork[q];
+                for (int c = 1; c < chunks; c++) s += zwork[(int64_t)c * n * kp + q];
+                Z[q] = s;
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+"""The CPU C kernel (backend "cpu", kernels/cpu/sgd_sketch.c) against the torch reference and
+float64 truth: sketch products of every mode, the SGD update bit for bit against
+torch.optim.SGD, layouts, errors, and whole tracked runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank
+from lowrank import backends
+from lowrank.sketch import init_bases, sketch_torch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+if not backends.cpu_kernel_available():  # no C compiler here: what users get is checked below
+    pytest.skip("the CPU kernel does not build here", allow_module_level=True)
+
+SK = backends.kernel_module("cpu", "sketch")
+FS = backends.kernel_module("cpu", "fused_sgd_sketch")
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+# Shapes: rows not a multiple of the 8-row blocks, columns past one 256-column tile, k not a
+# multiple of 8 (padded chunks) and k over 16 (two chunks), a batch of 2, tall and wide.
+CASES = [(1, 37, 53, 5), (1, 300, 129, 12), (2, 64, 576, 24), (1, 5, 1000, 3), (1, 1024, 520, 16)]
+
+
+@pytest.mark.parametrize("b,m,n,k", CASES)
+@pytest.mark.parametrize("sides", ["both", "y", "z", "power"])
+def test_sketch_matches_float64_truth(b, m, n, k, sides):
+    W = rand(b, m, n, seed=m + n)
+    U, V = init_bases(m, n, k, seed=k, batch=b)
+    out = SK.sketch_cpu(W, U, V, sides=sides)
+    ref = sketch_torch(W, U, V, sides=sides)
+    W64, U64, V64 = W.double(), U.double(), V.double()
+    truth = {"Y": W64 @ V64, "Z": W64.mT @ U64, "P": W64.mT @ (W64 @ V64),
+             "row_sq": W64.square().sum(-1), "fro2": W64.square().sum((-2, -1))}
+    for name in ("Y", "Z", "P"):
+        got, want = getattr(out, name), getattr(ref, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert got.shape == want.shape and got.dtype == torch.float32
+            # float32 sums of n products: ~1e-7 relative, like torch's own matmul
+            assert rel(got, truth[name]) < 2e-6, name
+    # float64 accumulation: exact up to float64 rounding (torch's float32 norm is ~1e-7)
+    assert rel(out.row_sq, truth["row_sq"]) < 1e-12 and rel(out.fro2, truth["fro2"]) < 1e-12
+
+
+HYPER = [dict(), dict(weight_decay=1e-2), dict(momentum=0.9), dict(momentum=0.9, nesterov=True,
+         weight_decay=5e-3), dict(momentum=0.5, dampening=0.3, maximize=True)]
+
+
+@pytest.mark.parametrize("hyper", HYPER)
+def test_fused_update_is_torch_sgd_bit_for_bit(hyper):
+    m, n, k = 70, 300, 6
+    W0 = rand(m, n, seed=1)
+    U, V = init_bases(m, n, k, seed=2)
+    p = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.SGD([p], lr=0.05, foreach=False, **hyper)
+    W, buf = W0.clone(), None
+    for step in range(3):
+        G = rand(m, n, seed=10 + step)
+        p.grad = G
+        opt.step()
+        out, buf = FS.fused_sgd_sketch_cpu(W, G, buf, U, V, lr=0.05, **hyper)
+        assert torch.equal(W, p.detach()), f"step {step}: W differs from torch.optim.SGD"
+        if hyper.get("momentum"):
+            assert torch.equal(buf, opt.state[p]["momentum_buffer"])
+        else:
+            assert buf is None
+    # the sketch is of the updated W
+    ref = sketch_torch(W, U, V)
+    assert rel(out.Y, ref.Y) < 2e-6 and rel(out.Z, ref.Z) < 2e-6
+
+
+def test_fused_update_of_a_channels_last_conv_weight_writes_back():
+    W0 = rand(16, 8, 3, 3, seed=3).to(memory_format=torch.channels_last)
+    G = rand(16, 8, 3, 3, seed=4)
+    U, V = init_bases(16, 72, 4, seed=5)
+    W = W0.clone(memory_format=torch.channels_last)
+    out, _ = FS.fused_sgd_sketch_cpu(W, G, None, U, V, lr=0.1)
+    expected = W0.add(G, alpha=-0.1)  # torch.optim.SGD's update
+    assert not W.is_contiguous() and torch.equal(W, expected)
+    assert rel(out.Y, expected.reshape(16, 72) @ V[0]) < 2e-6
+
+
+def test_results_are_deterministic_and_nan_propagates():
+    W, U, V = rand(1, 200, 300, seed=6), *init_bases(200, 300, 8, seed=7)
+    a, b = SK.sketch_cpu(W, U, V), SK.sketch_cpu(W, U, V)
+    for name in ("Y", "Z", "fro2", "row_sq"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    W[0, 3, 7] = float("nan")
+    bad = SK.sketch_cpu(W, U, V)
+    assert not bool(torch.isfinite(bad.fro2).all()) and bool(torch.isnan(bad.Z).any())
+
+
+def test_bad_inputs_raise_clear_errors():
+    U, V = init_bases(8, 6, 2)
+    with pytest.raises(TypeError, match="float32"):
+        SK.sketch_cpu(torch.ones(8, 6, dtype=torch.float64), U, V)
+    with pytest.raises(ValueError, match="do not fit"):
+        SK.sketch_cpu(torch.ones(6, 8), U, V)
+    with pytest.raises(ValueError, match="sides must be one of"):
+        SK.sketch_cpu(torch.ones(8, 6), U, V, sides="x")
+    with pytest.raises(TypeError, match="float32 weights"):
+        backends.resolve_backend("cpu", "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="plain learning rate"):
+        FS.fused_sgd_sketch_cpu(torch.ones(8, 6), torch.ones(8, 6), None, U, V,
+                                lr=torch.tensor(0.1, requires_grad=True))
+
+
+def test_missing_compiler_is_reported_not_hidden(monkeypatch, tmp_path):
+    loader = backends.kernel_module("cpu", "_loader")
+    monkeypatch.setattr(loader, "_library", None)
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", str(tmp_path))
+    with pytest.raises(backends.BackendUnavailable, match="C compiler"):
+        backends.resolve_backend("cpu", "cpu", torch.float32)
+    assert backends.resolve_backend("auto", "cpu", torch.float32) == "torch"
+
+
+def test_auto_picks_the_kernel_for_float32_only():
+    assert backends.resolve_backend("auto", "cpu", torch.float32) == "cpu"
+    assert backends.resolve_backend("auto", "cpu", torch.bfloat16) == "torch"
+    assert backends.resolve_backend("auto", "cpu", torch.float64) == "torch"
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "both", "alternate"])
+def test_spectral_sgd_on_the_kernel_tracks_the_exact_spectrum(schedule):
+    """A drifting matrix with a decaying spectrum: after warm-up the top-r estimates of every
+    schedule match float64 svdvals, and the weights match torch.optim.SGD bit for bit."""
+    m, n, k, r = 96, 160, 12, 6
+    gen = torch.Generator().manual_seed(8)
+    Uw = torch.linalg.qr(torch.randn(m, m, generator=gen)).Q
+    Vw = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
+    s = 0.8 ** torch.arange(m, dtype=torch.float32)
+    W0 = (Uw[:, :m] * s) @ Vw[:, :m].T
+    p = torch.nn.Parameter(W0.clone())
+    q = torch.nn.Parameter(W0.clone())
+    opt = lowrank.SpectralSGD([("w", p)], lr=0.05, momentum=0.9, rank=r, sketch_rank=k,
+                              backend="cpu", schedule=schedule)
+    ref = torch.optim.SGD([q], lr=0.05, momentum=0.9, foreach=False)
+    for step in range(60):
+        G = 1e-3 * torch.randn(m, n, generator=gen)
+        p.grad, q.grad = G, G.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(p.detach(), q.detach())
+    exact = torch.linalg.svdvals(p.detach().double())[:r]
+    est = opt.spectra()["w"].sigma
+    assert float(((est - exact) / exact[0]).abs().max()) < 1e-5
