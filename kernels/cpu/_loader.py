@@ -99,7 +99,11 @@ def library() -> ctypes.CDLL:
             except OSError as exc:  # cache folder not writable: build in a temporary one
                 raise BackendUnavailable(f"backend='cpu': cannot build in {target.parent}: {exc}; "
                                          "set LOWRANK_CACHE_DIR to a writable folder") from exc
-        lib = ctypes.CDLL(str(target))
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:  # e.g. a cache folder mounted noexec
+            raise BackendUnavailable(f"backend='cpu': cannot load {target}: {exc}; set "
+                                     "LOWRANK_CACHE_DIR to another folder") from exc
         fn = lib.lowrank_sgd_sketch_f32
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.POINTER(SgdHyper), ptr, ptr, ptr,

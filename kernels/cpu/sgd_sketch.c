@@ -191,13 +191,19 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
                 float *Wb = W + i0 * n;
                 double sq[ROWS] = {0};
                 if (doy) memset(Y + i0 * kp, 0, sizeof(float) * rows * kp);
-                for (int64_t j0 = 0; j0 < n; j0 += JB) {
-                    const int64_t jb = n - j0 < JB ? n - j0 : JB;
-                    for (int r = 0; r < rows; r++) {
+                /* Update whole rows first, one after the other: W, G and buf then stream as
+                 * three sequential arrays that the hardware prefetcher follows (interleaving
+                 * the block's rows tile by tile made 24 streams and cost 1.3 ms of a 3.3 ms
+                 * momentum step at 1024^2). The products below read the block from L2. */
+                for (int r = 0; r < rows; r++)
+                    for (int64_t j0 = 0; j0 < n; j0 += JB) {
+                        const int64_t jb = n - j0 < JB ? n - j0 : JB;
                         float *w = Wb + r * n + j0;
                         if (G) sgd_update(w, G + (i0 + r) * n + j0, buf ? buf + (i0 + r) * n + j0 : NULL, jb, h);
                         sq[r] += square_sum(w, jb);
                     }
+                for (int64_t j0 = 0; j0 < n; j0 += JB) {
+                    const int64_t jb = n - j0 < JB ? n - j0 : JB;
                     /* power: Y of these rows is complete only after the sweep; Z follows below */
                     tile(Wb + j0, n, rows, jb, U + i0 * kp, V + j0 * kp, Y + i0 * kp,
                          Zl + j0 * kp, kp, doy, doz && !power);
