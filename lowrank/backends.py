@@ -2,8 +2,9 @@
 
 ``backend`` is one of "auto", "torch", "triton", "cupy", "cpu". "auto" picks the fastest available
 for the tensor's device and dtype: Triton on CUDA when it imports; on the CPU, the C kernel
-("cpu", compiled on first use) for float32 weights when a C compiler is found; else torch. Asking explicitly for a backend
-that is not available raises :class:`BackendUnavailable`; nothing falls back silently.
+("cpu", compiled on first use) for float32 weights when a C compiler is found; else torch.
+Asking explicitly for a backend that is not available raises :class:`BackendUnavailable`;
+nothing falls back silently.
 
 The kernels live in the repository's top-level ``kernels/`` folder, installed as
 ``lowrank.kernels``. From a plain source checkout (no install, as on the GPU machine) that
@@ -128,8 +129,8 @@ def kernel_options(requested: str, resolved: str, *, precision: str = "fp32",
     ``precision`` other than "fp32" selects TF32 tensor cores where the Triton kernels run; under
     ``backend="auto"`` a matrix that lands on torch (CPU, float64) is computed exactly instead,
     while an explicit "torch" or "cupy" raises (they have no TF32 path). ``deterministic``: the
-    torch and cpu backends are always deterministic (the C kernel sums its threads' partials in
-    a fixed order), Triton sums its cross-program partials in a fixed
+    torch and cpu backends are always deterministic (the C kernel sums its per-chunk partials in
+    a fixed order, for a given thread count), Triton sums its cross-program partials in a fixed
     order, and the CuPy kernel (atomics) raises.
     """
     if precision not in PRECISIONS:

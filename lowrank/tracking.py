@@ -218,8 +218,8 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
     S = [s.Y if side == "y" else s.Z for s in sketches]
     finite = [torch.isfinite(s.fro2) & finite_each(x)
               for s, x in zip(sketches, S)]
-    basis, sigma, overlap = _sides_batched(S, [t.U if side == "y" else t.V for t in trackers],
-                                           finite, trackers, offset=0 if side == "y" else 1)
+    basis, sigma, overlap, _ = _sides_batched(S, [t.U if side == "y" else t.V for t in trackers],
+                                              finite, trackers, offset=0 if side == "y" else 1)
     flags = cat(finite)
     all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
     for i, (t, s) in enumerate(zip(trackers, sketches)):
@@ -248,14 +248,14 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
     count = len(trackers)
     finite = [torch.isfinite(s.fro2) & finite_each(s.Y) for s in sketches]
     Uq, sigma_y, overlap_u, factor = _sides_batched(
-        [s.Y for s in sketches], [t.U for t in trackers], finite, trackers, offset=0,
-        with_factor=True)
+        [s.Y for s in sketches], [t.U for t in trackers], finite, trackers, offset=0)
     Z = [s.P.to(torch.float64) @ T if s.P is not None and T is not None
          else W.to(s.Y.dtype).transpose(-2, -1).unsqueeze(0) @ u.to(s.Y.dtype)
          for W, s, u, T in zip(weights, sketches, Uq, factor)]
     # Z can overflow where Y did not (a column of huge weights): the step is then non-finite.
     finite = [f & finite_each(z) for f, z in zip(finite, Z)]
-    Vq, sigma_z, overlap_v = _sides_batched(Z, [t.V for t in trackers], finite, trackers, offset=1)
+    Vq, sigma_z, overlap_v, _ = _sides_batched(Z, [t.V for t in trackers], finite, trackers,
+                                               offset=1)
     flags = torch.cat(finite)
     all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
     for i in range(count):
@@ -265,12 +265,12 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
 
 
 def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], finite: list[torch.Tensor],
-                   trackers: list[MatrixTracker], *, offset: int, with_factor: bool = False):
+                   trackers: list[MatrixTracker], *, offset: int):
     """One side of :func:`absorb_sequential`: post-process the sketches S[i] (1, p_i, k_i) against
     the bases B_old[i], one batched call per (p, k, dtype, device); refill seeds as in
     :func:`lowrank.postprocess.postprocess_torch` (2 step + offset). Non-finite sketches are
-    zeroed first (their state is kept by the commit). Returns three lists, in input order, and
-    with ``with_factor`` a fourth: the factors T (or None) of
+    zeroed first (their state is kept by the commit). Returns four lists, in input order: bases,
+    sigmas, overlaps and the factors T (or None) of
     :func:`lowrank.postprocess.postprocess_side_torch`."""
     groups: dict[tuple, list[int]] = {}
     for i, (s, b) in enumerate(zip(S, B_old)):
@@ -291,6 +291,4 @@ def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], finite: lis
             out_basis[i], out_sigma[i] = basis[j:j + 1], sigma[j:j + 1]
             out_overlap[i] = overlap[j:j + 1]
             out_factor[i] = None if factor is None else factor[j:j + 1]
-    if with_factor:
-        return out_basis, out_sigma, out_overlap, out_factor
-    return out_basis, out_sigma, out_overlap
+    return out_basis, out_sigma, out_overlap, out_factor
