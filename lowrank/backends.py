@@ -181,11 +181,15 @@ def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None,
 
 
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):
-    """Op ``postprocess``. Only CuPy has its own kernel; Triton and cpu use the torch reference.
+    """Op ``postprocess``. CuPy and cpu have kernels (the cpu one for the common case only,
+    falling back to the torch reference); Triton uses the torch reference.
 
     ``refill`` (see :func:`lowrank.postprocess.postprocess_torch`) is used by the torch path;
     the CuPy kernel draws its own candidates from (seed, step) on the device.
     """
+    if backend == "cpu":
+        return kernel_module("cpu", "postprocess").postprocess_cpu(Y, Z, U, V, seed=seed,
+                                                                  step=step, refill=refill)
     if backend == "cupy":
         return kernel_module("cupy", "postprocess").postprocess_cupy(Y, Z, U, V, seed=seed, step=step)
     return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)

@@ -10,6 +10,7 @@ raises the ``nonfinite`` flag instead of poisoning later steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -188,7 +189,7 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     if sketches[0].Y is None or sketches[0].Z is None:
-        _absorb_group_one_side(trackers, sketches, cat)
+        _absorb_group_one_side(trackers, sketches, cat, backend=backend)
         return
     sk = SketchOut(*(cat([getattr(s, f) for s in sketches]) for f in ("Y", "Z", "fro2", "row_sq")))
     U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
@@ -210,16 +211,16 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
         t.commit(s, one, finite[i:i + 1], all_finite)
 
 
-def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchOut], cat) -> None:
-    """:func:`absorb_group` for one-sided sketches (torch backend, alternating schedule)."""
+def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchOut], cat, *,
+                           backend: str = "torch") -> None:
+    """:func:`absorb_group` for one-sided sketches (alternating schedule)."""
     side = "y" if sketches[0].Z is None else "z"
     if any((s.Z is None) != (side == "y") or (s.Y is None) != (side == "z") for s in sketches):
         raise ValueError("a group of trackers must sketch the same side each step")
     S = [s.Y if side == "y" else s.Z for s in sketches]
-    finite = [torch.isfinite(s.fro2) & finite_each(x)
-              for s, x in zip(sketches, S)]
-    basis, sigma, overlap, _ = _sides_batched(S, [t.U if side == "y" else t.V for t in trackers],
-                                              finite, trackers, offset=0 if side == "y" else 1)
+    basis, sigma, overlap, _, finite = _sides_batched(
+        S, [t.U if side == "y" else t.V for t in trackers], [s.fro2 for s in sketches], trackers,
+        [backend] * len(trackers), offset=0 if side == "y" else 1)
     flags = cat(finite)
     all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
     for i, (t, s) in enumerate(zip(trackers, sketches)):
@@ -227,14 +228,14 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
 
 
 def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
-                      weights: list[torch.Tensor]) -> None:
+                      weights: list[torch.Tensor], backends_used: list[str] | None = None) -> None:
     """The sequential schedule (torch and cpu backends) for any set of tracked matrices, whatever
     their shapes: from Y = W V (the sketches) the next U, then Z = W^T U_next and the next V.
     Both estimates are of the current W, so each state is committed as for "both"; the basis
     pair has moved a full power step instead of two half steps.
 
     Z comes without a second read of W where the sketch carries P = W^T Y (sides="power") and the
-    Y side took the CPU fast path, whose factor T gives U_next = Y T, so W^T U_next = P T (in
+    Y side took the fast path, whose factor T gives U_next = Y T, so W^T U_next = P T (in
     float64; the float32 rounding of U_next is the only difference from the product). Else (a
     refill or a re-orthonormalised basis, or no P) Z = W^T U_next from ``weights`` (each matrix
     as (m, n), after this step's update).
@@ -242,20 +243,23 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
     The small post-processing of each side is batched over the matrices that share that side's
     dimension: the Y sides by (m, k), the Z sides by (n, k). A convnet whose layers share output
     widths but not input sizes pays one call per distinct dimension, not one per shape.
+    ``backends_used``: each matrix's backend; those on "cpu" are post-processed by the C kernel
+    (kernels/cpu/postprocess.c) where it applies, the others by the torch reference.
     """
     if any(s.Y is None for s in sketches):
         raise ValueError("the sequential schedule starts from Y = W V sketches")
     count = len(trackers)
-    finite = [torch.isfinite(s.fro2) & finite_each(s.Y) for s in sketches]
-    Uq, sigma_y, overlap_u, factor = _sides_batched(
-        [s.Y for s in sketches], [t.U for t in trackers], finite, trackers, offset=0)
-    Z = [s.P.to(torch.float64) @ T if s.P is not None and T is not None
-         else W.to(s.Y.dtype).transpose(-2, -1).unsqueeze(0) @ u.to(s.Y.dtype)
-         for W, s, u, T in zip(weights, sketches, Uq, factor)]
-    # Z can overflow where Y did not (a column of huge weights): the step is then non-finite.
-    finite = [f & finite_each(z) for f, z in zip(finite, Z)]
-    Vq, sigma_z, overlap_v, _ = _sides_batched(Z, [t.V for t in trackers], finite, trackers,
-                                               offset=1)
+    backends_used = backends_used or ["torch"] * count
+    Uq, sigma_y, overlap_u, Z, finite = _sides_batched(
+        [s.Y for s in sketches], [t.U for t in trackers], [s.fro2 for s in sketches], trackers,
+        backends_used, offset=0, products=[s.P for s in sketches])
+    Z = [z if z is not None else W.to(s.Y.dtype).transpose(-2, -1).unsqueeze(0) @ u.to(s.Y.dtype)
+         for W, s, u, z in zip(weights, sketches, Uq, Z)]
+    # Z can overflow where Y did not (a column of huge weights): the step is then non-finite
+    # (the Z side checks its sketches; a matrix already flagged stays flagged).
+    Vq, sigma_z, overlap_v, _, finite_z = _sides_batched(
+        Z, [t.V for t in trackers], [None] * count, trackers, backends_used, offset=1)
+    finite = [f & g for f, g in zip(finite, finite_z)]
     flags = torch.cat(finite)
     all_finite = _checks.host_reads_are_free(flags) and bool(flags.all())
     for i in range(count):
@@ -264,31 +268,76 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
         trackers[i].commit(sketches[i], post, finite[i], all_finite)
 
 
-def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], finite: list[torch.Tensor],
-                   trackers: list[MatrixTracker], *, offset: int):
-    """One side of :func:`absorb_sequential`: post-process the sketches S[i] (1, p_i, k_i) against
-    the bases B_old[i], one batched call per (p, k, dtype, device); refill seeds as in
-    :func:`lowrank.postprocess.postprocess_torch` (2 step + offset). Non-finite sketches are
-    zeroed first (their state is kept by the commit). Returns four lists, in input order: bases,
-    sigmas, overlaps and the factors T (or None) of
-    :func:`lowrank.postprocess.postprocess_side_torch`."""
+def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], fro2: list,
+                   trackers: list[MatrixTracker], backends_used: list[str], *, offset: int,
+                   products: list | None = None):
+    """One side of the sequential or alternating schedule: post-process the sketches S[i]
+    (1, p_i, k_i) against the bases B_old[i], one batched call per (p, k, dtype, device,
+    backend); refill seeds as in :func:`lowrank.postprocess.postprocess_torch` (2 step + offset).
+
+    A sketch is finite when its entries and its ``fro2[i]`` (None: not checked) are; non-finite
+    sketches are zeroed first (their state is kept by the commit). ``products[i]`` (None or a
+    (1, n_i, k_i) float32 P) asks for P T, T the k x k factor with B_next = S T, where the fast
+    path gives one (matrices are grouped by P's rows as well). Groups on the "cpu" backend run the C kernel first and the torch reference
+    only when some matrix of the group needs it (not finite, refill, Cholesky-QR round).
+    Returns five lists, in input order: bases, sigmas, overlaps, P T (float64, or None) and the
+    (1,) bool finite flags.
+    """
+    products = products or [None] * len(S)
     groups: dict[tuple, list[int]] = {}
     for i, (s, b) in enumerate(zip(S, B_old)):
-        groups.setdefault((s.shape[-2], s.shape[-1], b.dtype, s.device), []).append(i)
-    out_basis, out_sigma, out_overlap, out_factor = ([None] * len(S) for _ in range(4))
-    for (p, k, _, dev), idx in groups.items():
-        flags = torch.cat([finite[i] for i in idx])
+        key = (s.shape[-2], s.shape[-1], b.dtype, s.device, backends_used[i] == "cpu",
+               None if products[i] is None else products[i].shape[-2])
+        groups.setdefault(key, []).append(i)
+    out = [[None] * len(S) for _ in range(5)]  # basis, sigma, overlap, P T, finite
+    for (p, k, _, dev, on_kernel, p_rows), idx in groups.items():
+        with_p = p_rows is not None
         sk = torch.cat([S[i] for i in idx])
+        old = torch.cat([B_old[i] for i in idx])
+        prods = torch.cat([products[i] for i in idx]) if with_p else None
+        if on_kernel and _kernel_side(sk, old, prods, [fro2[i] for i in idx], idx, out):
+            continue
+        finite = [finite_each(S[i]) if fro2[i] is None else torch.isfinite(fro2[i]) & finite_each(S[i])
+                  for i in idx]
+        flags = torch.cat(finite)
         if not (_checks.host_reads_are_free(flags) and bool(flags.all())):
             sk = torch.where(flags.view(-1, 1, 1), sk, torch.zeros_like(sk))
         seeds = [(trackers[i].seed, 2 * trackers[i].step + offset) for i in idx]
         basis, sigma, overlap, factor = postprocess_side_torch(
-            sk, torch.cat([B_old[i] for i in idx]),
+            sk, old,
             lambda seeds=seeds, p=p, k=k, dev=dev: torch.cat(
                 [refill_candidates((1, p, k), seed, step, dev) for seed, step in seeds]),
             with_factor=True)
+        applied = prods.to(torch.float64) @ factor if with_p and factor is not None else None
         for j, i in enumerate(idx):
-            out_basis[i], out_sigma[i] = basis[j:j + 1], sigma[j:j + 1]
-            out_overlap[i] = overlap[j:j + 1]
-            out_factor[i] = None if factor is None else factor[j:j + 1]
-    return out_basis, out_sigma, out_overlap, out_factor
+            part = slice(j, j + 1)
+            out[0][i], out[1][i], out[2][i] = basis[part], sigma[part], overlap[part]
+            out[3][i] = None if applied is None else applied[part]
+            out[4][i] = finite[j]
+    return tuple(out)
+
+
+def _kernel_side(S: torch.Tensor, B_old: torch.Tensor, P, fro2: list, idx: list[int],
+                 out: list) -> bool:
+    """The C kernel's post-processing of one batched side (see :func:`_sides_batched`); fills
+    ``out`` at ``idx`` and returns True, or False (nothing written) when the kernel does not
+    take these operands or some matrix needs the torch reference."""
+    kernel = backends.kernel_module("cpu", "postprocess")
+    # The kernel reports per matrix whether its path applied: a host read (free on the CPU).
+    if not (_checks.host_reads_are_free(S) and kernel.supported(S, B_old)):
+        return False
+    checks = [f for f in fro2 if f is not None]
+    if checks and not math.isfinite(float(checks[0].sum() if len(checks) == 1
+                                          else torch.cat(checks).sum())):
+        return False
+    done = kernel.postprocess_side_cpu(S, B_old, P=P)
+    if done is None:
+        return False
+    basis, sigma, overlap, _, applied = done
+    true = torch.ones(1, dtype=torch.bool)
+    for j, i in enumerate(idx):
+        part = slice(j, j + 1)
+        out[0][i], out[1][i], out[2][i] = basis[part], sigma[part], overlap[part]
+        out[3][i] = None if applied is None else applied[part]
+        out[4][i] = true
+    return True

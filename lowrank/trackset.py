@@ -230,7 +230,8 @@ class TrackedSet:
             # Z = W^T U_next comes from the weights after the update; each side is batched over
             # the matrices that share its dimension (see absorb_sequential).
             absorb_sequential([tr for _, tr, _ in sequential], [sk for _, _, sk in sequential],
-                              [self.matrix(name) for name, _, _ in sequential])
+                              [self.matrix(name) for name, _, _ in sequential],
+                              [self.backend[name] for name, _, _ in sequential])
         for name, _ in pending:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:

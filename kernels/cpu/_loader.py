@@ -1,9 +1,9 @@
-"""Build and load the CPU kernel library ``sgd_sketch.c``.
+"""Build and load the CPU kernel library (``sgd_sketch.c`` and ``postprocess.c``).
 
-On first use the source is compiled with the system C compiler (``$CC``, default ``cc``) for
+On first use the sources are compiled with the system C compiler (``$CC``, default ``cc``) for
 this machine's instruction set (``-march=native``) and OpenMP, into a cache folder
 (``$LOWRANK_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowrank``, else ``~/.cache/lowrank``) under a
-name that hashes the source, the flags, the compiler and the CPU's feature flags, so a shared
+name that hashes the sources, the flags, the compiler and the CPU's feature flags, so a shared
 home folder never serves a library built for another CPU. A build takes about a second; later
 processes load the cached file. No compiler, or a failed build, raises
 :class:`~lowrank.backends.BackendUnavailable` (``backend="auto"`` then uses the torch backend).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lowrank.backends import BackendUnavailable
 
-SOURCE = "sgd_sketch.c"
+SOURCES = ("sgd_sketch.c", "postprocess.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _lock = threading.Lock()
@@ -61,17 +61,19 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(compiler: str, src: str, target: Path) -> None:
+def _build(compiler: str, sources: dict[str, str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        c_file = Path(tmp) / SOURCE
-        c_file.write_text(src, encoding="utf-8")
+        c_files = []
+        for name, text in sources.items():
+            c_files.append(Path(tmp) / name)
+            c_files[-1].write_text(text, encoding="utf-8")
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(c_file)],
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, c_files)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise BackendUnavailable(
-                f"backend='cpu': compiling {SOURCE} with {compiler} failed:\n{proc.stderr[-2000:]}")
+            raise BackendUnavailable(f"backend='cpu': compiling {', '.join(sources)} with "
+                                     f"{compiler} failed:\n{proc.stderr[-2000:]}")
         os.replace(out, target)  # atomic: a concurrent process sees the old file or the new one
 
 
@@ -88,14 +90,15 @@ def library() -> ctypes.CDLL:
         if path is None:
             raise BackendUnavailable(f"backend='cpu' needs a C compiler with OpenMP ({compiler!r} "
                                      "not found; set CC); use backend='torch'")
-        src = importlib.resources.files(__package__).joinpath(SOURCE).read_text(encoding="utf-8")
+        here = importlib.resources.files(__package__)
+        sources = {name: here.joinpath(name).read_text(encoding="utf-8") for name in SOURCES}
         version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\0".join([src, " ".join(FLAGS), version, _cpu_features()])
-                             .encode()).hexdigest()[:16]
-        target = cache_dir() / f"sgd_sketch-{key}.so"
+        key = hashlib.sha256("\0".join([*sources.values(), " ".join(FLAGS), version,
+                                        _cpu_features()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"lowrank_cpu-{key}.so"
         if not target.exists():
             try:
-                _build(path, src, target)
+                _build(path, sources, target)
             except OSError as exc:  # cache folder not writable: build in a temporary one
                 raise BackendUnavailable(f"backend='cpu': cannot build in {target.parent}: {exc}; "
                                          "set LOWRANK_CACHE_DIR to a writable folder") from exc
@@ -109,6 +112,10 @@ def library() -> ctypes.CDLL:
         fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.POINTER(SgdHyper), ptr, ptr, ptr,
                        ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ctypes.c_int]
         fn.restype = None
+        fn = lib.lowrank_postprocess_side
+        fn.argtypes = [i64, i64, i64, ptr, ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64,
+                       i64, ptr, ctypes.c_double, ptr, ctypes.c_int]
+        fn.restype = ctypes.c_int
         _library = lib
         return lib
 

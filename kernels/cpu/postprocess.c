@@ -1,0 +1,338 @@
+/* CPU kernel of the post-processing of one side (the fast path of lowrank/postprocess.py's
+ * _fast_side), float64 throughout, for a batch of b sketches S (p x k) against old bases B:
+ *
+ *   G = S^T S,  C = B^T S            k x k, from one read of S and B (row chunks, see below)
+ *   G = E diag(l) E^T                cyclic Jacobi, eigenvalues descending
+ *   M = E diag(l)^-1/2               Ritz coefficients: S M is orthonormal
+ *   overlap = C M, signs s = sign(diag(overlap)), T = M diag(s), overlap <- overlap diag(s)
+ *   Q = S T (float32 basis),  sigma = sqrt(l),  optionally PT = P T (P: n x k float32)
+ *
+ * Status per matrix: 0 done; 1 S is not finite; 2 the fast path does not apply (a direction
+ * below the floors, or lambda_k / lambda_1 under `well_above`: the Ritz vectors would need a
+ * Cholesky-QR round). The caller runs the torch reference for a batch with any nonzero status,
+ * so this file holds no refill logic. Q, overlap, T, PT of such a matrix are left unwritten.
+ *
+ * Determinism: the Grams are summed over fixed chunks of CHUNK rows, partials added in chunk
+ * order, so results do not depend on the number of threads.
+ *
+ * Why Jacobi: the k x k eigenproblems are tiny (k <= KMAX) and, once tracking has converged,
+ * nearly diagonal in the tracked basis (G = V^T W^T W V with V close to the singular vectors),
+ * where cyclic Jacobi converges in a sweep or two. Rotations are skipped when
+ * |g_pq| <= eps sqrt(g_pp g_qq) (Demmel-Veselic), which keeps small eigenvalues of a positive
+ * definite Gram to high relative accuracy.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define KMAX 64
+#define CHUNK 1024
+#define JACOBI_MAX_SWEEPS 60
+/* same constants as lowrank/postprocess.py */
+#define GRAM_RELATIVE_FLOOR 1e-14
+#define GRAM_ABSOLUTE_FLOOR 1e-280
+
+enum { PP_OK = 0, PP_NONFINITE = 1, PP_GENERAL = 2 };
+
+typedef double d8v __attribute__((vector_size(64)));
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Rows [r, r + nr) of a float32 or float64 array (row stride ld) as doubles, padded with zeros
+ * to kp columns, into buf (nr x kp). */
+ALWAYS_INLINE void load_rows(const void *A, int a_f64, int64_t ld, int64_t r, int64_t nr,
+                             int64_t k, double *buf, const int kp)
+{
+    for (int64_t i = 0; i < nr; i++) {
+        double *o = buf + i * kp;
+        if (a_f64) {
+            const double *x = (const double *)A + (r + i) * ld;
+            for (int64_t j = 0; j < k; j++) o[j] = x[j];
+        } else {
+            const float *x = (const float *)A + (r + i) * ld;
+            for (int64_t j = 0; j < k; j++) o[j] = x[j];
+        }
+        for (int64_t j = k; j < kp; j++) o[j] = 0.0;
+    }
+}
+
+#define RB 64 /* rows converted to float64 at a time (an L1-sized panel) */
+
+/* Partial G = S^T S and C = B^T S over rows [r0, r1), written as k x k. Register blocking:
+ * IB rows of G and of C (IB * kp / 8 vectors each) stay in registers while a panel of rows
+ * streams past; each loaded row vector of S feeds 2 IB FMAs. kp is a compile-time constant in
+ * each specialisation. */
+ALWAYS_INLINE void partial_grams_kp(const void *S, int s_f64, int64_t lds, const float *B,
+                                    int64_t r0, int64_t r1, int64_t k, double *G, double *C,
+                                    const int kp)
+{
+    enum { IB = 4 };
+    const int nv = kp / 8;
+    double sbuf[RB * KMAX] __attribute__((aligned(64)));
+    double bbuf[RB * KMAX] __attribute__((aligned(64)));
+    d8v g[KMAX][KMAX / 8], c[KMAX][KMAX / 8];
+    for (int i = 0; i < kp; i++)
+        for (int v = 0; v < nv; v++) g[i][v] = c[i][v] = (d8v){0};
+    for (int64_t rb = r0; rb < r1; rb += RB) {
+        const int64_t nr = r1 - rb < RB ? r1 - rb : RB;
+        load_rows(S, s_f64, lds, rb, nr, k, sbuf, kp);
+        load_rows(B, 0, k, rb, nr, k, bbuf, kp);
+        for (int i0 = 0; i0 < kp; i0 += IB) {
+            d8v ga[IB][KMAX / 8], ca[IB][KMAX / 8];
+            for (int ii = 0; ii < IB; ii++)
+                for (int v = 0; v < nv; v++) { ga[ii][v] = g[i0 + ii][v]; ca[ii][v] = c[i0 + ii][v]; }
+            for (int64_t r = 0; r < nr; r++) {
+                const double *srow = sbuf + r * kp, *brow = bbuf + r * kp;
+                d8v sv[KMAX / 8];
+                for (int v = 0; v < nv; v++) memcpy(&sv[v], srow + 8 * v, sizeof(d8v));
+                for (int ii = 0; ii < IB; ii++) {
+                    const double si = srow[i0 + ii], bi = brow[i0 + ii];
+                    for (int v = 0; v < nv; v++) {
+                        ga[ii][v] += si * sv[v];
+                        ca[ii][v] += bi * sv[v];
+                    }
+                }
+            }
+            for (int ii = 0; ii < IB; ii++)
+                for (int v = 0; v < nv; v++) { g[i0 + ii][v] = ga[ii][v]; c[i0 + ii][v] = ca[ii][v]; }
+        }
+    }
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t j = 0; j < k; j++) {
+            G[i * k + j] = g[i][j / 8][j % 8];
+            C[i * k + j] = c[i][j / 8][j % 8];
+        }
+}
+
+/* out rows [r0, r1) = A rows times T (k x k); A float32 or float64 (row stride lda), out
+ * float32 (out_f64 = 0) or float64, contiguous (p, k). Four rows at a time, so that each
+ * vector of T loaded feeds four FMAs. */
+ALWAYS_INLINE void apply_factor_kp(const void *A, int a_f64, int64_t lda, const double *T,
+                                   int64_t k, int64_t r0, int64_t r1, void *out, int out_f64,
+                                   const int kp)
+{
+    enum { RQ = 4 };
+    const int nv = kp / 8;
+    d8v t[KMAX][KMAX / 8];
+    for (int i = 0; i < kp; i++)
+        for (int v = 0; v < nv; v++)
+            for (int j = 0; j < 8; j++) {
+                const int64_t col = 8 * v + j;
+                t[i][v][j] = i < k && col < k ? T[i * k + col] : 0.0;
+            }
+    double abuf[RB * KMAX] __attribute__((aligned(64)));
+    for (int64_t rb = r0; rb < r1; rb += RB) {
+        const int64_t nr = r1 - rb < RB ? r1 - rb : RB;
+        load_rows(A, a_f64, lda, rb, nr, k, abuf, kp);
+        for (int64_t r = 0; r < nr; r += RQ) {
+            const int rows = nr - r < RQ ? (int)(nr - r) : RQ;
+            d8v acc[RQ][KMAX / 8];
+            for (int q = 0; q < RQ; q++)
+                for (int v = 0; v < nv; v++) acc[q][v] = (d8v){0};
+            for (int i = 0; i < kp; i++)
+                for (int q = 0; q < RQ; q++) {
+                    const double a = q < rows ? abuf[(r + q) * kp + i] : 0.0;
+                    for (int v = 0; v < nv; v++) acc[q][v] += a * t[i][v];
+                }
+            for (int q = 0; q < rows; q++) {
+                const int64_t row = rb + r + q;
+                if (out_f64) {
+                    double *o = (double *)out + row * k;
+                    for (int64_t j = 0; j < k; j++) o[j] = acc[q][j / 8][j % 8];
+                } else {
+                    float *o = (float *)out + row * k;
+                    for (int64_t j = 0; j < k; j++) o[j] = (float)acc[q][j / 8][j % 8];
+                }
+            }
+        }
+    }
+}
+
+/* One specialisation per padded width kp = 8, 16, ..., KMAX. */
+#define SPECIALISE(KP)                                                                          \
+    static void partial_grams_##KP(const void *S, int s_f64, int64_t lds, const float *B,      \
+                                   int64_t r0, int64_t r1, int64_t k, double *G, double *C)     \
+    { partial_grams_kp(S, s_f64, lds, B, r0, r1, k, G, C, KP); }                               \
+    static void apply_factor_##KP(const void *A, int a_f64, int64_t lda, const double *T,      \
+                                  int64_t k, int64_t r0, int64_t r1, void *out, int out_f64)    \
+    { apply_factor_kp(A, a_f64, lda, T, k, r0, r1, out, out_f64, KP); }
+SPECIALISE(8) SPECIALISE(16) SPECIALISE(24) SPECIALISE(32)
+SPECIALISE(40) SPECIALISE(48) SPECIALISE(56) SPECIALISE(64)
+
+typedef void (*grams_fn)(const void *, int, int64_t, const float *, int64_t, int64_t, int64_t,
+                         double *, double *);
+typedef void (*apply_fn)(const void *, int, int64_t, const double *, int64_t, int64_t, int64_t,
+                         void *, int);
+static const grams_fn GRAMS[KMAX / 8] = {partial_grams_8, partial_grams_16, partial_grams_24,
+    partial_grams_32, partial_grams_40, partial_grams_48, partial_grams_56, partial_grams_64};
+static const apply_fn APPLY[KMAX / 8] = {apply_factor_8, apply_factor_16, apply_factor_24,
+    apply_factor_32, apply_factor_40, apply_factor_48, apply_factor_56, apply_factor_64};
+
+/* Eigendecomposition of the symmetric k x k matrix A (row-major, destroyed) by cyclic Jacobi:
+ * evals descending, E's columns the eigenvectors (row-major k x k). Returns 0, or -1 when it
+ * did not converge in JACOBI_MAX_SWEEPS sweeps (never seen; the caller then takes the
+ * reference path). A rotation in the (p, q) plane changes rows and columns p and q only; the
+ * rows are updated (contiguous) and mirrored into the columns, and the eigenvectors are kept
+ * as rows of Vt, so every update runs along contiguous memory. */
+static int jacobi_eigh(double *A, int64_t k, double *evals, double *E)
+{
+    double Vt[KMAX * KMAX];
+    memset(Vt, 0, sizeof(double) * k * k);
+    for (int64_t i = 0; i < k; i++) Vt[i * k + i] = 1.0;
+    const double eps = 0x1.0p-53;
+    int converged = 0;
+    for (int sweep = 0; sweep < JACOBI_MAX_SWEEPS && !converged; sweep++) {
+        int rotated = 0;
+        for (int64_t p = 0; p < k - 1; p++)
+            for (int64_t q = p + 1; q < k; q++) {
+                double *Ap = A + p * k, *Aq = A + q * k;
+                const double apq = Ap[q], app = Ap[p], aqq = Aq[q];
+                if (apq == 0.0)
+                    continue;
+                if (fabs(apq) <= eps * sqrt(fabs(app * aqq))) {
+                    Ap[q] = Aq[p] = 0.0;
+                    continue;
+                }
+                rotated = 1;
+                /* tan of the rotation angle, the smaller root (|t| <= 1), stable form */
+                const double theta = (aqq - app) / (2.0 * apq);
+                const double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                const double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
+                for (int64_t r = 0; r < k; r++) {
+                    const double apr = Ap[r], aqr = Aq[r];
+                    Ap[r] = c * apr - s * aqr;
+                    Aq[r] = s * apr + c * aqr;
+                }
+                Ap[p] = app - t * apq; /* exact forms of the 2 x 2 block */
+                Aq[q] = aqq + t * apq;
+                Ap[q] = Aq[p] = 0.0;
+                for (int64_t r = 0; r < k; r++) { /* symmetry: columns p, q mirror the rows */
+                    A[r * k + p] = Ap[r];
+                    A[r * k + q] = Aq[r];
+                }
+                double *Vp = Vt + p * k, *Vq = Vt + q * k;
+                for (int64_t r = 0; r < k; r++) {
+                    const double vp = Vp[r], vq = Vq[r];
+                    Vp[r] = c * vp - s * vq;
+                    Vq[r] = s * vp + c * vq;
+                }
+            }
+        converged = !rotated;
+    }
+    if (!converged)
+        return -1;
+    /* sort descending (selection sort over k <= KMAX entries) */
+    int64_t order[KMAX];
+    for (int64_t i = 0; i < k; i++) order[i] = i;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t best = i;
+        for (int64_t j = i + 1; j < k; j++)
+            if (A[order[j] * k + order[j]] > A[order[best] * k + order[best]]) best = j;
+        const int64_t tmp = order[i]; order[i] = order[best]; order[best] = tmp;
+    }
+    for (int64_t i = 0; i < k; i++) {
+        evals[i] = A[order[i] * k + order[i]];
+        for (int64_t r = 0; r < k; r++) E[r * k + i] = Vt[order[i] * k + r];
+    }
+    return 0;
+}
+
+static int all_finite(const void *S, int s_f64, int64_t ld, int64_t p, int64_t k)
+{
+    for (int64_t r = 0; r < p; r++)
+        for (int64_t j = 0; j < k; j++) {
+            const double x = s_f64 ? ((const double *)S)[r * ld + j] : ((const float *)S)[r * ld + j];
+            if (!isfinite(x)) return 0;
+        }
+    return 1;
+}
+
+/* From the summed Grams of one matrix: status, sigma (k), T (k x k), overlap (k x k). */
+static int factor(double *G, const double *C, int64_t k, double well_above, double *sigma,
+                  double *T, double *overlap)
+{
+    double evals[KMAX], E[KMAX * KMAX];
+    for (int64_t i = 0; i < k; i++)
+        if (!isfinite(G[i * k + i])) return PP_NONFINITE; /* confirmed by the caller */
+    if (jacobi_eigh(G, k, evals, E) != 0) return PP_GENERAL;
+    const double top = evals[0], low = evals[k - 1];
+    if (!(low > GRAM_RELATIVE_FLOOR * top && low > GRAM_ABSOLUTE_FLOOR && low > well_above * top))
+        return PP_GENERAL;
+    for (int64_t i = 0; i < k; i++) {
+        sigma[i] = sqrt(evals[i]);
+        const double inv = 1.0 / sigma[i];
+        for (int64_t r = 0; r < k; r++) T[r * k + i] = E[r * k + i] * inv; /* M */
+    }
+    for (int64_t i = 0; i < k; i++) /* overlap = C M */
+        for (int64_t j = 0; j < k; j++) {
+            double acc = 0.0;
+            for (int64_t l = 0; l < k; l++) acc += C[i * k + l] * T[l * k + j];
+            overlap[i * k + j] = acc;
+        }
+    for (int64_t j = 0; j < k; j++)
+        if (overlap[j * k + j] < 0)
+            for (int64_t r = 0; r < k; r++) {
+                T[r * k + j] = -T[r * k + j];
+                overlap[r * k + j] = -overlap[r * k + j];
+            }
+    return PP_OK;
+}
+
+/* The batch: S (b, p, k) with row stride lds and matrix stride p * lds; B (b, p, k) float32
+ * contiguous; outputs Q (b, p, k) float32, sigma (b, k), overlap and T (b, k, k) float64,
+ * status (b). P (b, n, k) float32 with row stride ldp (or NULL) gives PT (b, n, k) float64.
+ * Returns 0, or -1 for k > KMAX or no memory (nothing written). */
+int lowrank_postprocess_side(int64_t b, int64_t p, int64_t k, const void *S, int s_f64,
+                             int64_t lds, const float *B, float *Q, double *sigma,
+                             double *overlap, double *T, const float *P, int64_t n, int64_t ldp,
+                             double *PT, double well_above, int *status, int nthreads)
+{
+    if (k < 1 || k > KMAX) return -1;
+    const grams_fn grams = GRAMS[(k - 1) / 8];
+    const apply_fn apply = APPLY[(k - 1) / 8];
+    const int64_t chunks = (p + CHUNK - 1) / CHUNK;
+    double *partial = malloc(sizeof(double) * 2 * k * k * chunks * b);
+    if (!partial) return -1;
+    const size_t elt = s_f64 ? sizeof(double) : sizeof(float);
+    #define S_OF(i) ((const char *)S + (size_t)(i) * p * lds * elt)
+    const int64_t qchunks = chunks, pchunks = P ? (n + CHUNK - 1) / CHUNK : 0;
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < b * chunks; t++) {
+            const int64_t i = t / chunks, c = t % chunks;
+            const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < p ? r0 + CHUNK : p;
+            double *G = partial + (i * chunks + c) * 2 * k * k;
+            grams(S_OF(i), s_f64, lds, B + i * p * k, r0, r1, k, G, G + k * k);
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < b; i++) {
+            double *G = partial + i * chunks * 2 * k * k, *C = G + k * k;
+            for (int64_t c = 1; c < chunks; c++) { /* fixed order: deterministic */
+                const double *Gc = G + c * 2 * k * k;
+                for (int64_t e = 0; e < 2 * k * k; e++) G[e] += Gc[e];
+            }
+            status[i] = factor(G, C, k, well_above, sigma + i * k, T + i * k * k,
+                               overlap + i * k * k);
+            if (status[i] == PP_NONFINITE && all_finite(S_OF(i), s_f64, lds, p, k))
+                status[i] = PP_GENERAL; /* finite entries whose squares overflow */
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < b * (qchunks + pchunks); t++) {
+            const int64_t i = t / (qchunks + pchunks), c = t % (qchunks + pchunks);
+            if (status[i] != PP_OK) continue;
+            if (c < qchunks) {
+                const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < p ? r0 + CHUNK : p;
+                apply(S_OF(i), s_f64, lds, T + i * k * k, k, r0, r1, Q + i * p * k, 0);
+            } else {
+                const int64_t r0 = (c - qchunks) * CHUNK, r1 = r0 + CHUNK < n ? r0 + CHUNK : n;
+                apply(P + i * n * ldp, 0, ldp, T + i * k * k, k, r0, r1, PT + i * n * k, 1);
+            }
+        }
+    }
+    #undef S_OF
+    free(partial);
+    return 0;
+}
