@@ -268,6 +268,11 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
         trackers[i].commit(sketches[i], post, finite[i], all_finite)
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along the batch, without the copy it makes of a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], fro2: list,
                    trackers: list[MatrixTracker], backends_used: list[str], *, offset: int,
                    products: list | None = None):
@@ -292,9 +297,8 @@ def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], fro2: list,
     out = [[None] * len(S) for _ in range(5)]  # basis, sigma, overlap, P T, finite
     for (p, k, _, dev, on_kernel, p_rows), idx in groups.items():
         with_p = p_rows is not None
-        sk = torch.cat([S[i] for i in idx])
-        old = torch.cat([B_old[i] for i in idx])
-        prods = torch.cat([products[i] for i in idx]) if with_p else None
+        sk, old = _cat([S[i] for i in idx]), _cat([B_old[i] for i in idx])
+        prods = _cat([products[i] for i in idx]) if with_p else None
         if on_kernel and _kernel_side(sk, old, prods, [fro2[i] for i in idx], idx, out):
             continue
         finite = [finite_each(S[i]) if fro2[i] is None else torch.isfinite(fro2[i]) & finite_each(S[i])

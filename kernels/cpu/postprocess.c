@@ -282,7 +282,8 @@ static int factor(double *G, const double *C, int64_t k, double well_above, doub
 /* The batch: S (b, p, k) with row stride lds and matrix stride p * lds; B (b, p, k) float32
  * contiguous; outputs Q (b, p, k) float32, sigma (b, k), overlap and T (b, k, k) float64,
  * status (b). P (b, n, k) float32 with row stride ldp (or NULL) gives PT (b, n, k) float64.
- * Returns 0, or -1 for k > KMAX or no memory (nothing written). */
+ * Returns the number of matrices whose status is not 0, or -1 for k > KMAX or no memory
+ * (nothing written). */
 int lowrank_postprocess_side(int64_t b, int64_t p, int64_t k, const void *S, int s_f64,
                              int64_t lds, const float *B, float *Q, double *sigma,
                              double *overlap, double *T, const float *P, int64_t n, int64_t ldp,
@@ -334,5 +335,7 @@ int lowrank_postprocess_side(int64_t b, int64_t p, int64_t k, const void *S, int
     }
     #undef S_OF
     free(partial);
-    return 0;
+    int failed = 0;
+    for (int64_t i = 0; i < b; i++) failed += status[i] != PP_OK;
+    return failed;
 }

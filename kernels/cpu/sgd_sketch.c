@@ -12,8 +12,10 @@
  * one thread pool serves both); Z is accumulated per chunk of rows and summed in a fixed order
  * at the end, so results do not depend on timing.
  *
- * Register blocking: a tile is ROWS rows x JB columns of W (16 KB: L1). For each column j and a
- * chunk of 16 (or 8) sketch columns, V[j] and Z[j] are loaded once and each of the ROWS entries
+ * Register blocking: a tile is ROWS rows x tile_cols(kp) columns of W, sized so that it and the
+ * tiles of V and Z (tile_cols x kp each) fit in 24 KB of the 32 KB L1 (at k = 16: 128 columns,
+ * 20 KB; 256 columns overflowed L1 and made a 2048^2 power pass 20-30% slower, A/B in one
+ * process). For each column j and a chunk of 16 (or 8) sketch columns, V[j] and Z[j] are loaded once and each of the ROWS entries
  * W[r, j] feeds two FMAs, into Y[r] (held in registers across the tile) and into Z[j]: 2k flops
  * per load of W for each product, near the FMA peak when W streams from cache.
  */
@@ -26,7 +28,16 @@
 #define MODE_POWER 4
 
 #define ROWS 8
-#define JB 256
+#define JB 128 /* row segment of the update; the widest product tile */
+
+/* Columns per product tile for sketch width kp: a power of two <= JB with
+ * cols * (ROWS + 2 kp) * 4 bytes <= 24 KB (>= 16). */
+static int64_t tile_cols(int64_t kp)
+{
+    int64_t cols = JB;
+    while (cols > 16 && cols * (ROWS + 2 * kp) * 4 > 24 * 1024) cols /= 2;
+    return cols;
+}
 
 typedef float f16v __attribute__((vector_size(64)));
 typedef float f8v __attribute__((vector_size(32)));
@@ -174,6 +185,7 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
     const int doz = (mode & MODE_Z) != 0, power = (mode & MODE_POWER) != 0;
     const int zside = doz || power;
     const int64_t nblocks = (m + ROWS - 1) / ROWS;
+    const int64_t tc = tile_cols(kp);
     if (chunks < 1) chunks = 1;
     if (chunks > nblocks) chunks = (int)nblocks;
     if (nthreads < 1) nthreads = 1;
@@ -202,15 +214,15 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
                         if (G) sgd_update(w, G + (i0 + r) * n + j0, buf ? buf + (i0 + r) * n + j0 : NULL, jb, h);
                         sq[r] += square_sum(w, jb);
                     }
-                for (int64_t j0 = 0; j0 < n; j0 += JB) {
-                    const int64_t jb = n - j0 < JB ? n - j0 : JB;
+                for (int64_t j0 = 0; j0 < n; j0 += tc) {
+                    const int64_t jb = n - j0 < tc ? n - j0 : tc;
                     /* power: Y of these rows is complete only after the sweep; Z follows below */
                     tile(Wb + j0, n, rows, jb, U + i0 * kp, V + j0 * kp, Y + i0 * kp,
                          Zl + j0 * kp, kp, doy, doz && !power);
                 }
                 if (power) /* second sweep over the same rows, from cache: Z[j] += W[r, j] Y[r] */
-                    for (int64_t j0 = 0; j0 < n; j0 += JB) {
-                        const int64_t jb = n - j0 < JB ? n - j0 : JB;
+                    for (int64_t j0 = 0; j0 < n; j0 += tc) {
+                        const int64_t jb = n - j0 < tc ? n - j0 : tc;
                         tile(Wb + j0, n, rows, jb, Y + i0 * kp, V + j0 * kp, Y + i0 * kp,
                              Zl + j0 * kp, kp, 0, 1);
                     }
