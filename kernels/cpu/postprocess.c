@@ -1,7 +1,7 @@
 /* CPU kernel of the post-processing of one side (the fast path of lowrank/postprocess.py's
  * _fast_side), float64 throughout, for a batch of b sketches S (p x k) against old bases B:
  *
- *   G = S^T S,  C = B^T S            k x k, from one read of S and B (row chunks, see below)
+ *   G = S^T S,  C = B^T S            k x k (k <= KMAX), from one read of S and B (row chunks)
  *   G = E diag(l) E^T                cyclic Jacobi, eigenvalues descending
  *   M = E diag(l)^-1/2               Ritz coefficients: S M is orthonormal
  *   overlap = C M, signs s = sign(diag(overlap)), T = M diag(s), overlap <- overlap diag(s)
@@ -27,7 +27,11 @@
 #include <string.h>
 #include <omp.h>
 
-#define KMAX 64
+/* Widest sketch taken. Jacobi costs O(k^3) per sweep against LAPACK's single reduction, and the
+ * products run on one thread per 1024-row chunk: at k = 64 the torch path (threaded MKL) was
+ * faster (1024^2 step 6.3 ms against 5.9 ms on the torch backend), at k = 32 this one (2.2 ms
+ * against 3.6 ms). */
+#define KMAX 32
 #define CHUNK 1024
 #define JACOBI_MAX_SWEEPS 60
 /* same constants as lowrank/postprocess.py */
@@ -158,16 +162,15 @@ ALWAYS_INLINE void apply_factor_kp(const void *A, int a_f64, int64_t lda, const 
                                   int64_t k, int64_t r0, int64_t r1, void *out, int out_f64)    \
     { apply_factor_kp(A, a_f64, lda, T, k, r0, r1, out, out_f64, KP); }
 SPECIALISE(8) SPECIALISE(16) SPECIALISE(24) SPECIALISE(32)
-SPECIALISE(40) SPECIALISE(48) SPECIALISE(56) SPECIALISE(64)
 
 typedef void (*grams_fn)(const void *, int, int64_t, const float *, int64_t, int64_t, int64_t,
                          double *, double *);
 typedef void (*apply_fn)(const void *, int, int64_t, const double *, int64_t, int64_t, int64_t,
                          void *, int);
 static const grams_fn GRAMS[KMAX / 8] = {partial_grams_8, partial_grams_16, partial_grams_24,
-    partial_grams_32, partial_grams_40, partial_grams_48, partial_grams_56, partial_grams_64};
+                                         partial_grams_32};
 static const apply_fn APPLY[KMAX / 8] = {apply_factor_8, apply_factor_16, apply_factor_24,
-    apply_factor_32, apply_factor_40, apply_factor_48, apply_factor_56, apply_factor_64};
+                                         apply_factor_32};
 
 /* Eigendecomposition of the symmetric k x k matrix A (row-major, destroyed) by cyclic Jacobi:
  * evals descending, E's columns the eigenvectors (row-major k x k). Returns 0, or -1 when it

@@ -16,7 +16,7 @@ from lowrank.postprocess import _WELL_CONDITIONED, PostOut, postprocess_torch
 
 from . import _loader
 
-KMAX = 64  # KMAX of postprocess.c: wider sketches take the torch path
+KMAX = 32  # KMAX of postprocess.c: wider sketches take the torch path (faster there)
 _CHUNK = 1024  # CHUNK of postprocess.c: rows per task (threads only help past one chunk)
 
 
