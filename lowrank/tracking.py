@@ -185,14 +185,11 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
     with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed.
     """
-    def cat(parts):
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-
     if sketches[0].Y is None or sketches[0].Z is None:
-        _absorb_group_one_side(trackers, sketches, cat, backend=backend)
+        _absorb_group_one_side(trackers, sketches, _cat, backend=backend)
         return
-    sk = SketchOut(*(cat([getattr(s, f) for s in sketches]) for f in ("Y", "Z", "fro2", "row_sq")))
-    U, V = cat([t.U for t in trackers]), cat([t.V for t in trackers])
+    sk = SketchOut(*(_cat([getattr(s, f) for s in sketches]) for f in ("Y", "Z", "fro2", "row_sq")))
+    U, V = _cat([t.U for t in trackers]), _cat([t.V for t in trackers])
     finite = torch.isfinite(sk.fro2) & finite_each(sk.Y) & finite_each(sk.Z)  # (b,)
     # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
     all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
@@ -201,8 +198,9 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
         fb = finite.view(-1, 1, 1)
         Y, Z = torch.where(fb, Y, torch.zeros_like(Y)), torch.where(fb, Z, torch.zeros_like(Z))
     (m, n), k, dev = trackers[0].shape, trackers[0].k, Y.device
-    refill = (lambda: cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trackers]),
-              lambda: cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
+    refill = (lambda: _cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev)
+                            for t in trackers]),
+              lambda: _cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
                            for t in trackers]))
     post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=trackers[0].step,
                                 refill=refill, backend=backend)
@@ -283,8 +281,9 @@ def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], fro2: list,
     A sketch is finite when its entries and its ``fro2[i]`` (None: not checked) are; non-finite
     sketches are zeroed first (their state is kept by the commit). ``products[i]`` (None or a
     (1, n_i, k_i) float32 P) asks for P T, T the k x k factor with B_next = S T, where the fast
-    path gives one (matrices are grouped by P's rows as well). Groups on the "cpu" backend run the C kernel first and the torch reference
-    only when some matrix of the group needs it (not finite, refill, Cholesky-QR round).
+    path gives one (matrices are grouped by P's rows as well). Groups on the "cpu" backend run
+    the C kernel first and the torch reference only when some matrix of the group needs it (not
+    finite, refill, Cholesky-QR round).
     Returns five lists, in input order: bases, sigmas, overlaps, P T (float64, or None) and the
     (1,) bool finite flags.
     """
@@ -301,8 +300,8 @@ def _sides_batched(S: list[torch.Tensor], B_old: list[torch.Tensor], fro2: list,
         prods = _cat([products[i] for i in idx]) if with_p else None
         if on_kernel and _kernel_side(sk, old, prods, [fro2[i] for i in idx], idx, out):
             continue
-        finite = [finite_each(S[i]) if fro2[i] is None else torch.isfinite(fro2[i]) & finite_each(S[i])
-                  for i in idx]
+        finite = [finite_each(S[i]) if fro2[i] is None
+                  else torch.isfinite(fro2[i]) & finite_each(S[i]) for i in idx]
         flags = torch.cat(finite)
         if not (_checks.host_reads_are_free(flags) and bool(flags.all())):
             sk = torch.where(flags.view(-1, 1, 1), sk, torch.zeros_like(sk))

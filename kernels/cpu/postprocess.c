@@ -85,7 +85,10 @@ ALWAYS_INLINE void partial_grams_kp(const void *S, int s_f64, int64_t lds, const
         for (int i0 = 0; i0 < kp; i0 += IB) {
             d8v ga[IB][KMAX / 8], ca[IB][KMAX / 8];
             for (int ii = 0; ii < IB; ii++)
-                for (int v = 0; v < nv; v++) { ga[ii][v] = g[i0 + ii][v]; ca[ii][v] = c[i0 + ii][v]; }
+                for (int v = 0; v < nv; v++) {
+                    ga[ii][v] = g[i0 + ii][v];
+                    ca[ii][v] = c[i0 + ii][v];
+                }
             for (int64_t r = 0; r < nr; r++) {
                 const double *srow = sbuf + r * kp, *brow = bbuf + r * kp;
                 d8v sv[KMAX / 8];
@@ -99,7 +102,10 @@ ALWAYS_INLINE void partial_grams_kp(const void *S, int s_f64, int64_t lds, const
                 }
             }
             for (int ii = 0; ii < IB; ii++)
-                for (int v = 0; v < nv; v++) { g[i0 + ii][v] = ga[ii][v]; c[i0 + ii][v] = ca[ii][v]; }
+                for (int v = 0; v < nv; v++) {
+                    g[i0 + ii][v] = ga[ii][v];
+                    c[i0 + ii][v] = ca[ii][v];
+                }
         }
     }
     for (int64_t i = 0; i < k; i++)
@@ -200,7 +206,8 @@ static int jacobi_eigh(double *A, int64_t k, double *evals, double *E)
                 rotated = 1;
                 /* tan of the rotation angle, the smaller root (|t| <= 1), stable form */
                 const double theta = (aqq - app) / (2.0 * apq);
-                const double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                const double t = (theta >= 0 ? 1.0 : -1.0)
+                                 / (fabs(theta) + sqrt(theta * theta + 1.0));
                 const double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
                 for (int64_t r = 0; r < k; r++) {
                     const double apr = Ap[r], aqr = Aq[r];
@@ -245,7 +252,8 @@ static int all_finite(const void *S, int s_f64, int64_t ld, int64_t p, int64_t k
 {
     for (int64_t r = 0; r < p; r++)
         for (int64_t j = 0; j < k; j++) {
-            const double x = s_f64 ? ((const double *)S)[r * ld + j] : ((const float *)S)[r * ld + j];
+            const double x = s_f64 ? ((const double *)S)[r * ld + j]
+                                   : ((const float *)S)[r * ld + j];
             if (!isfinite(x)) return 0;
         }
     return 1;

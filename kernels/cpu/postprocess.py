@@ -50,7 +50,8 @@ def postprocess_side_cpu(S: torch.Tensor, B_old: torch.Tensor, *, P: torch.Tenso
     B_old = B_old.contiguous()
     f64 = dict(dtype=torch.float64)
     Q = torch.empty(b, p, k)
-    sigma, overlap, T = torch.empty(b, k, **f64), torch.empty(b, k, k, **f64), torch.empty(b, k, k, **f64)
+    sigma = torch.empty(b, k, **f64)
+    overlap, T = torch.empty(b, k, k, **f64), torch.empty(b, k, k, **f64)
     status = torch.empty(b, dtype=torch.int32)
     if P is not None:
         P, ldp = _rows(P)

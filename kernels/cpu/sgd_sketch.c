@@ -15,9 +15,10 @@
  * Register blocking: a tile is ROWS rows x tile_cols(kp) columns of W, sized so that it and the
  * tiles of V and Z (tile_cols x kp each) fit in 24 KB of the 32 KB L1 (at k = 16: 128 columns,
  * 20 KB; 256 columns overflowed L1 and made a 2048^2 power pass 20-30% slower, A/B in one
- * process). For each column j and a chunk of 16 (or 8) sketch columns, V[j] and Z[j] are loaded once and each of the ROWS entries
- * W[r, j] feeds two FMAs, into Y[r] (held in registers across the tile) and into Z[j]: 2k flops
- * per load of W for each product, near the FMA peak when W streams from cache.
+ * process). For each column j and a chunk of 16 (or 8) sketch columns, V[j] and Z[j] are loaded
+ * once and each of the ROWS entries W[r, j] feeds two FMAs, into Y[r] (held in registers across
+ * the tile) and into Z[j]: 2k flops per load of W for each product, near the FMA peak when W
+ * streams from cache.
  */
 #include <stdint.h>
 #include <string.h>
