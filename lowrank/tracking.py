@@ -326,12 +326,10 @@ def _kernel_side(S: torch.Tensor, B_old: torch.Tensor, P, fro2: list, idx: list[
     ``out`` at ``idx`` and returns True, or False (nothing written) when the kernel does not
     take these operands or some matrix needs the torch reference."""
     kernel = backends.kernel_module("cpu", "postprocess")
-    # The kernel reports per matrix whether its path applied: a host read (free on the CPU).
-    if not (_checks.host_reads_are_free(S) and kernel.supported(S, B_old)):
+    if not kernel.supported(S, B_old):  # (includes: its status is read on the host)
         return False
     checks = [f for f in fro2 if f is not None]
-    if checks and not math.isfinite(float(checks[0].sum() if len(checks) == 1
-                                          else torch.cat(checks).sum())):
+    if checks and not math.isfinite(float(_cat(checks).sum())):  # NaN and Inf propagate
         return False
     done = kernel.postprocess_side_cpu(S, B_old, P=P)
     if done is None:

@@ -41,6 +41,11 @@ class SgdHyper(ctypes.Structure):
                 ("nesterov", ctypes.c_int), ("maximize", ctypes.c_int), ("buf_init", ctypes.c_int)]
 
 
+def ptr(t) -> int | None:
+    """The address a kernel argument is passed as: a tensor's data pointer, or NULL for None."""
+    return None if t is None else t.data_ptr()
+
+
 def cache_dir() -> Path:
     explicit = os.environ.get("LOWRANK_CACHE_DIR")
     if explicit:

@@ -15,6 +15,7 @@ import torch
 from lowrank.sketch import SIDES, SketchOut
 
 from . import _loader
+from ._loader import ptr
 
 MODE_Y, MODE_Z, MODE_POWER = 1, 2, 4
 _MODES = {"both": MODE_Y | MODE_Z, "y": MODE_Y, "z": MODE_Z, "power": MODE_POWER}
@@ -83,7 +84,6 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     bufc = None if buf is None or not update else buf.reshape(W.shape)
     hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum), float(dampening),
                              int(bool(nesterov)), int(bool(maximize)), int(new_buf))
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     for i in range(b):
         Ui, Vi = Up[i if Up.shape[0] > 1 else 0], Vp[i if Vp.shape[0] > 1 else 0]
         lib.lowrank_sgd_sketch_f32(

@@ -15,6 +15,7 @@ from lowrank import _checks
 from lowrank.postprocess import _WELL_CONDITIONED, PostOut, postprocess_torch
 
 from . import _loader
+from ._loader import ptr
 
 KMAX = 32  # KMAX of postprocess.c: wider sketches take the torch path (faster there)
 _CHUNK = 1024  # CHUNK of postprocess.c: rows per task (threads only help past one chunk)
@@ -61,7 +62,6 @@ def postprocess_side_cpu(S: torch.Tensor, B_old: torch.Tensor, *, P: torch.Tenso
         n, ldp, PT = 0, 0, None
     tasks = b * (-(-p // _CHUNK) + -(-n // _CHUNK))
     threads = min(torch.get_num_threads(), tasks)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     rc = lib.lowrank_postprocess_side(b, p, k, ptr(S), int(S.dtype == torch.float64), lds,
                                       ptr(B_old), ptr(Q), ptr(sigma), ptr(overlap), ptr(T),
                                       ptr(P), n, ldp, ptr(PT), _WELL_CONDITIONED[torch.float32],
