@@ -203,3 +203,107 @@ def test_rank_deficient_matrix_on_the_cpu_backend_falls_back():
     assert float(((got - exact).abs() / exact[0]).max()) < 1e-6
     U = opt.tracked.trackers["w"].U[0].double()
     assert float((U.T @ U - torch.eye(8, dtype=torch.float64)).abs().max()) < 1e-5
+
+
+# -- both sides of a sequential step in one call -------------------------------------------------
+
+def sequential_operands(b, m, n, k, seed):
+    """Y = W V and P = W^T Y for a batch of m x n matrices W with geometric spectra."""
+    g = gen(seed)
+    left = torch.linalg.qr(torch.randn(b, m, k + 4, generator=g, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(b, n, k + 4, generator=g, dtype=torch.float64)).Q
+    sig = 0.9 ** torch.arange(k + 4, dtype=torch.float64)
+    W = (left * sig @ right.mT).float()
+    U, V = basis(b, m, k, seed + 1), basis(b, n, k, seed + 2)
+    Y = W @ V
+    return W, Y, U, W.mT @ Y, V
+
+
+@pytest.mark.parametrize("b,m,n,k", [(1, 300, 200, 8), (2, 1500, 1100, 16), (1, 90, 2100, 13),
+                                     (3, 64, 64, 32)])
+def test_sequential_step_equals_its_two_sides(b, m, n, k):
+    """One call = the Y side (with P T), then the Z side on P T: the same kernel stages, so the
+    same numbers bit for bit; and sigma is the larger of the two sides' estimates."""
+    W, Y, U, P, V = sequential_operands(b, m, n, k, seed=m + n)
+    got = PP.postprocess_sequential_cpu(Y, U, P, V, (W.double() ** 2).sum((-2, -1)))
+    assert got is not None
+    Uq, sigma_y, overlap_u, T, Z = PP.postprocess_side_cpu(Y, U, P=P)
+    Vq, sigma_z, overlap_v, _, _ = PP.postprocess_side_cpu(Z, V)
+    for name, want in (("U", Uq), ("V", Vq), ("sigma_y", sigma_y), ("sigma_z", sigma_z),
+                       ("overlap_u", overlap_u), ("overlap_v", overlap_v),
+                       ("sigma", torch.maximum(sigma_y, sigma_z))):
+        assert torch.equal(getattr(got, name), want), name
+    # float64 truth: sigma_z are the singular values of Z = P T_y...
+    truth = torch.linalg.svdvals(P.double() @ T)
+    assert float(((got.sigma_z - truth).abs() / truth[..., :1]).max()) < 1e-13
+    # ...which is W^T U_next up to float32 roundings (of P = W^T Y and of U_next)
+    truth = torch.linalg.svdvals(W.double().mT @ Uq.double())
+    assert float(((got.sigma_z - truth).abs() / truth[..., :1]).max()) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["nonfinite fro2", "nan in P", "zero column of Y",
+                                  "rank-deficient Z"])
+def test_sequential_step_hands_back_what_needs_the_reference(case):
+    W, Y, U, P, V = sequential_operands(2, 200, 150, 8, seed=7)
+    fro2 = (W.double() ** 2).sum((-2, -1))
+    if case == "nonfinite fro2":
+        fro2[1] = float("inf")
+    elif case == "nan in P":
+        P[0, 3, 1] = float("nan")
+    elif case == "zero column of Y":
+        Y[1, :, 2] = 0
+    else:  # P of rank 4 < k: Z = P T is rank-deficient while Y is fine
+        P[1] = P[1, :, :4] @ torch.randn(4, 8, generator=gen(2))
+    assert PP.postprocess_sequential_cpu(Y, U, P, V, fro2) is None
+
+
+def test_sequential_step_does_not_depend_on_the_thread_count():
+    W, Y, U, P, V = sequential_operands(2, 2500, 2100, 16, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = PP.postprocess_sequential_cpu(Y, U, P, V)
+        torch.set_num_threads(2)
+        two = PP.postprocess_sequential_cpu(Y, U, P, V)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_sequential_tracking_takes_one_call_per_shape(monkeypatch):
+    """Three matrices of two shapes on the cpu backend: one sequential call per shape and step,
+    no single-side calls; the estimates match float64 svdvals, and a batch of two same-shape
+    matrices gives what each tracked alone gives."""
+    torch.manual_seed(2)
+    sig = 0.8 ** torch.arange(40, dtype=torch.float32)
+
+    def weight(m, n):
+        return (torch.linalg.qr(torch.randn(m, 40)).Q * sig @ torch.linalg.qr(torch.randn(n, 40)).Q.T)
+
+    shapes = {"a": (80, 60), "b": (80, 60), "c": (70, 50)}
+    W0 = {name: weight(*shape) for name, shape in shapes.items()}
+    sizes, sides = [], []
+    real_seq, real_side = PP.postprocess_sequential_cpu, PP.postprocess_side_cpu
+    monkeypatch.setattr(PP, "postprocess_sequential_cpu",
+                        lambda Y, *a: sizes.append(Y.shape[0]) or real_seq(Y, *a))
+    monkeypatch.setattr(PP, "postprocess_side_cpu",
+                        lambda *a, **k: sides.append(1) or real_side(*a, **k))
+
+    def run(names):
+        params = [(n, torch.nn.Parameter(W0[n].clone())) for n in names]
+        opt = lowrank.SpectralSGD(params, rank=4, sketch_rank=8, lr=1e-3, backend="cpu")
+        for step in range(25):
+            for name, p in params:  # each matrix's gradients whatever else is tracked
+                p.grad = torch.randn(p.shape, generator=gen(100 * ord(name) + step)) * 1e-3
+            opt.step()
+        return opt, dict(params)
+
+    opt, params = run(["a", "b", "c"])
+    assert sorted(sizes[-2:]) == [1, 2] and not sides  # steps after the first (no P then)
+    for name, p in params.items():
+        exact = torch.linalg.svdvals(p.detach().double())[:4]
+        got = opt.spectra()[name].sigma
+        assert float(((got - exact).abs() / exact[0]).max()) < 1e-6, name
+    alone, _ = run(["b"])
+    assert torch.equal(alone.spectra()["b"].sigma, opt.spectra()["b"].sigma)

@@ -290,63 +290,163 @@ static int factor(double *G, const double *C, int64_t k, double well_above, doub
     return PP_OK;
 }
 
-/* The batch: S (b, p, k) with row stride lds and matrix stride p * lds; B (b, p, k) float32
- * contiguous; outputs Q (b, p, k) float32, sigma (b, k), overlap and T (b, k, k) float64,
- * status (b). P (b, n, k) float32 with row stride ldp (or NULL) gives PT (b, n, k) float64.
- * Returns the number of matrices whose status is not 0, or -1 for k > KMAX or no memory
- * (nothing written). */
+/* One side of a batch, as the stages below see it: sketches S (b, p, k) (float32 or float64,
+ * row stride lds, matrix stride p * lds) against bases B (b, p, k) float32 contiguous; outputs
+ * Q (b, p, k) float32, sigma (b, k), overlap and T (b, k, k) float64; optionally P (b, n, k)
+ * float32 (row stride ldp) gives PT (b, n, k) float64. status (b) is shared by the sides of a
+ * sequential step: a matrix whose status is not PP_OK is skipped by every later stage. */
+typedef struct {
+    int64_t b, p, k;
+    const void *S;
+    int s_f64;
+    int64_t lds;
+    const float *B;
+    float *Q;
+    double *sigma, *overlap, *T;
+    const float *P;
+    int64_t n, ldp;
+    double *PT;
+    double well_above;
+    int *status;
+    double *partial; /* 2 k^2 per chunk of rows per matrix */
+} side_job;
+
+static int64_t row_chunks(int64_t rows) { return (rows + CHUNK - 1) / CHUNK; }
+
+#define S_ROWS(j, i) ((const char *)(j)->S + (size_t)(i) * (j)->p * (j)->lds \
+                      * ((j)->s_f64 ? sizeof(double) : sizeof(float)))
+
+/* The stages hold orphaned `omp for` loops: called inside a parallel region they share its
+ * threads (each ends at a barrier), outside one they run on the calling thread. */
+static void side_grams(const side_job *j)
+{
+    const grams_fn grams = GRAMS[(j->k - 1) / 8];
+    const int64_t chunks = row_chunks(j->p), k = j->k;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < j->b * chunks; t++) {
+        const int64_t i = t / chunks, c = t % chunks;
+        if (j->status[i] != PP_OK) continue;
+        const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < j->p ? r0 + CHUNK : j->p;
+        double *G = j->partial + (i * chunks + c) * 2 * k * k;
+        grams(S_ROWS(j, i), j->s_f64, j->lds, j->B + i * j->p * k, r0, r1, k, G, G + k * k);
+    }
+}
+
+static void side_factor(const side_job *j)
+{
+    const int64_t chunks = row_chunks(j->p), k = j->k;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < j->b; i++) {
+        if (j->status[i] != PP_OK) continue;
+        double *G = j->partial + i * chunks * 2 * k * k, *C = G + k * k;
+        for (int64_t c = 1; c < chunks; c++) { /* fixed order: deterministic */
+            const double *Gc = G + c * 2 * k * k;
+            for (int64_t e = 0; e < 2 * k * k; e++) G[e] += Gc[e];
+        }
+        int st = factor(G, C, k, j->well_above, j->sigma + i * k, j->T + i * k * k,
+                        j->overlap + i * k * k);
+        if (st == PP_NONFINITE && all_finite(S_ROWS(j, i), j->s_f64, j->lds, j->p, k))
+            st = PP_GENERAL; /* finite entries whose squares overflow */
+        j->status[i] = st;
+    }
+}
+
+static void side_apply(const side_job *j)
+{
+    const apply_fn apply = APPLY[(j->k - 1) / 8];
+    const int64_t k = j->k, qchunks = row_chunks(j->p), pchunks = j->P ? row_chunks(j->n) : 0;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < j->b * (qchunks + pchunks); t++) {
+        const int64_t i = t / (qchunks + pchunks), c = t % (qchunks + pchunks);
+        if (j->status[i] != PP_OK) continue;
+        if (c < qchunks) {
+            const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < j->p ? r0 + CHUNK : j->p;
+            apply(S_ROWS(j, i), j->s_f64, j->lds, j->T + i * k * k, k, r0, r1,
+                  j->Q + i * j->p * k, 0);
+        } else {
+            const int64_t r0 = (c - qchunks) * CHUNK, r1 = r0 + CHUNK < j->n ? r0 + CHUNK : j->n;
+            apply(j->P + i * j->n * j->ldp, 0, j->ldp, j->T + i * k * k, k, r0, r1,
+                  j->PT + i * j->n * k, 1);
+        }
+    }
+}
+
+static int count_failed(int64_t b, const int *status)
+{
+    int failed = 0;
+    for (int64_t i = 0; i < b; i++) failed += status[i] != PP_OK;
+    return failed;
+}
+
+/* One side for a batch (see side_job for the operands). Returns the number of matrices whose
+ * status is not 0, or -1 for k > KMAX or no memory (nothing written). */
 int lowrank_postprocess_side(int64_t b, int64_t p, int64_t k, const void *S, int s_f64,
                              int64_t lds, const float *B, float *Q, double *sigma,
                              double *overlap, double *T, const float *P, int64_t n, int64_t ldp,
                              double *PT, double well_above, int *status, int nthreads)
 {
     if (k < 1 || k > KMAX) return -1;
-    const grams_fn grams = GRAMS[(k - 1) / 8];
-    const apply_fn apply = APPLY[(k - 1) / 8];
-    const int64_t chunks = (p + CHUNK - 1) / CHUNK;
-    double *partial = malloc(sizeof(double) * 2 * k * k * chunks * b);
+    double *partial = malloc(sizeof(double) * 2 * k * k * row_chunks(p) * b);
     if (!partial) return -1;
-    const size_t elt = s_f64 ? sizeof(double) : sizeof(float);
-    #define S_OF(i) ((const char *)S + (size_t)(i) * p * lds * elt)
-    const int64_t qchunks = chunks, pchunks = P ? (n + CHUNK - 1) / CHUNK : 0;
+    const side_job job = {b, p, k, S, s_f64, lds, B, Q, sigma, overlap, T, P, n, ldp, PT,
+                          well_above, status, partial};
+    for (int64_t i = 0; i < b; i++) status[i] = PP_OK;
     if (nthreads < 1) nthreads = 1;
     #pragma omp parallel num_threads(nthreads)
     {
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < b * chunks; t++) {
-            const int64_t i = t / chunks, c = t % chunks;
-            const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < p ? r0 + CHUNK : p;
-            double *G = partial + (i * chunks + c) * 2 * k * k;
-            grams(S_OF(i), s_f64, lds, B + i * p * k, r0, r1, k, G, G + k * k);
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < b; i++) {
-            double *G = partial + i * chunks * 2 * k * k, *C = G + k * k;
-            for (int64_t c = 1; c < chunks; c++) { /* fixed order: deterministic */
-                const double *Gc = G + c * 2 * k * k;
-                for (int64_t e = 0; e < 2 * k * k; e++) G[e] += Gc[e];
-            }
-            status[i] = factor(G, C, k, well_above, sigma + i * k, T + i * k * k,
-                               overlap + i * k * k);
-            if (status[i] == PP_NONFINITE && all_finite(S_OF(i), s_f64, lds, p, k))
-                status[i] = PP_GENERAL; /* finite entries whose squares overflow */
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < b * (qchunks + pchunks); t++) {
-            const int64_t i = t / (qchunks + pchunks), c = t % (qchunks + pchunks);
-            if (status[i] != PP_OK) continue;
-            if (c < qchunks) {
-                const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < p ? r0 + CHUNK : p;
-                apply(S_OF(i), s_f64, lds, T + i * k * k, k, r0, r1, Q + i * p * k, 0);
-            } else {
-                const int64_t r0 = (c - qchunks) * CHUNK, r1 = r0 + CHUNK < n ? r0 + CHUNK : n;
-                apply(P + i * n * ldp, 0, ldp, T + i * k * k, k, r0, r1, PT + i * n * k, 1);
-            }
-        }
+        side_grams(&job);
+        side_factor(&job);
+        side_apply(&job);
     }
-    #undef S_OF
     free(partial);
-    int failed = 0;
-    for (int64_t i = 0; i < b; i++) failed += status[i] != PP_OK;
-    return failed;
+    return count_failed(b, status);
+}
+
+/* Both sides of a step of the sequential schedule for a batch of b matrices (m x n), in one
+ * parallel region (one wake-up of the threads, no return to Python in between):
+ *   Y side: Y (b, m, k) against U_old -> U_next = Y T_y, sigma_y, overlap_u, and Z = P T_y
+ *           (float64; = W^T U_next up to U_next's float32 rounding), P = W^T Y (b, n, k);
+ *   Z side: Z against V_old -> V_next, sigma_z, overlap_v;
+ *   sigma = max(sigma_y, sigma_z).
+ * fro2 (b) float64 (or NULL): a matrix whose ||W||_F^2 is not finite has status 1. Returns the
+ * number of matrices whose status is not 0 (their outputs are not all written; the caller runs
+ * the reference), or -1 for k > KMAX or no memory. */
+int lowrank_postprocess_sequential(int64_t b, int64_t m, int64_t n, int64_t k, const float *Y,
+                                   const float *U_old, const float *P, const float *V_old,
+                                   const double *fro2, float *U_next, float *V_next,
+                                   double *sigma, double *sigma_y, double *sigma_z,
+                                   double *overlap_u, double *overlap_v, double well_above,
+                                   int *status, int nthreads)
+{
+    if (k < 1 || k > KMAX) return -1;
+    const int64_t rows = m > n ? m : n;
+    double *partial = malloc(sizeof(double) * 2 * k * k * row_chunks(rows) * b);
+    double *Z = malloc(sizeof(double) * b * n * k);
+    double *T = malloc(sizeof(double) * 2 * b * k * k);
+    if (!partial || !Z || !T) {
+        free(partial); free(Z); free(T);
+        return -1;
+    }
+    const side_job ys = {b, m, k, Y, 0, k, U_old, U_next, sigma_y, overlap_u, T, P, n, k, Z,
+                         well_above, status, partial};
+    const side_job zs = {b, n, k, Z, 1, k, V_old, V_next, sigma_z, overlap_v, T + b * k * k,
+                         NULL, 0, 0, NULL, well_above, status, partial};
+    for (int64_t i = 0; i < b; i++)
+        status[i] = fro2 && !isfinite(fro2[i]) ? PP_NONFINITE : PP_OK;
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        side_grams(&ys);
+        side_factor(&ys);
+        side_apply(&ys);
+        side_grams(&zs);
+        side_factor(&zs);
+        side_apply(&zs);
+    }
+    for (int64_t i = 0; i < b; i++)
+        if (status[i] == PP_OK)
+            for (int64_t j = i * k; j < (i + 1) * k; j++)
+                sigma[j] = sigma_y[j] > sigma_z[j] ? sigma_y[j] : sigma_z[j];
+    free(partial); free(Z); free(T);
+    return count_failed(b, status);
 }

@@ -84,3 +84,36 @@ def postprocess_cpu(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old
         if z is not None:
             return PostOut(torch.maximum(y[1], z[1]), y[1], z[1], y[0], z[0], y[2], z[2])
     return postprocess_torch(Y, Z, U_old, V_old, seed=seed, step=step, refill=refill)
+
+
+def postprocess_sequential_cpu(Y: torch.Tensor, U_old: torch.Tensor, P: torch.Tensor,
+                               V_old: torch.Tensor, fro2: torch.Tensor | None = None):
+    """Both sides of a sequential-schedule step for a batch of m x n matrices, in one call:
+    Y = W V (b, m, k) against U_old, then Z = P T_y (P = W^T Y, (b, n, k)) against V_old; the
+    fast path of :func:`lowrank.tracking.absorb_sequential` for each side (float64 math).
+
+    Returns a :class:`PostOut` (U_next and V_next float32; sigma the larger of the two sides'
+    estimates), or None when any matrix of the batch is not finite (its ``fro2`` (b,) included)
+    or needs the general path: the caller then runs the reference on the batch. Call only where
+    :func:`supported` holds for (Y, U_old) and (P, V_old), all float32 and contiguous.
+    """
+    b, m, k = Y.shape
+    n = P.shape[1]
+    lib = _loader.library()
+    f64 = dict(dtype=torch.float64)
+    Y, P, U_old, V_old = (t.contiguous() for t in (Y, P, U_old, V_old))
+    U_next, V_next = torch.empty(b, m, k), torch.empty(b, n, k)
+    sigma, sigma_y, sigma_z = (torch.empty(b, k, **f64) for _ in range(3))
+    overlap_u, overlap_v = torch.empty(b, k, k, **f64), torch.empty(b, k, k, **f64)
+    status = torch.empty(b, dtype=torch.int32)
+    fro2 = None if fro2 is None else fro2.to(torch.float64).contiguous()
+    threads = min(torch.get_num_threads(), b * -(-max(m, n) // _CHUNK))
+    rc = lib.lowrank_postprocess_sequential(
+        b, m, n, k, ptr(Y), ptr(U_old), ptr(P), ptr(V_old), ptr(fro2), ptr(U_next), ptr(V_next),
+        ptr(sigma), ptr(sigma_y), ptr(sigma_z), ptr(overlap_u), ptr(overlap_v),
+        _WELL_CONDITIONED[torch.float32], ptr(status), threads)
+    if rc < 0:
+        raise MemoryError(f"postprocess_sequential_cpu: the kernel could not run (k={k}, b={b})")
+    if rc > 0:
+        return None
+    return PostOut(sigma, sigma_y, sigma_z, U_next, V_next, overlap_u, overlap_v)
