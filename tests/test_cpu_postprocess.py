@@ -271,10 +271,12 @@ def test_sequential_step_does_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
-def test_sequential_tracking_takes_one_call_per_shape(monkeypatch):
-    """Three matrices of two shapes on the cpu backend: one sequential call per shape and step,
-    no single-side calls; the estimates match float64 svdvals, and a batch of two same-shape
-    matrices gives what each tracked alone gives."""
+@pytest.mark.parametrize("who", ["SpectralSGD", "SpectrumTracker"])
+def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
+    """Three matrices of two shapes on the cpu backend, after the update (SpectralSGD) or
+    sketch-only (SpectrumTracker): one sequential call per shape and step, no single-side
+    calls; the estimates match float64 svdvals, and what a matrix gets does not depend on what
+    else is tracked (batched or not)."""
     torch.manual_seed(2)
     sig = 0.8 ** torch.arange(40, dtype=torch.float32)
 
@@ -283,24 +285,33 @@ def test_sequential_tracking_takes_one_call_per_shape(monkeypatch):
 
     shapes = {"a": (80, 60), "b": (80, 60), "c": (70, 50)}
     W0 = {name: weight(*shape) for name, shape in shapes.items()}
-    sizes, sides = [], []
+    calls = []  # (step, kind, batch)
+    step_now = [0]
     real_seq, real_side = PP.postprocess_sequential_cpu, PP.postprocess_side_cpu
-    monkeypatch.setattr(PP, "postprocess_sequential_cpu",
-                        lambda Y, *a: sizes.append(Y.shape[0]) or real_seq(Y, *a))
-    monkeypatch.setattr(PP, "postprocess_side_cpu",
-                        lambda *a, **k: sides.append(1) or real_side(*a, **k))
+    monkeypatch.setattr(PP, "postprocess_sequential_cpu", lambda Y, *a: calls.append(
+        (step_now[0], "sequential", Y.shape[0])) or real_seq(Y, *a))
+    monkeypatch.setattr(PP, "postprocess_side_cpu", lambda S, *a, **k: calls.append(
+        (step_now[0], "side", S.shape[0])) or real_side(S, *a, **k))
 
     def run(names):
         params = [(n, torch.nn.Parameter(W0[n].clone())) for n in names]
-        opt = lowrank.SpectralSGD(params, rank=4, sketch_rank=8, lr=1e-3, backend="cpu")
+        if who == "SpectralSGD":
+            opt = lowrank.SpectralSGD(params, rank=4, sketch_rank=8, lr=1e-3, backend="cpu")
+        else:
+            opt = lowrank.SpectrumTracker(params, rank=4, sketch_rank=8, backend="cpu")
         for step in range(25):
-            for name, p in params:  # each matrix's gradients whatever else is tracked
-                p.grad = torch.randn(p.shape, generator=gen(100 * ord(name) + step)) * 1e-3
+            step_now[0] = step
+            for name, p in params:  # each matrix's own weights, whatever else is tracked
+                if who == "SpectralSGD":
+                    p.grad = torch.randn(p.shape, generator=gen(100 * ord(name) + step)) * 1e-3
+                else:
+                    p.data += torch.randn(p.shape, generator=gen(100 * ord(name) + step)) * 1e-5
             opt.step()
         return opt, dict(params)
 
     opt, params = run(["a", "b", "c"])
-    assert sorted(sizes[-2:]) == [1, 2] and not sides  # steps after the first (no P then)
+    later = [c for c in calls if c[0] > 0]  # (the first step has no P = W^T Y to start from)
+    assert sorted(later) == sorted((s, "sequential", b) for s in range(1, 25) for b in (1, 2))
     for name, p in params.items():
         exact = torch.linalg.svdvals(p.detach().double())[:4]
         got = opt.spectra()[name].sigma
