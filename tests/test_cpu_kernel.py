@@ -29,8 +29,11 @@ def rel(a, b):
 
 
 # Shapes: rows not a multiple of the 8-row blocks, columns past one 256-column tile, k not a
-# multiple of 8 (padded chunks) and k over 16 (two chunks), a batch of 2, tall and wide.
-CASES = [(1, 37, 53, 5), (1, 300, 129, 12), (2, 64, 576, 24), (1, 5, 1000, 3), (1, 1024, 520, 16)]
+# multiple of 8 (padded chunks) and k over 16 (two chunks), a batch of 2, tall and wide; the last
+# is past OVERLAP_MIN (2^20 elements), where the update runs a block ahead of the products, with
+# rows and columns that are not multiples of the blocks, tiles or 256-column segments.
+CASES = [(1, 37, 53, 5), (1, 300, 129, 12), (2, 64, 576, 24), (1, 5, 1000, 3), (1, 1024, 520, 16),
+         (1, 1030, 1100, 13)]
 
 
 @pytest.mark.parametrize("b,m,n,k", CASES)
@@ -59,8 +62,9 @@ HYPER = [dict(), dict(weight_decay=1e-2), dict(momentum=0.9), dict(momentum=0.9,
 
 
 @pytest.mark.parametrize("hyper", HYPER)
-def test_fused_update_is_torch_sgd_bit_for_bit(hyper):
-    m, n, k = 70, 300, 6
+@pytest.mark.parametrize("m,n,k,sides", [(70, 300, 6, "both"), (1030, 1100, 13, "power")])
+def test_fused_update_is_torch_sgd_bit_for_bit(hyper, m, n, k, sides):
+    """(The second shape takes the overlap path: the update a block ahead of the products.)"""
     W0 = rand(m, n, seed=1)
     U, V = init_bases(m, n, k, seed=2)
     p = torch.nn.Parameter(W0.clone())
@@ -70,15 +74,16 @@ def test_fused_update_is_torch_sgd_bit_for_bit(hyper):
         G = rand(m, n, seed=10 + step)
         p.grad = G
         opt.step()
-        out, buf = FS.fused_sgd_sketch_cpu(W, G, buf, U, V, lr=0.05, **hyper)
+        out, buf = FS.fused_sgd_sketch_cpu(W, G, buf, U, V, lr=0.05, sides=sides, **hyper)
         assert torch.equal(W, p.detach()), f"step {step}: W differs from torch.optim.SGD"
         if hyper.get("momentum"):
             assert torch.equal(buf, opt.state[p]["momentum_buffer"])
         else:
             assert buf is None
     # the sketch is of the updated W
-    ref = sketch_torch(W, U, V)
-    assert rel(out.Y, ref.Y) < 2e-6 and rel(out.Z, ref.Z) < 2e-6
+    ref = sketch_torch(W, U, V, sides=sides)
+    second = "P" if sides == "power" else "Z"
+    assert rel(out.Y, ref.Y) < 2e-6 and rel(getattr(out, second), getattr(ref, second)) < 2e-6
 
 
 def test_fused_update_of_a_channels_last_conv_weight_writes_back():
