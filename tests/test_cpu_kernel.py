@@ -30,7 +30,7 @@ def rel(a, b):
 
 # Shapes: rows not a multiple of the 8-row blocks, columns past one 256-column tile, k not a
 # multiple of 8 (padded chunks) and k over 16 (two chunks), a batch of 2, tall and wide; the last
-# is past OVERLAP_MIN (2^20 elements), where the update runs a block ahead of the products, with
+# is past OVERLAP_MIN (2^19 elements), where the update runs a block ahead of the products, with
 # rows and columns that are not multiples of the blocks, tiles or 256-column segments.
 CASES = [(1, 37, 53, 5), (1, 300, 129, 12), (2, 64, 576, 24), (1, 5, 1000, 3), (1, 1024, 520, 16),
          (1, 1030, 1100, 13)]
