@@ -107,6 +107,34 @@ def test_results_are_deterministic_and_nan_propagates():
     assert not bool(torch.isfinite(bad.fro2).all()) and bool(torch.isnan(bad.Z).any())
 
 
+@pytest.mark.parametrize("sides", ["power", "both"])
+def test_two_threads_give_the_one_thread_update_and_reproducible_sketches(sides):
+    """The threaded pass (chunks handed out dynamically, the update a block ahead on this
+    overlap-path shape): W, Y and the row norms are those of one thread bit for bit; Z (P) sums
+    per-chunk partials, whose count follows the thread count, so it is compared with float64
+    truth and with a second two-thread run (bit for bit: the schedule does not matter)."""
+    m, n, k = 1030, 1100, 16
+    W0, G = rand(m, n, seed=20), rand(m, n, seed=21)
+    U, V = init_bases(m, n, k, seed=22)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 2):
+            torch.set_num_threads(t)
+            W = W0.clone()
+            out, _ = FS.fused_sgd_sketch_cpu(W, G, None, U, V, lr=0.01, sides=sides)
+            runs.append((W, out))
+    finally:
+        torch.set_num_threads(threads)
+    second = "P" if sides == "power" else "Z"
+    (W1, one), (W2, two), (W3, three) = runs
+    assert torch.equal(W1, W2) and torch.equal(one.Y, two.Y) and torch.equal(one.row_sq, two.row_sq)
+    assert torch.equal(W2, W3) and torch.equal(getattr(two, second), getattr(three, second))
+    W64 = W1.double()
+    truth = W64.mT @ (W64 @ V[0].double()) if sides == "power" else W64.mT @ U[0].double()
+    assert rel(getattr(two, second)[0], truth) < 2e-6
+
+
 def test_bad_inputs_raise_clear_errors():
     U, V = init_bases(8, 6, 2)
     with pytest.raises(TypeError, match="float32"):
