@@ -37,7 +37,7 @@ def basis(b, p, k, seed):
     return torch.linalg.qr(torch.randn(b, p, k, generator=gen(seed))).Q
 
 
-# widths around the 8-column specialisations up to KMAX = 32, rows past one 1024-row chunk, batches
+# widths around the 8-column specialisations up to KMAX = 32, rows past several 256-row chunks, batches
 CASES = [(1, 37, 1), (1, 37, 3), (2, 300, 8), (1, 1500, 16), (3, 200, 20), (1, 2049, 31),
          (1, 130, 32)]
 
@@ -132,7 +132,7 @@ def test_supported_operands():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    S, _ = sketch_of(3, 3000, 16, seed=4)  # several 1024-row chunks per matrix
+    S, _ = sketch_of(3, 3000, 16, seed=4)  # several 256-row chunks per matrix
     B = basis(3, 3000, 16, 5)
     P = torch.randn(3, 2500, 16, generator=gen(6))
     threads = torch.get_num_threads()

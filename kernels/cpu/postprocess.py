@@ -18,7 +18,7 @@ from . import _loader
 from ._loader import ptr
 
 KMAX = 32  # KMAX of postprocess.c: wider sketches take the torch path (faster there)
-_CHUNK = 1024  # CHUNK of postprocess.c: rows per task (threads only help past one chunk)
+_CHUNK = 256  # CHUNK of postprocess.c: rows per task (threads only help past one chunk)
 
 
 def supported(S: torch.Tensor, B_old: torch.Tensor) -> bool:
