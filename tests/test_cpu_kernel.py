@@ -57,8 +57,11 @@ def test_sketch_matches_float64_truth(b, m, n, k, sides):
     assert rel(out.row_sq, truth["row_sq"]) < 1e-12 and rel(out.fro2, truth["fro2"]) < 1e-12
 
 
+# dampening 0.9: torch rounds 1 - dampening from double (a float 1 - 0.9f differs by an ulp);
+# momentum 1e-50: nonzero for torch (a buffer is kept) though it rounds to 0 in float32
 HYPER = [dict(), dict(weight_decay=1e-2), dict(momentum=0.9), dict(momentum=0.9, nesterov=True,
-         weight_decay=5e-3), dict(momentum=0.5, dampening=0.3, maximize=True)]
+         weight_decay=5e-3), dict(momentum=0.5, dampening=0.3, maximize=True),
+         dict(momentum=0.9, dampening=0.9), dict(momentum=1e-50, dampening=0.99)]
 
 
 @pytest.mark.parametrize("hyper", HYPER)
@@ -133,6 +136,23 @@ def test_two_threads_give_the_one_thread_update_and_reproducible_sketches(sides)
     W64 = W1.double()
     truth = W64.mT @ (W64 @ V[0].double()) if sides == "power" else W64.mT @ U[0].double()
     assert rel(getattr(two, second)[0], truth) < 2e-6
+
+
+def test_empty_and_default_dtype_cases():
+    """A matrix with no columns sketches to zeros (no division by its zero tiles), and outputs
+    are float32 whatever torch's default dtype."""
+    U, V = torch.zeros(1, 16, 2), torch.zeros(1, 0, 2)
+    out = SK.sketch_cpu(torch.zeros(1, 16, 0), U, V, sides="y")
+    assert torch.equal(out.Y, torch.zeros(1, 16, 2)) and float(out.fro2) == 0.0
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        W, (U, V) = rand(1, 40, 30, seed=8).float(), init_bases(40, 30, 4, seed=9)
+        got = SK.sketch_cpu(W, U, V, sides="power")
+    finally:
+        torch.set_default_dtype(default)
+    want = sketch_torch(W, U, V, sides="power")
+    assert got.Y.dtype == torch.float32 and rel(got.Y, want.Y) < 2e-6 and rel(got.P, want.P) < 2e-6
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -37,7 +37,7 @@ _library = None
 class SgdHyper(ctypes.Structure):
     """``sgd_hyper`` of sgd_sketch.c."""
     _fields_ = [("lr", ctypes.c_float), ("weight_decay", ctypes.c_float),
-                ("momentum", ctypes.c_float), ("dampening", ctypes.c_float),
+                ("momentum", ctypes.c_float), ("keep", ctypes.c_float),  # 1 - dampening
                 ("nesterov", ctypes.c_int), ("maximize", ctypes.c_int), ("buf_init", ctypes.c_int)]
 
 

@@ -67,12 +67,13 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     mode = _MODES[sides]
     want_y = mode & (MODE_Y | MODE_POWER)
     want_z = mode & (MODE_Z | MODE_POWER)
-    Y = torch.empty(b, m, kp) if want_y else None
-    Z = torch.empty(b, n, kp) if want_z else None
+    f32 = dict(dtype=torch.float32)  # whatever torch's default dtype
+    Y = torch.empty(b, m, kp, **f32) if want_y else None
+    Z = torch.empty(b, n, kp, **f32) if want_z else None
     row_sq = torch.empty(b, m, dtype=torch.float64)
     threads = torch.get_num_threads() if m * n >= _PARALLEL_MIN else 1
     chunks = min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))  # as the kernel clamps it
-    zwork = torch.empty(chunks, n, kp) if want_z else None
+    zwork = torch.empty(chunks, n, kp, **f32) if want_z else None
     update = G is not None
     if update and not (W.is_contiguous() and (buf is None or buf.is_contiguous())):
         raise ValueError(f"{op}: the in-place update needs contiguous W and buf")
@@ -81,9 +82,11 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     new_buf = update and momentum != 0 and buf is None
     if new_buf:
         buf = torch.empty_like(Wc)
-    bufc = None if buf is None or not update else buf.reshape(W.shape)
-    hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum), float(dampening),
-                             int(bool(nesterov)), int(bool(maximize)), int(new_buf))
+    # torch.optim.SGD ignores the buffer without momentum; the kernel uses one where passed
+    bufc = None if buf is None or not update or momentum == 0 else buf.reshape(W.shape)
+    hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum),
+                             float(1 - dampening), int(bool(nesterov)), int(bool(maximize)),
+                             int(new_buf))
     for i in range(b):
         Ui, Vi = Up[i if Up.shape[0] > 1 else 0], Vp[i if Vp.shape[0] > 1 else 0]
         lib.lowrank_sgd_sketch_f32(

@@ -146,7 +146,10 @@ static void tile(const float *Wt, int64_t ldw, int rows, int64_t jb, const float
 }
 
 typedef struct {
-    float lr, weight_decay, momentum, dampening;
+    /* keep = 1 - dampening, computed by the caller in double and rounded once, as torch does
+     * with its `alpha=1 - dampening` (a float 1.0f - dampening differs for dampening in
+     * (0.5, 1)) */
+    float lr, weight_decay, momentum, keep;
     int nesterov, maximize, buf_init; /* buf_init: first step, buf = g (torch.clone) */
 } sgd_hyper;
 
@@ -159,7 +162,7 @@ sgd_update_impl(float *restrict w, const float *restrict g, float *restrict buf,
                 const sgd_hyper *h, const int maximize, const int decay, const int mom,
                 const int nesterov)
 {
-    const float wd = h->weight_decay, m = h->momentum, keep = 1.0f - h->dampening;
+    const float wd = h->weight_decay, m = h->momentum, keep = h->keep;
     const float nlr = -h->lr;
     for (int64_t j = 0; j < len; j++) {
         float d = maximize ? -g[j] : g[j];
@@ -182,7 +185,9 @@ sgd_update_impl(float *restrict w, const float *restrict g, float *restrict buf,
 
 static void sgd_update(float *w, const float *g, float *buf, int64_t len, const sgd_hyper *h)
 {
-    const int mom = h->momentum == 0.0f ? 0 : h->buf_init ? 1 : 2;
+    /* momentum is on where the caller passes a buffer (torch's `momentum != 0`, tested in
+     * double: a momentum that rounds to 0 in float still keeps a buffer) */
+    const int mom = buf == NULL ? 0 : h->buf_init ? 1 : 2;
     const int key = (h->maximize != 0) | (h->weight_decay != 0.0f) << 1 | mom << 2
                     | (mom != 0 && h->nesterov) << 4;
     switch (key) {
@@ -251,19 +256,29 @@ static void update_segments(const block_update *u, int64_t i0, int64_t s0, int64
     }
 }
 
-/* What the tile before segments [s0, s1) of the block at row i0 prefetches for them. */
+/* What the tile before segments [s0, s1) of the block at row i0 prefetches for them: the
+ * power-of-two number of cache lines that covers them, ending with the line of their last
+ * element (so it never reaches past this chunk's rows; where it is longer it starts in rows
+ * already updated, in cache). Offsets in bytes from the start of the arrays, which are
+ * 64-byte aligned (torch's allocator). */
 static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int64_t s1)
 {
     prefetch_plan pf = {NULL, NULL, NULL, 1};
     if (s1 <= s0) return pf;
-    const int64_t first = (i0 + s0 / u->segs_per_row) * u->n + (s0 % u->segs_per_row) * SEG;
+    const int64_t f = sizeof(float);
     const int64_t j_last = ((s1 - 1) % u->segs_per_row) * SEG;
-    const int64_t end = (i0 + (s1 - 1) / u->segs_per_row) * u->n + j_last
-                        + (u->n - j_last < SEG ? u->n - j_last : SEG);
-    pf.w = (const char *)(u->W + first);
-    pf.g = u->G ? (const char *)(u->G + first) : NULL;
-    pf.b = u->G && u->buf ? (const char *)(u->buf + first) : NULL;
-    while (pf.lines * 64 < (end - first) * (int64_t)sizeof(float)) pf.lines *= 2;
+    const int64_t first = ((i0 + s0 / u->segs_per_row) * u->n + (s0 % u->segs_per_row) * SEG)
+                          * f / 64 * 64;
+    const int64_t end = (((i0 + (s1 - 1) / u->segs_per_row) * u->n + j_last
+                          + (u->n - j_last < SEG ? u->n - j_last : SEG)) * f + 63) / 64 * 64;
+    while (pf.lines * 64 < end - first) pf.lines *= 2;
+    /* the window, at most twice their span, starts in an earlier block (i0 >= ROWS), except
+     * where one step's segments are a whole block: then it is shortened to stay in the arrays */
+    while (pf.lines > 1 && pf.lines * 64 > end) pf.lines /= 2;
+    const int64_t start = end - pf.lines * 64;
+    pf.w = (const char *)u->W + start;
+    pf.g = u->G ? (const char *)u->G + start : NULL;
+    pf.b = u->G && u->buf ? (const char *)u->buf + start : NULL;
     return pf;
 }
 
@@ -326,7 +341,7 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
                         sq_now[r] = square_sum(w, n);
                     }
                 const int64_t next_segs = overlap && blk + 1 < b1 ? SEGS_OF(blk + 1) : 0;
-                const int64_t per_step = (next_segs + steps - 1) / steps;
+                const int64_t per_step = steps ? (next_segs + steps - 1) / steps : 0; /* n = 0: none */
                 int64_t done = 0;
                 for (int r = 0; r < ROWS; r++) sq_next[r] = 0.0;
                 if (doy) memset(Y + i0 * kp, 0, sizeof(float) * rows * kp);
