@@ -205,7 +205,7 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
     post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=trackers[0].step,
                                 refill=refill, backend=backend)
     for i, (t, s) in enumerate(zip(trackers, sketches)):
-        one = post if len(trackers) == 1 else type(post)(*(x[i:i + 1] for x in post))
+        one = _batch_item(post, i, len(trackers))
         t.commit(s, one, finite[i:i + 1], all_finite)
 
 
@@ -307,9 +307,14 @@ def _sequential_on_kernel(trackers: list[MatrixTracker], sketches: list[SketchOu
             continue
         true = torch.ones(1, dtype=torch.bool)
         for j, i in enumerate(idx):
-            one = post if len(idx) == 1 else PostOut(*(x[j:j + 1] for x in post))
+            one = _batch_item(post, j, len(idx))
             trackers[i].commit(sketches[i], one, true, True)
     return sorted(rest)
+
+
+def _batch_item(post: PostOut, i: int, count: int) -> PostOut:
+    """Matrix i of a batched post-processing of ``count`` matrices, as a batch of one."""
+    return post if count == 1 else PostOut(*(x[i:i + 1] for x in post))
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
