@@ -91,7 +91,8 @@ def run_info(device: torch.device) -> dict:
         "triton_version": _version("triton"),
         "cupy_version": cupy,
         "cuda_version": torch.version.cuda or "",
-        "commit": _git("rev-parse", "HEAD"),
+        # A copy of the tree without .git (the GPU machine) names its commit in LOWRANK_COMMIT.
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("LOWRANK_COMMIT", "unknown"),
         # Uncommitted changes in the working tree: the numbers may not match the commit.
         "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),

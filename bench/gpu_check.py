@@ -130,9 +130,12 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10, check=False)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except Exception:  # noqa: BLE001
-        return "unknown"
+        pass
+    # A copy of the tree without .git (the GPU machine) names its commit in LOWRANK_COMMIT.
+    return os.environ.get("LOWRANK_COMMIT", "unknown")
 
 
 def environment() -> dict:
