@@ -195,7 +195,9 @@ def test_fused_deterministic_bitwise_on_gpu():
                                               deterministic=True)
         runs.append((W, buf) + tuple(out))
     for i, (x, y) in enumerate(zip(*runs, strict=True)):
-        assert torch.equal(x, y), f"output {i} differs between deterministic runs"
+        # P is None in this sketch mode: absent in both runs is equal too.
+        assert (x is None and y is None) or torch.equal(x, y), \
+            f"output {i} differs between deterministic runs"
 
 
 def _free_bytes():
