@@ -91,10 +91,12 @@ def run_info(device: torch.device) -> dict:
         "triton_version": _version("triton"),
         "cupy_version": cupy,
         "cuda_version": torch.version.cuda or "",
-        # A copy of the tree without .git (the GPU machine) names its commit in LOWRANK_COMMIT.
-        "commit": _git("rev-parse", "HEAD") or os.environ.get("LOWRANK_COMMIT", "unknown"),
+        # LOWRANK_COMMIT names the commit of a tree copied to another machine (the GPU machine's
+        # copy carries a stale .git): it wins over git there, and the sender vouches it is clean.
+        "commit": os.environ.get("LOWRANK_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
         # Uncommitted changes in the working tree: the numbers may not match the commit.
-        "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit_dirty": (not os.environ.get("LOWRANK_COMMIT")
+                         and bool(_git("status", "--porcelain", "--untracked-files=no"))),
         "date_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run_id": now.strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}",
     }

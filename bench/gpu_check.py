@@ -127,6 +127,10 @@ def _version(module: str) -> str:
 
 
 def git_commit() -> str:
+    """LOWRANK_COMMIT where set (a tree copied to the GPU machine carries a stale .git), else
+    git's HEAD."""
+    if os.environ.get("LOWRANK_COMMIT"):
+        return os.environ["LOWRANK_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10, check=False)
@@ -134,8 +138,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except Exception:  # noqa: BLE001
         pass
-    # A copy of the tree without .git (the GPU machine) names its commit in LOWRANK_COMMIT.
-    return os.environ.get("LOWRANK_COMMIT", "unknown")
+    return "unknown"
 
 
 def environment() -> dict:
