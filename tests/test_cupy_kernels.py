@@ -394,7 +394,6 @@ def _emulate(order, emu_libs, monkeypatch):
     monkeypatch.setattr(LOADER, "function", lambda cu, name, device: EmuKernel(emu_libs[cu], name))
     monkeypatch.setattr(LOADER, "check_cuda", check_cuda)
     monkeypatch.setattr(LOADER, "on_torch_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(LOADER, "as_cupy", lambda t: None if t is None else t.detach())
     monkeypatch.setattr(LOADER, "max_shared_bytes", lambda device: EMU_SHARED_LIMIT)
     monkeypatch.setattr(LOADER, "sm_count", lambda device: EMU_SM_COUNT)
     return order

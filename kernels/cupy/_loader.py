@@ -15,6 +15,7 @@ import importlib.resources
 import threading
 import warnings
 
+import numpy as np
 import torch
 
 from lowrank.backends import BackendUnavailable
@@ -30,6 +31,7 @@ _OPTIONS = ("-std=c++17",)
 _lock = threading.Lock()
 _modules: dict = {}
 _functions: dict = {}
+_streams: dict = {}  # (device index, torch stream handle) -> CuPy stream wrapper
 
 
 def require_cupy():
@@ -134,30 +136,31 @@ def on_torch_stream(device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index):
-        if hasattr(stream, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
-            external = cupy.cuda.Stream.from_external(stream)  # CUDA stream protocol (CuPy >= 14)
-        else:
-            with warnings.catch_warnings():  # deprecated in CuPy 14, the only way before it
-                warnings.simplefilter("ignore", DeprecationWarning)
-                external = cupy.cuda.ExternalStream(stream.cuda_stream, index)
+        key = (index, stream.cuda_stream)
+        external = _streams.get(key)
+        if external is None:  # one CuPy wrapper per torch stream: making it costs host time
+            if hasattr(stream, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
+                external = cupy.cuda.Stream.from_external(stream)  # stream protocol (CuPy >= 14)
+            else:
+                with warnings.catch_warnings():  # deprecated in CuPy 14, the only way before it
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    external = cupy.cuda.ExternalStream(stream.cuda_stream, index)
+            _streams[key] = external
         with external:
             yield cupy
 
 
-def as_cupy(t: torch.Tensor | None):
-    """Zero-copy CuPy view of a CUDA tensor through DLPack (None stays None: a null pointer).
+def pointer(t: torch.Tensor | None) -> np.uint64:
+    """A tensor as a kernel argument: its device address (storage offset included) as the 8-byte
+    integer a pointer parameter takes; None is the null pointer.
 
-    16-bit floats travel as int16 (same bits; the kernels convert them), so the CuPy version's
-    bfloat16 support does not matter. Call inside :func:`on_torch_stream`: CuPy passes its
-    current stream to ``__dlpack__``, which is torch's current stream, so no event is recorded.
+    No CuPy array is made: a DLPack view per argument cost ~20 us of host time a launch, which
+    made the post-processing (~40 arguments) host-bound. The kernels index with the strides they
+    are given (RawKernel ignores an array's strides anyway). The tensor must stay alive until the
+    launch returns (the callers hold it); the kernel runs on torch's current stream, in order
+    with the caching allocator's reuse of the memory.
     """
-    if t is None:
-        return None
-    cupy = require_cupy()
-    t = t.detach()  # parameters require grad; DLPack refuses those
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.view(torch.int16)
-    return cupy.from_dlpack(t)
+    return np.uint64(0 if t is None else t.data_ptr())
 
 
 def grid_dim_check(op: str, name: str, value: int, limit: int = 65535) -> None:

@@ -165,7 +165,7 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
         sG = Gb.stride() if Gb is not None else (0, 0, 0)
         sB = Bb.stride() if Bb is not None else (0, 0, 0)
         with _loader.on_torch_stream(device):
-            c = _loader.as_cupy
+            c = _loader.pointer
             args = (
                 c(Wb), c(Gb), c(Bb), c(Uc), c(Vc), c(Y), c(Z), c(fro2), c(row_sq),
                 i64(m), i64(n), np.int32(k), i64(sUb), i64(sVb),

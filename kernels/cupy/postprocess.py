@@ -156,7 +156,7 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
     block = (THREADS, 1, 1)
     kk = i64(k * k)
     with _loader.on_torch_stream(device):
-        c = _loader.as_cupy
+        c = _loader.pointer
         if refill is None:
             blocks = max(1, min(-(-pmax * k // THREADS), 1024))
             refill_k((blocks, z2, 1), block, (c(Ry), c(Rz), *dims, i32(k), seed_u, i64(step), c(step_t)))
