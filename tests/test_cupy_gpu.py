@@ -203,3 +203,36 @@ def test_graph_captured_tracked_step_replays_like_eager():
     assert torch.equal(W, W_before)  # lr = 0 and the buffer term scaled by it: W unchanged
     assert torch.isfinite(graph_post.U).all()
 
+
+
+def test_triton_backend_post_processes_with_the_cupy_kernel():
+    """backend="triton" hands the post-processing to the CuPy kernel on a GPU where CuPy runs
+    (the same function, so the same result to the bit), and its SpectralSGD step then makes no
+    host synchronisation; widths the kernel cannot take go to the torch reference."""
+    from lowrank import SpectralSGD, backends
+
+    b, m, n, k = 2, 300, 200, 16
+    Y = torch.randn(b, m, k, generator=_gen(60), device=DEV)
+    Z = torch.randn(b, n, k, generator=_gen(61), device=DEV)
+    U = _orth(m, k, 62).float().to(DEV)[None].expand(b, m, k).contiguous()
+    V = _orth(n, k, 63).float().to(DEV)[None].expand(b, n, k).contiguous()
+    via_triton = backends.postprocess(Y, Z, U, V, seed=3, step=5, backend="triton")
+    direct = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=5)
+    for name, x, y in zip(via_triton._fields, via_triton, direct):
+        assert torch.equal(x, y), name
+    assert not PP.supports(4096, DEV)  # far beyond shared memory: the torch reference's case
+
+    w = torch.nn.Parameter(torch.randn(512, 384, generator=_gen(64), device=DEV))
+    opt = SpectralSGD([w], lr=1e-2, rank=4, sketch_rank=8, backend="triton")
+    for _ in range(2):  # compiles and loads the kernels
+        w.grad = torch.randn_like(w)
+        opt.step()
+    w.grad = torch.randn_like(w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(opt.tracked.trackers["param0"].sigma).all()

@@ -25,6 +25,9 @@ graph once it has run eagerly (compilation and module loading happen on the firs
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -54,6 +57,51 @@ def _chunks(pmax: int, blocks_per_chunk: int, target: int) -> tuple[int, int]:
     chunks = max(1, min(-(-pmax // 256), -(-target // blocks_per_chunk)))
     rows = -(-(-(-pmax // chunks)) // TILE) * TILE
     return -(-pmax // rows), rows
+
+
+NULL = np.uint64(0)
+_ALIGN = 32  # workspace offsets in doubles: 256-byte aligned, as an allocation of its own is
+
+
+class _Plan(NamedTuple):
+    chunks: tuple  # (chunks, rows) of the Gram passes A, C and E
+    offsets: dict  # workspace name -> offset in doubles
+    total: int  # doubles in the workspace
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(b: int, m: int, n: int, k: int, v_shared: bool, sms: int) -> _Plan:
+    """Grid split and workspace layout of one problem size (host arithmetic, cached)."""
+    z2, nt, pmax = 2 * b, -(-k // TILE), max(m, n)
+    target = 4 * sms
+    chunks_a, rows_a = _chunks(pmax, z2 * 2 * nt * nt, target)
+    chunks_c, rows_c = _chunks(pmax, z2 * 3 * nt * nt, target)
+    chunks_e, rows_e = _chunks(pmax, z2 * 2 * nt * nt, target)
+    sizes = {
+        # p x k per side: refill candidates R (then R1), Q, X1.
+        "Ry": b * m * k, "Rz": b * n * k, "Qy": b * m * k, "Qz": b * n * k,
+        "Xy": b * m * k, "Xz": b * n * k,
+        # k x k, stacked over the 2b problems.
+        "C1": z2 * k * k, "M1": z2 * k * k, "N1": z2 * k * k, "good": z2 * k,
+        "W1": z2 * 2 * k * k, "scratch": z2 * 2 * k * k, "T": z2 * k * k,
+        # Per-chunk partial Gram matrices of passes A, C, E.
+        "part_a": z2 * chunks_a * 2 * k * k, "part_c": z2 * chunks_c * 3 * k * k,
+        "part_e": z2 * chunks_e * 2 * k * k,
+    }
+    if not v_shared:  # eigenvectors in global memory when shared memory cannot hold them
+        sizes["Vg"] = z2 * k * k
+    offsets, total = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = total
+        total += -(-size // _ALIGN) * _ALIGN
+    return _Plan((chunks_a, rows_a, chunks_c, rows_c, chunks_e, rows_e), offsets, total)
+
+
+def supports(k: int, device: torch.device) -> bool:
+    """Whether CuPy loads and the one-block eigen solver takes width k on ``device`` (its shared
+    memory); raises :class:`lowrank.backends.BackendUnavailable` without CuPy."""
+    _loader.require_cupy()
+    return eig_shared_bytes(k, False) <= _loader.max_shared_bytes(device) - 1024
 
 
 def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
@@ -106,28 +154,18 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
                          f"({eig_shared_bytes(k, False)} bytes of shared memory, limit {limit})")
 
     f64 = dict(device=device, dtype=torch.float64)
-    z2 = 2 * b
-    nt = -(-k // TILE)
-    pmax = max(m, n)
-    target = 4 * _loader.sm_count(device)
-
-    # p x k float64 workspaces, one tensor per side.
-    Ry, Rz = torch.empty((b, m, k), **f64), torch.empty((b, n, k), **f64)
-    Qy, Qz = torch.empty((b, m, k), **f64), torch.empty((b, n, k), **f64)
-    Xy, Xz = torch.empty((b, m, k), **f64), torch.empty((b, n, k), **f64)
+    z2, nt, pmax = 2 * b, -(-k // TILE), max(m, n)
+    plan = _plan(b, m, n, k, v_shared, _loader.sm_count(device))
+    chunks_a, rows_a, chunks_c, rows_c, chunks_e, rows_e = plan.chunks
+    # All float64 workspaces in one allocation, passed as addresses (no tensor per workspace:
+    # each costs host time, and this call is host-bound at small k).
+    work = torch.empty(plan.total, **f64)
+    base = work.data_ptr()
+    ws = {name: np.uint64(base + 8 * off) for name, off in plan.offsets.items()}
     if refill is not None:
-        Ry.copy_(refill[0])
-        Rz.copy_(refill[1])
-    # k x k float64 workspaces, stacked over the 2b problems.
-    C1 = torch.empty((z2, k, k), **f64)
-    M1 = torch.empty((z2, k, k), **f64)
-    N1 = torch.empty((z2, k, k), **f64)
-    good = torch.empty((z2, k), **f64)
-    Vg = torch.empty((z2, k, k), **f64) if not v_shared else None
-    W1 = torch.empty((z2, 2 * k, k), **f64)
-    scratch = torch.empty((z2, 2, k, k), **f64)
-    T = torch.empty((z2, k, k), **f64)
-    # Outputs.
+        work[plan.offsets["Ry"]:plan.offsets["Ry"] + b * m * k].view(b, m, k).copy_(refill[0])
+        work[plan.offsets["Rz"]:plan.offsets["Rz"] + b * n * k].view(b, n, k).copy_(refill[1])
+    # Outputs: real tensors, kept by the caller.
     sigma = torch.empty((b, k), **f64)
     sigma_y = torch.empty((b, k), **f64)
     sigma_z = torch.empty((b, k), **f64)
@@ -135,13 +173,6 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
     V_new = torch.empty((b, n, k), device=device, dtype=V_old.dtype)
     overlap_u = torch.empty((b, k, k), **f64)
     overlap_v = torch.empty((b, k, k), **f64)
-
-    chunks_a, rows_a = _chunks(pmax, z2 * 2 * nt * nt, target)
-    chunks_c, rows_c = _chunks(pmax, z2 * 3 * nt * nt, target)
-    chunks_e, rows_e = _chunks(pmax, z2 * 2 * nt * nt, target)
-    part_a = torch.empty((z2, chunks_a, 2, k, k), **f64)
-    part_c = torch.empty((z2, chunks_c, 3, k, k), **f64)
-    part_e = torch.empty((z2, chunks_e, 2, k, k), **f64)
 
     fn = lambda name: _loader.function(CU, name, device)  # noqa: E731
     refill_k = fn("pp_refill")
@@ -159,37 +190,44 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
         c = _loader.pointer
         if refill is None:
             blocks = max(1, min(-(-pmax * k // THREADS), 1024))
-            refill_k((blocks, z2, 1), block, (c(Ry), c(Rz), *dims, i32(k), seed_u, i64(step), c(step_t)))
+            refill_k((blocks, z2, 1), block, (ws["Ry"], ws["Rz"], *dims, i32(k), seed_u, i64(step), c(step_t)))
         # Pass A: [S^T S, S^T R]  (sel: term 1 takes B from R -> bit 3)
         gram_s((chunks_a, 2 * nt * nt, z2), block,
-               (c(Yc), c(Zc), c(Ry), c(Rz), *dims, i32(k), i32(2), i32(0b1000), i64(rows_a), c(part_a)))
+               (c(Yc), c(Zc), ws["Ry"], ws["Rz"], *dims, i32(k), i32(2), i32(0b1000), i64(rows_a),
+                ws["part_a"]))
         eig_k((z2, 1, 1), block,
-              (c(part_a), i32(chunks_a), i64(b), i32(k), c(Vg), i32(v_shared), c(C1), c(M1), c(N1),
-               c(good), c(sigma_y), c(sigma_z), i32(MAX_SWEEPS), np.float64(JACOBI_TOL)),
+              (ws["part_a"], i32(chunks_a), i64(b), i32(k), ws.get("Vg", NULL), i32(v_shared), ws["C1"],
+               ws["M1"], ws["N1"], ws["good"], c(sigma_y), c(sigma_z), i32(MAX_SWEEPS), np.float64(JACOBI_TOL)),
               shared_mem=eig_shared_bytes(k, v_shared))
         # Pass B: Q = S C1 ; R1 = R - S N1 (in place over R)
         grid_apply = (rows_tiles, nt, z2)
-        apply_s(grid_apply, block, (c(Yc), c(Zc), c(C1), kk, None, None, None, i64(0), None, None,
-                                    np.float64(1.0), c(Qy), c(Qz), *dims, i32(k)))
-        apply_s(grid_apply, block, (c(Yc), c(Zc), c(N1), kk, None, None, None, i64(0), c(Ry), c(Rz),
-                                    np.float64(-1.0), c(Ry), c(Rz), *dims, i32(k)))
+        apply_s(grid_apply, block, (c(Yc), c(Zc), ws["C1"], kk, NULL, NULL, NULL, i64(0), NULL, NULL,
+                                    np.float64(1.0), ws["Qy"], ws["Qz"], *dims, i32(k)))
+        apply_s(grid_apply, block, (c(Yc), c(Zc), ws["N1"], kk, NULL, NULL, NULL, i64(0), ws["Ry"],
+                                    ws["Rz"], np.float64(-1.0), ws["Ry"], ws["Rz"], *dims, i32(k)))
         # Pass C: [Q^T Q, Q^T R1, R1^T R1]  (sel: term 1 B from R1 -> bit 3; term 2 both -> bits 4, 5)
         gram_64((chunks_c, 3 * nt * nt, z2), block,
-                (c(Qy), c(Qz), c(Ry), c(Rz), *dims, i32(k), i32(3), i32(0b111000), i64(rows_c), c(part_c)))
+                (ws["Qy"], ws["Qz"], ws["Ry"], ws["Rz"], *dims, i32(k), i32(3), i32(0b111000), i64(rows_c),
+                 ws["part_c"]))
         mid_k((z2, 1, 1), block,
-              (c(part_c), i32(chunks_c), i64(b), i32(k), c(good), c(scratch), c(W1),
+              (ws["part_c"], i32(chunks_c), i64(b), i32(k), ws["good"], ws["scratch"], ws["W1"],
                c(sigma_y), c(sigma_z), c(sigma)),
               shared_mem=8 * k * k)
         # Pass D: X1 = Q W1_top + R1 W1_bottom
-        apply_64(grid_apply, block, (c(Qy), c(Qz), c(W1), i64(2 * k * k), c(Ry), c(Rz), c(W1[:, k:]),
-                                     i64(2 * k * k), None, None, np.float64(1.0), c(Xy), c(Xz), *dims, i32(k)))
+        # The bottom half of W1 (z2, 2k, k): its rows k.. of each problem, k * k doubles in.
+        w1_low = np.uint64(int(ws["W1"]) + 8 * k * k)
+        apply_64(grid_apply, block, (ws["Qy"], ws["Qz"], ws["W1"], i64(2 * k * k), ws["Ry"], ws["Rz"],
+                                     w1_low, i64(2 * k * k), NULL, NULL, np.float64(1.0), ws["Xy"],
+                                     ws["Xz"], *dims, i32(k)))
         # Pass E: [X1^T X1, U_old^T X1]  (sel: term 0 both from X1 -> bits 0, 1; term 1 B from X1 -> bit 3)
         gram_u((chunks_e, 2 * nt * nt, z2), block,
-               (c(Uc), c(Vc), c(Xy), c(Xz), *dims, i32(k), i32(2), i32(0b1011), i64(rows_e), c(part_e)))
+               (c(Uc), c(Vc), ws["Xy"], ws["Xz"], *dims, i32(k), i32(2), i32(0b1011), i64(rows_e),
+                ws["part_e"]))
         fin_k((z2, 1, 1), block,
-              (c(part_e), i32(chunks_e), i64(b), i32(k), c(scratch), c(T), c(overlap_u), c(overlap_v)),
+              (ws["part_e"], i32(chunks_e), i64(b), i32(k), ws["scratch"], ws["T"], c(overlap_u),
+               c(overlap_v)),
               shared_mem=8 * k * k)
         # Pass F: U_next = X1 T in the basis dtype
-        apply_u(grid_apply, block, (c(Xy), c(Xz), c(T), kk, None, None, None, i64(0), None, None,
+        apply_u(grid_apply, block, (ws["Xy"], ws["Xz"], ws["T"], kk, NULL, NULL, NULL, i64(0), NULL, NULL,
                                     np.float64(1.0), c(U_new), c(V_new), *dims, i32(k)))
     return PostOut(sigma, sigma_y, sigma_z, U_new, V_new, overlap_u, overlap_v)
