@@ -179,7 +179,7 @@ def check_postprocess(out, ref, U_old, V_old, *, same_refill: bool):
 def _entry_points(cu_name: str) -> set[str]:
     src = (CUPY_DIR / cu_name).read_text()
     names = set(re.findall(r'extern "C" __global__ void __launch_bounds__\(\w+\) (\w+)\(', src))
-    names |= set(re.findall(r"^(?:PP_GRAM_ENTRY|PP_APPLY_ENTRY|FS_ENTRY)\((\w+)", src, re.M))
+    names |= set(re.findall(r"^(?:PP_GRAM_ENTRY|PP_APPLY_ENTRY|FS_ENTRY|UP_ENTRY)\((\w+)", src, re.M))
     return names - {"NAME"}
 
 
@@ -502,6 +502,57 @@ def test_emulated_fused_without_sketch_and_without_momentum(emulated):
     sgd_update_torch(Wt, G, None, lr=0.2)
     assert out is None and buf is None
     torch.testing.assert_close(Wk, Wt, rtol=2 * U32, atol=2 * U32)
+
+
+@pytest.mark.parametrize("shape", [(20, 1100), (50, 3), (4, 3, 5, 5)],
+                         ids=["two_column_blocks", "thin", "conv_kernel"])
+@pytest.mark.parametrize("hyper", [dict(lr=0.1, momentum=0.9, dampening=0.6, weight_decay=0.01),
+                                   dict(lr=0.05, momentum=0.5, nesterov=True, maximize=True)],
+                         ids=["dampening", "nesterov_maximize"])
+def test_emulated_plain_update_matches_torch_sgd(emulated, shape, hyper, monkeypatch):
+    """The untracked step (elementwise sgd_update kernel) against torch.optim.SGD, three steps
+    (the first creates the buffer), a transposed gradient, more rows than grid rows (the grid
+    limit, 65535 on a GPU, lowered to 7 here: the kernel's row loop). Each step starts both from the same state: torch's CPU kernels contract
+    a * b + c into FMAs and the emulation (g++ -O2, no -mfma) does not, so results agree to an
+    ulp or two per step, not bit for bit (the GPU tests hold the kernel to torch's CUDA SGD)."""
+    monkeypatch.setattr(FS, "GRID_Y", 7)
+    W0 = torch.randn(*shape, generator=_gen(19))
+    p = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.SGD([p], foreach=False, **hyper)
+    W, buf = W0.clone(), None
+    for step in range(3):
+        G = torch.randn(*reversed(shape), generator=_gen(30 + step)).permute(
+            *reversed(range(len(shape))))  # same shape, transposed strides
+        out, buf = FS.fused_sgd_sketch_cupy(W, G, buf, None, None, **hyper)
+        p.grad = G.clone()
+        opt.step()
+        assert out is None
+        for mine, theirs in ((W, p.detach()), (buf, opt.state[p]["momentum_buffer"])):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=2 * U32 * theirs.abs().max())
+            theirs.copy_(mine)  # the next step from the same state
+
+
+def test_launcher_forms_one_minus_dampening_in_double(emulated, monkeypatch):
+    """torch passes alpha = 1 - dampening computed in double, rounded once to float32; 1 - 0.6
+    formed in float32 is a different float (0.39999998 against 0.4)."""
+    seen = []
+    real = LOADER.function
+
+    def spy(cu, name, device):
+        fn = real(cu, name, device)
+        return lambda grid, block, args, **kw: (seen.append((name, args)), fn(grid, block, args, **kw))
+
+    monkeypatch.setattr(LOADER, "function", spy)
+    W, G = torch.randn(8, 40, generator=_gen(40)), torch.randn(8, 40, generator=_gen(41))
+    U, V = torch.randn(8, 4, generator=_gen(42)), torch.randn(40, 4, generator=_gen(43))
+    buf = torch.zeros_like(W)
+    FS.fused_sgd_sketch_cupy(W, G, buf, None, None, lr=0.1, momentum=0.9, dampening=0.6)
+    FS.fused_sgd_sketch_cupy(W, G, buf, U, V, lr=0.1, momentum=0.9, dampening=0.6)
+    assert np.float32(1.0 - 0.6) != np.float32(1.0) - np.float32(0.6)
+    assert [name for name, _ in seen] == ["sgd_update_f32", "fused_sgd_sketch_f32"]
+    for _, args in seen:
+        keep = [a for a in args if type(a) is np.float32][3]  # lr, weight_decay, momentum, keep
+        assert keep == np.float32(1.0 - 0.6)
 
 
 def _orth(p, k, seed):

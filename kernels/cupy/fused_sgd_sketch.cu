@@ -30,6 +30,25 @@
 #define FS_KC 32
 #define FS_LD (FS_BN + 1)  // padded row of the staged tile: conflict-free column reads
 
+// torch.optim.SGD (_single_tensor_sgd) on one element, in its operation order and in the
+// arithmetic type A: returns the new weight (before rounding to its dtype) and sets b_new, the
+// new momentum buffer value, when there is momentum. keep = 1 - dampening, formed in double on
+// the host as torch forms its alpha. One copy serves the fused pass and the plain update.
+template <class D, class A>
+__device__ __forceinline__ A sgd_element(A w, A g, A b_old, A lr_v, A weight_decay, A momentum,
+                                         A keep, bool has_momentum, int nesterov, int maximize,
+                                         int init_buf, A& b_new)
+{
+    if (maximize) g = -g;
+    if (weight_decay != A(0)) g = g + weight_decay * w;
+    if (has_momentum) {
+        b_new = init_buf ? g : b_old * momentum + keep * g;
+        const A bv = D::round(b_new);  // later uses see the buffer as stored, like torch
+        g = nesterov ? g + momentum * bv : bv;
+    }
+    return w - lr_v * g;
+}
+
 template <class D>
 __device__ __forceinline__ void fused_body(
     typename D::store_t* __restrict__ W,        // (b, m, n) weights, strides sW*; updated in place
@@ -47,7 +66,7 @@ __device__ __forceinline__ void fused_body(
     int update,                                 // 0: sketch only; 1: SGD update first
     const typename D::acc_t* lr_ptr,            // 0-d device lr or null (then lr is used)
     typename D::acc_t lr, typename D::acc_t weight_decay, typename D::acc_t momentum,
-    typename D::acc_t dampening,
+    typename D::acc_t keep,                     // 1 - dampening, formed in double on the host
     int nesterov, int maximize,
     int init_buf)                               // 1: first step, buf = g (torch clones g)
 {
@@ -97,18 +116,13 @@ __device__ __forceinline__ void fused_body(
                 const i64 iw = gr * sWm + gc * sWn;
                 A w = D::load(Wb, iw);
                 if (update) {
-                    // torch.optim.SGD (_single_tensor_sgd), same operation order, fp32 arithmetic.
-                    A g = D::load(Gb, gr * sGm + gc * sGn);
-                    if (maximize) g = -g;
-                    if (weight_decay != A(0)) g = g + weight_decay * w;
-                    if (has_momentum) {
-                        const i64 ib = gr * sBm + gc * sBn;
-                        A bv = init_buf ? g : D::load(Bb, ib) * momentum + (A(1) - dampening) * g;
-                        D::store(Bb, ib, bv);
-                        bv = D::round(bv);  // later uses see the buffer as stored, like torch
-                        g = nesterov ? g + momentum * bv : bv;
-                    }
-                    w = w - lr_v * g;
+                    const A g = D::load(Gb, gr * sGm + gc * sGn);
+                    const i64 ib = gr * sBm + gc * sBn;
+                    A b_new = A(0);
+                    const A b_old = (has_momentum && !init_buf) ? D::load(Bb, ib) : A(0);
+                    w = sgd_element<D, A>(w, g, b_old, lr_v, weight_decay, momentum, keep,
+                                          has_momentum, nesterov, maximize, init_buf, b_new);
+                    if (has_momentum) D::store(Bb, ib, b_new);
                     D::store(Wb, iw, w);
                     w = D::round(w);  // sketch the weight as stored
                 }
@@ -187,14 +201,76 @@ __device__ __forceinline__ void fused_body(
         const D::acc_t* V, D::acc_t* Y, D::acc_t* Z, double* fro2, double* row_sq, i64 m, i64 n, \
         int k, i64 sUb, i64 sVb, i64 sWb, i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb,  \
         i64 sBm, i64 sBn, i64 cols_per_chunk, int update, const D::acc_t* lr_ptr, D::acc_t lr,  \
-        D::acc_t weight_decay, D::acc_t momentum, D::acc_t dampening, int nesterov,              \
+        D::acc_t weight_decay, D::acc_t momentum, D::acc_t keep, int nesterov,                   \
         int maximize, int init_buf) {                                                             \
         fused_body<D>(W, G, buf, U, V, Y, Z, fro2, row_sq, m, n, k, sUb, sVb, sWb, sWm, sWn, sGb, \
                       sGm, sGn, sBb, sBm, sBn, cols_per_chunk, update, lr_ptr, lr, weight_decay,  \
-                      momentum, dampening, nesterov, maximize, init_buf);                         \
+                      momentum, keep, nesterov, maximize, init_buf);                              \
     }
 
 FS_ENTRY(fused_sgd_sketch_f32, F32)
 FS_ENTRY(fused_sgd_sketch_bf16, BF16)
 FS_ENTRY(fused_sgd_sketch_f16, F16)
 FS_ENTRY(fused_sgd_sketch_f64, F64)
+
+// The plain SGD step (tracking off): elementwise, no shared memory, no barrier, no atomics.
+// Block (UP_THREADS) x UP_PER_THREAD consecutive-in-warp columns of one row; the grid's y walks
+// the b * m rows (strided past the 65535 grid limit). Loads of a thread's elements are issued
+// before any store, so each thread keeps UP_PER_THREAD x (2 or 3) loads in flight.
+#define UP_THREADS 256
+#define UP_PER_THREAD 4
+
+template <class D>
+__device__ __forceinline__ void update_body(
+    typename D::store_t* __restrict__ W, const typename D::store_t* __restrict__ G,
+    typename D::store_t* __restrict__ buf, i64 m, i64 n, i64 rows,
+    i64 sWb, i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb, i64 sBm, i64 sBn,
+    const typename D::acc_t* lr_ptr, typename D::acc_t lr, typename D::acc_t weight_decay,
+    typename D::acc_t momentum, typename D::acc_t keep, int nesterov, int maximize, int init_buf)
+{
+    typedef typename D::acc_t A;
+    const A lr_v = lr_ptr ? *lr_ptr : lr;
+    const bool has_momentum = momentum != A(0);
+    const i64 c0 = (i64)blockIdx.x * (UP_THREADS * UP_PER_THREAD) + threadIdx.x;
+    for (i64 row = blockIdx.y; row < rows; row += gridDim.y) {
+        const i64 bi = row / m, r = row - bi * m;
+        A w[UP_PER_THREAD], g[UP_PER_THREAD], b[UP_PER_THREAD];
+#pragma unroll
+        for (int j = 0; j < UP_PER_THREAD; ++j) {
+            const i64 c = c0 + j * UP_THREADS;
+            w[j] = g[j] = b[j] = A(0);
+            if (c < n) {
+                w[j] = D::load(W, bi * sWb + r * sWm + c * sWn);
+                g[j] = D::load(G, bi * sGb + r * sGm + c * sGn);
+                if (has_momentum && !init_buf) b[j] = D::load(buf, bi * sBb + r * sBm + c * sBn);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < UP_PER_THREAD; ++j) {
+            const i64 c = c0 + j * UP_THREADS;
+            if (c < n) {
+                A b_new = A(0);
+                const A w_new = sgd_element<D, A>(w[j], g[j], b[j], lr_v, weight_decay, momentum,
+                                                  keep, has_momentum, nesterov, maximize,
+                                                  init_buf, b_new);
+                if (has_momentum) D::store(buf, bi * sBb + r * sBm + c * sBn, b_new);
+                D::store(W, bi * sWb + r * sWm + c * sWn, w_new);
+            }
+        }
+    }
+}
+
+#define UP_ENTRY(NAME, D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(UP_THREADS) NAME(                               \
+        D::store_t* W, const D::store_t* G, D::store_t* buf, i64 m, i64 n, i64 rows, i64 sWb,     \
+        i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb, i64 sBm, i64 sBn,                   \
+        const D::acc_t* lr_ptr, D::acc_t lr, D::acc_t weight_decay, D::acc_t momentum,           \
+        D::acc_t keep, int nesterov, int maximize, int init_buf) {                                \
+        update_body<D>(W, G, buf, m, n, rows, sWb, sWm, sWn, sGb, sGm, sGn, sBb, sBm, sBn,        \
+                       lr_ptr, lr, weight_decay, momentum, keep, nesterov, maximize, init_buf);   \
+    }
+
+UP_ENTRY(sgd_update_f32, F32)
+UP_ENTRY(sgd_update_bf16, BF16)
+UP_ENTRY(sgd_update_f16, F16)
+UP_ENTRY(sgd_update_f64, F64)

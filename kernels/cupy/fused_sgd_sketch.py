@@ -135,6 +135,16 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
         else:
             lr_v = float(lr)
 
+    scalar = np.float64 if cdt == torch.float64 else np.float32
+    # torch's alpha 1 - dampening is formed in double and rounded once to the arithmetic type.
+    hyper = (scalar(lr_v), scalar(weight_decay), scalar(momentum), scalar(1.0 - float(dampening)),
+             np.int32(bool(nesterov)), np.int32(bool(maximize)), np.int32(init_buf))
+    if not track:  # a plain SGD step: the elementwise kernel, no sketch outputs
+        if Wb.numel() > 0:
+            _plain_update(Wb, Gb, Bb, lr_t, hyper, W.dtype, device)
+        _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf)
+        return None, buf
+
     # Zero-initialised: Z (and Y when the columns are split) are reduced with atomics.
     Y = torch.zeros((b, m, k), dtype=cdt, device=device)
     Z = torch.zeros((b, n, k), dtype=cdt, device=device)
@@ -159,7 +169,6 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
         _loader.grid_dim_check(op, "row bands", nbands, 2**31 - 1)
 
         fn = _loader.function(CU, f"fused_sgd_sketch_{_SUFFIX[W.dtype]}", device)
-        scalar = np.float64 if cdt == torch.float64 else np.float32
         i64 = np.int64
         sW = Wb.stride()
         sG = Gb.stride() if Gb is not None else (0, 0, 0)
@@ -171,20 +180,43 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
                 i64(m), i64(n), np.int32(k), i64(sUb), i64(sVb),
                 i64(sW[0]), i64(sW[1]), i64(sW[2]), i64(sG[0]), i64(sG[1]), i64(sG[2]),
                 i64(sB[0]), i64(sB[1]), i64(sB[2]), i64(cols_per_chunk), np.int32(1 if update else 0),
-                c(lr_t), scalar(lr_v), scalar(weight_decay), scalar(momentum),
-                scalar(dampening), np.int32(bool(nesterov)), np.int32(bool(maximize)),
-                np.int32(init_buf),
+                c(lr_t), *hyper,
             )
             fn((nbands, chunks, b), (THREADS, 1, 1), args, shared_mem=smem)
     if update:
-        if w_copied:
-            W.copy_(Wb.view(W.shape))
-        if b_copied:
-            buf.copy_(Bb.view(buf.shape))
-        _bump_version(W)
-        if Bb is not None and not init_buf:
-            _bump_version(buf)
-    return (SketchOut(Y, Z, fro2, row_sq) if track else None), buf
+        _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf)
+    return SketchOut(Y, Z, fro2, row_sq), buf
+
+
+UP_THREADS, UP_PER_THREAD = 256, 4  # as in the .cu
+GRID_Y = 65535
+
+
+def _plain_update(Wb, Gb, Bb, lr_t, hyper, dtype, device) -> None:
+    """Launch sgd_update_<dtype>: (b, m, n) views, each thread UP_PER_THREAD columns of a row."""
+    b, m, n = Wb.shape
+    i64 = np.int64
+    sW, sG = Wb.stride(), Gb.stride()
+    sB = Bb.stride() if Bb is not None else (0, 0, 0)
+    cols = -(-n // (UP_THREADS * UP_PER_THREAD))
+    _loader.grid_dim_check("fused_sgd_sketch_cupy", "column blocks", cols, 2**31 - 1)
+    fn = _loader.function(CU, f"sgd_update_{_SUFFIX[dtype]}", device)
+    with _loader.on_torch_stream(device):
+        c = _loader.pointer
+        fn((cols, min(b * m, GRID_Y), 1), (UP_THREADS, 1, 1),
+           (c(Wb), c(Gb), c(Bb), i64(m), i64(n), i64(b * m), *(i64(x) for x in (*sW, *sG, *sB)),
+            c(lr_t), *hyper))
+
+
+def _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf) -> None:
+    """Copy back temporaries of exotic layouts; bump the version counters torch would."""
+    if w_copied:
+        W.copy_(Wb.view(W.shape))
+    if b_copied:
+        buf.copy_(Bb.view(buf.shape))
+    _bump_version(W)
+    if Bb is not None and not init_buf:
+        _bump_version(buf)
 
 
 def fused_sgd_sketch_cupy(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
