@@ -4,6 +4,7 @@ and are ordered (p20 <= median <= p80)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -156,6 +157,24 @@ def test_breakdown_rows():
     assert by[TOTAL]["overhead"] == 1.0 and by[TOTAL]["n_samples"] == 3
     assert any(name.startswith("norms") for name in by) and any(n.startswith("rest") for n in by)
     assert all(r["workload"] == "breakdown" and set(r) <= set(results.COLUMNS) for r in rows)
+
+
+def test_step_profile_attributes_host_time_and_restores_the_library(tmp_path):
+    from bench import step_profile
+    from lowrank import backends, trackset
+
+    originals = [getattr(owner, attr) for _, owner, attr in step_profile.PARTS]
+    out = tmp_path / "profile.json"
+    assert step_profile.main(["--device", "cpu", "--shape", "48", "--k", "4", "--backends",
+                              "torch", "--steps", "2", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["backends"][0]
+    host = row["host_ms"]
+    assert row["step_ms"] > 0 and host["step (host)"] >= host["finish_step"] > 0
+    assert host["finish_step"] >= host.get("commit", 0.0) and "pass" in host
+    # The timers are taken off again: the library's functions are its own.
+    assert [getattr(owner, attr) for _, owner, attr in step_profile.PARTS] == originals
+    assert backends.fused_sgd_sketch.__module__ == "lowrank.backends"
+    assert trackset.TrackedSet.finish_step.__qualname__ == "TrackedSet.finish_step"
 
 
 def test_readme_table_is_rewritten_from_the_rows(quick_run, tmp_path):
