@@ -140,7 +140,9 @@ class TrackedSet:
             k = min(sketch_rank if sketch_rank is not None else 2 * rank, m, n)
             basis_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             try:
-                resolved = backends.resolve_backend(backend, p.device, p.dtype)
+                resolved = backends.resolve_backend(backend, p.device, p.dtype,
+                                                    precision=precision,
+                                                    deterministic=deterministic)
             except TypeError as exc:
                 raise TypeError(f"parameter {name!r}: {exc}") from None
             try:

@@ -19,6 +19,35 @@ from lowrank import backends
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@pytest.mark.parametrize("cupy_ok,triton_ok", [(True, True), (False, True), (True, False),
+                                               (False, False)])
+def test_auto_on_cuda_prefers_cupy_for_exact_nondeterministic_sketches(monkeypatch, cupy_ok,
+                                                                       triton_ok):
+    """No GPU needed: resolve_backend decides from what imports and runs. CuPy for the default
+    settings; Triton for TF32 and deterministic sketches (which only it offers) and where CuPy
+    does not run; torch for float64 or without either."""
+    monkeypatch.setattr(backends, "cupy_runs", lambda device: cupy_ok)
+    monkeypatch.setattr(backends, "triton_available", lambda: triton_ok)
+    cuda = torch.device("cuda", 0)
+    fallback = "triton" if triton_ok else "torch"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, None):
+        assert backends.resolve_backend("auto", cuda, dtype) == ("cupy" if cupy_ok else fallback)
+        assert backends.resolve_backend("auto", cuda, dtype, precision="tf32") == fallback
+        assert backends.resolve_backend("auto", cuda, dtype, deterministic=True) == fallback
+    assert backends.resolve_backend("auto", cuda, torch.float64) == "torch"
+    # Whatever auto picks takes the settings it was picked for.
+    for precision, deterministic in (("fp32", False), ("tf32x3", False), ("fp32", True)):
+        resolved = backends.resolve_backend("auto", cuda, torch.float32, precision=precision,
+                                            deterministic=deterministic)
+        backends.kernel_options("auto", resolved, precision=precision, deterministic=deterministic)
+
+
+def test_cupy_runs_is_false_without_cupy(monkeypatch):
+    monkeypatch.setattr(backends, "_cupy_runs", {})
+    monkeypatch.setattr(backends, "cupy_available", lambda: False)
+    assert backends.cupy_runs(torch.device("cuda", 0)) is False
+
+
 def test_kernel_options_validation():
     ko = backends.kernel_options
     assert ko("auto", "triton", precision="tf32", deterministic=True) == {
