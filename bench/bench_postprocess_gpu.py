@@ -27,7 +27,6 @@ import argparse
 import csv
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 COLUMNS = ["op", "provider", "b", "m", "n", "k", "median_ms", "p20_ms", "p80_ms", "host_syncs",
@@ -60,24 +59,6 @@ def _time_ms(fn) -> tuple[float, float, float]:
     return timing.quantiles(timing.cuda_event_times(fn, 20))
 
 
-def count_host_syncs(fn) -> int:
-    """Synchronisations torch reports during one call of ``fn`` (its sync debug mode)."""
-    import torch
-
-    torch.cuda.synchronize()
-    old = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(old)
-    # The first switch to the debug mode also warns that the mode is a prototype: not a sync.
-    return sum("synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)
-               for w in caught)
-
-
 def _inputs(b: int, k: int, seed: int = 0):
     import torch
 
@@ -97,6 +78,7 @@ def run(out_dir, batches=BATCHES, ks=KS) -> Path:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_postprocess_gpu needs a CUDA GPU")
+    from bench import timing
     from lowrank.backends import kernel_module
     from lowrank.postprocess import postprocess_torch
 
@@ -160,7 +142,7 @@ def run(out_dir, batches=BATCHES, ks=KS) -> Path:
             for name, fn in providers.items():
                 try:
                     fn()  # warm-up (compilation, workspace)
-                    syncs = count_host_syncs(fn) if name != "cupy_graph" else 0
+                    syncs = timing.count_host_syncs(fn) if name != "cupy_graph" else 0
                     med, p20, p80 = _time_ms(fn)
                     write(provider=name, b=b, k=k, median_ms=med, p20_ms=p20, p80_ms=p80,
                           host_syncs=syncs, check=check if name.startswith("cupy") else "")

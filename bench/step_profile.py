@@ -24,13 +24,14 @@ import argparse
 import contextlib
 import json
 import time
-import warnings
 from collections import defaultdict
 
 import torch
 
 import lowrank
 from lowrank import backends, tracking, trackset
+
+from . import timing
 
 # (label, owner, attribute): the functions whose host time is attributed, outermost first.
 PARTS = (
@@ -81,20 +82,7 @@ def _loop_ms(step, device, steps: int) -> float:
 
 
 def _host_syncs(fn, device) -> int | None:
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    old = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(old)
-    # The first switch to the debug mode also warns that the mode is a prototype: not a sync.
-    return sum("synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)
-               for w in caught)
+    return timing.count_host_syncs(fn) if device.type == "cuda" else None
 
 
 def _device_kernels(fn, device) -> tuple[int | None, float | None]:

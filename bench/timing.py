@@ -13,6 +13,7 @@ between medians of the same run.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +131,19 @@ def peak_step_memory(prepare, run, device: torch.device) -> float:
     run()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def count_host_syncs(fn) -> int:
+    """Synchronisations torch reports during one call of ``fn`` on CUDA (its sync debug mode)."""
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+    # The first switch to the debug mode also warns that the mode is a prototype: not a sync.
+    return sum("synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)
+               for w in caught)
