@@ -48,19 +48,19 @@ PARTS = (
 def timed_parts(totals: dict):
     """Wrap PARTS so that each call adds its host time to ``totals[label]``."""
     saved = []
-    for label, owner, attr in PARTS:
-        fn = getattr(owner, attr)
-        saved.append((owner, attr, fn))
-
-        def wrapper(*a, _fn=fn, _label=label, **kw):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **kw)
-            finally:
-                totals[_label] += time.perf_counter() - t0
-
-        setattr(owner, attr, wrapper)
     try:
+        for label, owner, attr in PARTS:
+            fn = getattr(owner, attr)
+            saved.append((owner, attr, fn))
+
+            def wrapper(*a, _fn=fn, _label=label, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **kw)
+                finally:
+                    totals[_label] += time.perf_counter() - t0
+
+            setattr(owner, attr, wrapper)
         yield totals
     finally:
         for owner, attr, fn in saved:

@@ -75,21 +75,37 @@ _cupy_runs: dict = {}
 
 
 def cupy_runs(device: torch.device) -> bool:
-    """Whether CuPy imports and sees ``device`` (checked once per device): "auto" picks only a
-    backend that runs, where an installed CuPy may not match the CUDA runtime."""
-    key = str(device)
-    if key not in _cupy_runs:
+    """Whether the CuPy kernels compile and load on ``device`` (probed once per device by
+    loading both modules, which the first step would do anyway): "auto" and the Triton
+    backend's post-processing use CuPy only where it runs, and an installed CuPy may lack a
+    matching CUDA runtime or NVRTC."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _cupy_runs:
         ok = False
         if cupy_available():
             try:
-                import cupy  # noqa: PLC0415 (lazy: importing lowrank must not need CuPy)
-
-                index = device.index if device.index is not None else torch.cuda.current_device()
-                ok = index < cupy.cuda.runtime.getDeviceCount()
-            except Exception:  # noqa: BLE001 - a broken install is "does not run", not an error
+                loader = kernel_module("cupy", "_loader")
+                loader.function("postprocess.cu", "pp_refill", device)
+                loader.function("fused_sgd_sketch.cu", "fused_sgd_sketch_f32", device)
+                ok = True
+            except Exception:  # noqa: BLE001 - any failure means "does not run here"
                 ok = False
-        _cupy_runs[key] = ok
-    return _cupy_runs[key]
+        _cupy_runs[device] = ok
+    return _cupy_runs[device]
+
+
+def _cupy_takes_width(k: int | None, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether the CuPy pass and post-processing take sketch width k on ``device`` (their
+    shared memory); None: the width is not known, any width the kernels take by design."""
+    if k is None:
+        return True
+    pp = kernel_module("cupy", "postprocess")
+    fs = kernel_module("cupy", "fused_sgd_sketch")
+    return pp.supports(k, device) and fs.supports(k, dtype or torch.float32, device)
 
 
 def cpu_kernel_available() -> bool:
@@ -105,14 +121,16 @@ def _interpreting() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
-                    *, precision: str = "fp32", deterministic: bool = False) -> str:
+                    *, precision: str = "fp32", deterministic: bool = False,
+                    width: int | None = None) -> str:
     """Map "auto" to a concrete backend for ``device`` (and weight ``dtype``) and check that the
     choice can run.
 
     "auto" on CUDA (16/32-bit weights): CuPy where it runs, for exact fp32 products and
-    non-deterministic sketches; Triton for the TF32 ``precision`` modes and ``deterministic``
-    sketches, which only it offers, and where CuPy does not run; torch for float64 weights or
-    without either. (H100, 2026-11-22: the CuPy pass was as fast as Triton's or up to 2.2x faster
+    non-deterministic sketches, where its kernels take the sketch ``width`` (k; their shared
+    memory bounds it, k <= ~160 on an H100); Triton for the TF32 ``precision`` modes and
+    ``deterministic`` sketches, which only it offers, for wider sketches, and where CuPy does
+    not run; torch for float64 weights or without either. (H100, 2026-11-22: the CuPy pass was as fast as Triton's or up to 2.2x faster
     in 23 of 24 fp32 configurations, and its launch costs less host time, which bounds a GPU
     step: 0.97 against 1.18 ms at 4096^2, k = 16.) The Triton kernels have no float64 path: an
     explicit "triton" raises TypeError for float64 weights."""
@@ -124,7 +142,8 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
             return "cpu" if dtype == torch.float32 and cpu_kernel_available() else "torch"
         if device.type != "cuda" or dtype == torch.float64:
             return "torch"
-        if precision == "fp32" and not deterministic and cupy_runs(device):
+        if (precision == "fp32" and not deterministic and cupy_runs(device)
+                and _cupy_takes_width(width, device, dtype)):
             return "cupy"
         return "triton" if triton_available() else "torch"
     if backend == "torch":
@@ -229,19 +248,13 @@ def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str =
     return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)
 
 
-_cupy_post_failed: set = set()  # devices where the CuPy post-processing could not load
-
-
 def _cupy_post_for_triton(Y: torch.Tensor) -> bool:
     """The Triton backend post-processes with the CuPy kernel where CuPy runs on Y's device: it
     is sync-free and, at small k, several times faster than the torch reference, whose dozens of
     small launches and cuSOLVER calls (with their host synchronisations) made the GPU step
-    host-bound (H100, 4096^2, k = 16: 2.9 ms of host time a step against 0.8 ms). Else, and for
-    widths beyond its shared memory, the torch reference."""
-    if not Y.is_cuda or _interpreting() or Y.device in _cupy_post_failed or not cupy_available():
+    host-bound (H100, 4096^2, k = 16: 2.9 ms of host time a step against 0.8 ms). Else, for
+    widths beyond its shared memory and batches beyond its grid, the torch reference."""
+    if not Y.is_cuda or _interpreting() or not cupy_runs(Y.device):
         return False
-    try:
-        return kernel_module("cupy", "postprocess").supports(Y.shape[-1], Y.device)
-    except BackendUnavailable:  # CuPy installed but not usable here (no matching CUDA runtime)
-        _cupy_post_failed.add(Y.device)
-        return False
+    pp = kernel_module("cupy", "postprocess")
+    return 2 * Y.shape[0] <= pp.GRID_LIMIT and pp.supports(Y.shape[-1], Y.device)

@@ -42,11 +42,11 @@ def _run_passes(A: torch.Tensor, k: int, niter: int, seed, oversample: int, back
     niter = check_int(niter, "niter", minimum=0)
     oversample = check_int(oversample, "oversample", minimum=0)
     seed = 0 if seed is None else check_int(seed, "seed", minimum=0)
-    backend = backends.resolve_backend(backend, A.device, A.dtype)
+    p = min(k + oversample, m, n)
+    backend = backends.resolve_backend(backend, A.device, A.dtype, width=p)
     batch_shape = A.shape[:-2]
     W = A.reshape(-1, m, n)
     b = W.shape[0]
-    p = min(k + oversample, m, n)
     cdt = sketch_dtype(A.dtype)
     U, V = init_bases(m, n, p, seed=seed, batch=b, device=A.device, dtype=cdt)
     for it in range(niter + 1):

@@ -183,7 +183,11 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
                  backend: str = "torch") -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
-    with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed.
+    with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed on
+    the torch and cpu paths; the CuPy kernel (backends cupy and triton on a GPU) hashes (seed of
+    the group's first matrix, step, side, batch index) instead, so there a matrix's refill
+    candidates depend on its place in the group. Either way they are random directions whose
+    only role is to span what the sketch lost.
     """
     if sketches[0].Y is None or sketches[0].Z is None:
         _absorb_group_one_side(trackers, sketches, _cat, backend=backend)

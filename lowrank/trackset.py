@@ -142,7 +142,7 @@ class TrackedSet:
             try:
                 resolved = backends.resolve_backend(backend, p.device, p.dtype,
                                                     precision=precision,
-                                                    deterministic=deterministic)
+                                                    deterministic=deterministic, width=k)
             except TypeError as exc:
                 raise TypeError(f"parameter {name!r}: {exc}") from None
             try:

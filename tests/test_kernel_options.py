@@ -42,10 +42,44 @@ def test_auto_on_cuda_prefers_cupy_for_exact_nondeterministic_sketches(monkeypat
         backends.kernel_options("auto", resolved, precision=precision, deterministic=deterministic)
 
 
-def test_cupy_runs_is_false_without_cupy(monkeypatch):
+def test_cupy_runs_only_where_its_kernels_load(monkeypatch):
+    """No CuPy, or a CuPy whose kernels do not compile (no NVRTC, a CUDA mismatch): "does not
+    run", so "auto" and the Triton backend's post-processing take another path."""
+    cuda = torch.device("cuda", 0)
     monkeypatch.setattr(backends, "_cupy_runs", {})
     monkeypatch.setattr(backends, "cupy_available", lambda: False)
-    assert backends.cupy_runs(torch.device("cuda", 0)) is False
+    assert backends.cupy_runs(cuda) is False
+    assert backends.cupy_runs(torch.device("cpu")) is False
+    loader = backends.kernel_module("cupy", "_loader")
+
+    def no_nvrtc(*args):
+        raise RuntimeError("nvrtc: library not found")
+
+    monkeypatch.setattr(backends, "_cupy_runs", {})
+    monkeypatch.setattr(backends, "cupy_available", lambda: True)
+    monkeypatch.setattr(loader, "function", no_nvrtc)
+    assert backends.cupy_runs(cuda) is False
+    loaded = []
+    monkeypatch.setattr(backends, "_cupy_runs", {})
+    monkeypatch.setattr(loader, "function", lambda cu, name, device: loaded.append(name))
+    assert backends.cupy_runs(cuda) is True and backends.cupy_runs(cuda) is True
+    assert loaded == ["pp_refill", "fused_sgd_sketch_f32"]  # probed once per device
+
+
+@pytest.mark.parametrize("shared_kb,widest_cupy", [(227, 167), (99, 108)])
+def test_auto_takes_cupy_only_for_widths_its_kernels_hold(monkeypatch, shared_kb, widest_cupy):
+    """The CuPy eigen solver and pass keep k-sized tiles in shared memory: wider sketches go to
+    Triton (k up to 256) under "auto" rather than failing at the first step. 227 KB is the
+    H100's per-block limit, 99 KB that of smaller GPUs; the eigen solver is the bound."""
+    monkeypatch.setattr(backends, "cupy_runs", lambda device: True)
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    loader = backends.kernel_module("cupy", "_loader")
+    monkeypatch.setattr(loader, "max_shared_bytes", lambda device: shared_kb * 1024)
+    cuda = torch.device("cuda", 0)
+    pick = lambda k: backends.resolve_backend("auto", cuda, torch.float32, width=k)  # noqa: E731
+    assert pick(16) == "cupy" and pick(widest_cupy) == "cupy"
+    assert pick(widest_cupy + 1) == "triton"
+    assert backends.resolve_backend("auto", cuda, torch.float32) == "cupy"  # width not given
 
 
 def test_kernel_options_validation():

@@ -56,6 +56,18 @@ def _bump_version(X: torch.Tensor) -> None:
         inc(X)
 
 
+def shared_bytes(k: int, acc_dtype: torch.dtype) -> int:
+    """Dynamic shared memory of a block: the staged tile, U and Y of its band, V of its tile."""
+    itemsize = 8 if acc_dtype == torch.float64 else 4
+    return (BM * (BN + 1) + (2 * BM + BN) * k) * itemsize
+
+
+def supports(k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused pass takes sketch width k for weights of ``dtype`` on ``device``."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return shared_bytes(k, acc) <= _loader.max_shared_bytes(device)
+
+
 def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=0.0,
            dampening=0.0, nesterov=False, maximize=False, op="fused_sgd_sketch_cupy"):
     """Run the kernel; returns (SketchOut or None, buf). See :func:`fused_sgd_sketch_cupy`.
@@ -152,8 +164,7 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
     row_sq = torch.zeros((b, m), dtype=torch.float64, device=device)
 
     if Wb.numel() > 0:
-        itemsize = 8 if cdt == torch.float64 else 4
-        smem = (BM * (BN + 1) + (2 * BM + BN) * k) * itemsize
+        smem = shared_bytes(k, cdt)
         limit = _loader.max_shared_bytes(device)
         if smem > limit:
             raise ValueError(f"{op}: k = {k} needs {smem} bytes of shared memory per block; this "

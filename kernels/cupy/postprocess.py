@@ -60,6 +60,7 @@ def _chunks(pmax: int, blocks_per_chunk: int, target: int) -> tuple[int, int]:
 
 
 NULL = np.uint64(0)
+GRID_LIMIT = 65535  # the 2b problems are a grid dimension
 _ALIGN = 32  # workspace offsets in doubles: 256-byte aligned, as an allocation of its own is
 
 
@@ -98,9 +99,7 @@ def _plan(b: int, m: int, n: int, k: int, v_shared: bool, sms: int) -> _Plan:
 
 
 def supports(k: int, device: torch.device) -> bool:
-    """Whether CuPy loads and the one-block eigen solver takes width k on ``device`` (its shared
-    memory); raises :class:`lowrank.backends.BackendUnavailable` without CuPy."""
-    _loader.require_cupy()
+    """Whether the one-block eigen solver takes width k on ``device`` (its shared memory)."""
     return eig_shared_bytes(k, False) <= _loader.max_shared_bytes(device) - 1024
 
 
@@ -129,7 +128,7 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
     if U_old.dtype != V_old.dtype or U_old.dtype not in _BASIS:
         raise TypeError(f"{op}: U_old and V_old must share one dtype of float32, float64, bfloat16, "
                         f"float16; got {U_old.dtype}, {V_old.dtype}")
-    _loader.grid_dim_check(op, "2 * batch", 2 * b)
+    _loader.grid_dim_check(op, "2 * batch", 2 * b, GRID_LIMIT)
     sdt = Y.dtype if (Y.dtype == Z.dtype and Y.dtype in _SKETCH) else torch.float64
     Yc = Y.detach().to(sdt).contiguous()
     Zc = Z.detach().to(sdt).contiguous()
