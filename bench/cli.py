@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default="",
                    help="comma-separated glob patterns of providers to run (anchors always run)")
     p.add_argument("--workloads", default="",
-                   help="comma-separated glob patterns of workloads (matrix, mlp, gpt2, resnet, digits)")
+                   help="comma-separated glob patterns of workloads (matrix, mlp, gpt2, resnet, "
+                        "digits) or of group ids (see --list), e.g. '2048x2048/*'")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=30, help="tracked steps before the accuracy check")

@@ -34,7 +34,8 @@ L2 is cold), 20th/50th/80th percentiles. Ops that take seconds are timed with CU
 
 3. ``postprocess``: bench/bench_postprocess_gpu.py (DIR/postprocess.csv).
 4. ``suite``: the end-to-end providers of ``python -m bench`` on CUDA (``--suite quick`` by
-   default; the full one does not fit in 10 minutes).
+   default; the full one does not fit in 10 minutes: run it in parts with ``--workloads``,
+   see bench/README.md).
 
 Nothing GPU-related is imported at module import time: ``--help`` and the no-CUDA message work on
 any machine. With a 10-minute limit per command, run the parts one per command, each with its own
@@ -95,6 +96,10 @@ def parse_args(argv=None):
                    help="leave out the kernels, postprocess and suite parts")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="end-to-end suite of the suite part (default quick; full takes > 10 min)")
+    p.add_argument("--workloads", default="",
+                   help="comma-separated glob patterns of the suite's workloads or group ids, to "
+                        "run the full suite in parts, e.g. '8192x8192/*,4096x16384/*' or "
+                        "'mlp,gpt2,resnet,digits'")
     p.add_argument("--no-sweep", action="store_true", help="skip the Triton tile-size sweep")
     p.add_argument("--quick", action="store_true",
                    help="4096^2 only, k in {0, 16, 64}: a smoke run of the whole pipeline")
@@ -611,10 +616,11 @@ def _run_postprocess_bench(out: Path) -> None:
     run(out)
 
 
-def _run_end_to_end_suite(out: Path, suite: str) -> None:
+def _run_end_to_end_suite(out: Path, suite: str, workloads: str = "") -> None:
     from bench import report, results, suites
 
-    rows, csv_path = suites.run_suite("cuda", suite=suite, out_dir=out)
+    patterns = [w.strip() for w in workloads.split(",") if w.strip()] or None
+    rows, csv_path = suites.run_suite("cuda", suite=suite, out_dir=out, workloads=patterns)
     df = results.read_rows([csv_path])
     report.write_report(df[df["run_id"] == rows[0]["run_id"]], out)
 
@@ -753,7 +759,7 @@ def main(argv=None) -> int:
         # (optimizer steps beside torch.linalg, with accuracy): one failure keeps the others.
         "kernels": lambda: run_benchmarks(out, args.quick, sweep=not args.no_sweep),
         "postprocess": lambda: _run_postprocess_bench(out),
-        "suite": lambda: _run_end_to_end_suite(out, args.suite),
+        "suite": lambda: _run_end_to_end_suite(out, args.suite, args.workloads),
     }
     for part in args.parts:
         print(f"bench.gpu_check: part {part}", flush=True)

@@ -90,12 +90,21 @@ def _select(names, patterns):
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
+def group_selected(group, workloads) -> bool:
+    """Whether ``group`` is asked for: no patterns, or one matching its workload name ("matrix",
+    "gpt2", ...) or its id ("4096x4096/float32/mom0/k8,16,32,64"), so a suite too long for one
+    command can be run in parts."""
+    return not workloads or any(fnmatch.fnmatchcase(group.workload, p)
+                                or fnmatch.fnmatchcase(group.id, p) for p in workloads)
+
+
 def run_suite(device="cpu", suite: str = "full", *, out_dir=results.RESULTS_DIR, providers=None,
               workloads=None, warmup: int = 30, seed: int = 0, log=print):
     """Run ``suite`` ("full" or "quick") on ``device``; returns (rows, path of the CSV written).
 
     ``providers`` / ``workloads``: optional lists of glob patterns (e.g. ["sgd*", "spectral*"],
-    ["matrix", "gpt2"]) to run a subset; the anchors are always kept, the ratios need them.
+    ["matrix", "gpt2"], or group ids such as ["8192x8192/*"]) to run a subset; the anchors are
+    always kept, the ratios need them.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:
@@ -109,8 +118,7 @@ def run_suite(device="cpu", suite: str = "full", *, out_dir=results.RESULTS_DIR,
     chosen = [n for n in names if n in anchors or n in _select(names, providers)]
     if providers and any(n.startswith("adamw+") for n in chosen) and "adamw" not in chosen:
         chosen.insert(chosen.index(next(n for n in chosen if n.startswith("adamw+"))), "adamw")
-    groups = [g for g in make_groups() if not workloads
-              or any(fnmatch.fnmatchcase(g.workload, p) for p in workloads)]
+    groups = [g for g in make_groups() if group_selected(g, workloads)]
     info = env.run_info(device)
     path = csv_path(device, out_dir)
     log(f"{suite} suite on {info['device']}: {len(groups)} groups, providers: {', '.join(chosen)}")

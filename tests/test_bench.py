@@ -159,6 +159,21 @@ def test_breakdown_rows():
     assert all(r["workload"] == "breakdown" and set(r) <= set(results.COLUMNS) for r in rows)
 
 
+def test_full_gpu_suite_runs_in_parts_by_workload_or_group_id():
+    """Every group of the full GPU suite is picked by exactly one of the parts the GPU check
+    documents (bench/README.md), and group ids select what workload names cannot."""
+    from bench import suites
+
+    groups = suites.groups_of("cuda", "full")
+    parts = [["1024x1024/*", "2048x2048/*", "4096x4096/*"], ["8192x8192/*", "4096x16384/*"],
+             ["mlp", "gpt2", "resnet", "digits"]]
+    for g in groups:
+        assert sum(suites.group_selected(g, p) for p in parts) == 1, g.id
+    assert all(suites.group_selected(g, None) for g in groups)
+    big = [g.id for g in groups if suites.group_selected(g, ["8192x8192/*"])]
+    assert big == ["8192x8192/float32/mom0/k8,16,32,64"]
+
+
 def test_step_profile_attributes_host_time_and_restores_the_library(tmp_path):
     from bench import step_profile
     from lowrank import backends, trackset
