@@ -130,10 +130,11 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     non-deterministic sketches, where its kernels take the sketch ``width`` (k; their shared
     memory bounds it, k <= ~160 on an H100); Triton for the TF32 ``precision`` modes and
     ``deterministic`` sketches, which only it offers, for wider sketches, and where CuPy does
-    not run; torch for float64 weights or without either. (H100, 2026-11-22: the CuPy pass was as fast as Triton's or up to 2.2x faster
-    in 23 of 24 fp32 configurations, and its launch costs less host time, which bounds a GPU
-    step: 0.97 against 1.18 ms at 4096^2, k = 16.) The Triton kernels have no float64 path: an
-    explicit "triton" raises TypeError for float64 weights."""
+    not run; torch for float64 weights or without either. (H100, 2026-11-22: the CuPy pass was
+    as fast as Triton's or up to 2.2x faster in 23 of 24 fp32 configurations, and its launch
+    costs less host time, which bounds a GPU step: 0.97 against 1.18 ms at 4096^2, k = 16.)
+    The Triton kernels have no float64 path: an explicit "triton" raises TypeError for float64
+    weights."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
@@ -256,5 +257,4 @@ def _cupy_post_for_triton(Y: torch.Tensor) -> bool:
     widths beyond its shared memory and batches beyond its grid, the torch reference."""
     if not Y.is_cuda or _interpreting() or not cupy_runs(Y.device):
         return False
-    pp = kernel_module("cupy", "postprocess")
-    return 2 * Y.shape[0] <= pp.GRID_LIMIT and pp.supports(Y.shape[-1], Y.device)
+    return kernel_module("cupy", "postprocess").supports(Y.shape[-1], Y.device, Y.shape[0])

@@ -512,9 +512,10 @@ def test_emulated_fused_without_sketch_and_without_momentum(emulated):
 def test_emulated_plain_update_matches_torch_sgd(emulated, shape, hyper, monkeypatch):
     """The untracked step (elementwise sgd_update kernel) against torch.optim.SGD, three steps
     (the first creates the buffer), a transposed gradient, more rows than grid rows (the grid
-    limit, 65535 on a GPU, lowered to 7 here: the kernel's row loop). Each step starts both from the same state: torch's CPU kernels contract
-    a * b + c into FMAs and the emulation (g++ -O2, no -mfma) does not, so results agree to an
-    ulp or two per step, not bit for bit (the GPU tests hold the kernel to torch's CUDA SGD)."""
+    limit, 65535 on a GPU, lowered to 7 here: the kernel's row loop). Each step starts both
+    from the same state: torch's CPU kernels contract a * b + c into FMAs and the emulation
+    (g++ -O2, no -mfma) does not, so results agree to an ulp or two per step, not bit for bit
+    (the GPU tests compare the kernel with torch's CUDA SGD)."""
     monkeypatch.setattr(FS, "GRID_Y", 7)
     W0 = torch.randn(*shape, generator=_gen(19))
     p = torch.nn.Parameter(W0.clone())

@@ -163,6 +163,9 @@ def pointer(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
-def grid_dim_check(op: str, name: str, value: int, limit: int = 65535) -> None:
+GRID_YZ = 65535  # CUDA's limit on a grid's y and z dimensions
+
+
+def grid_dim_check(op: str, name: str, value: int, limit: int = GRID_YZ) -> None:
     if value > limit:
         raise ValueError(f"{op}: {name} = {value} exceeds the CUDA grid limit {limit}")

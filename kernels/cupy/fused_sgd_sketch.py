@@ -165,10 +165,10 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
 
     if Wb.numel() > 0:
         smem = shared_bytes(k, cdt)
-        limit = _loader.max_shared_bytes(device)
-        if smem > limit:
+        if not supports(k, W.dtype, device):
             raise ValueError(f"{op}: k = {k} needs {smem} bytes of shared memory per block; this "
-                             f"GPU allows {limit} (use a smaller k or backend='triton')")
+                             f"GPU allows {_loader.max_shared_bytes(device)} (use a smaller k or "
+                             "backend='triton')")
         nbands = -(-m // BM)
         # Enough blocks to fill the GPU ~4 times: split the columns when bands x batch are few.
         target = 4 * _loader.sm_count(device)
@@ -200,7 +200,7 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
 
 
 UP_THREADS, UP_PER_THREAD = 256, 4  # as in the .cu
-GRID_Y = 65535
+GRID_Y = _loader.GRID_YZ  # the grid rows; a module name, so tests can lower it
 
 
 def _plain_update(Wb, Gb, Bb, lr_t, hyper, dtype, device) -> None:

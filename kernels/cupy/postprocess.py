@@ -60,7 +60,7 @@ def _chunks(pmax: int, blocks_per_chunk: int, target: int) -> tuple[int, int]:
 
 
 NULL = np.uint64(0)
-GRID_LIMIT = 65535  # the 2b problems are a grid dimension
+EIG_HEADROOM = 1024  # bytes kept below the device's opt-in shared memory limit
 _ALIGN = 32  # workspace offsets in doubles: 256-byte aligned, as an allocation of its own is
 
 
@@ -98,9 +98,14 @@ def _plan(b: int, m: int, n: int, k: int, v_shared: bool, sms: int) -> _Plan:
     return _Plan((chunks_a, rows_a, chunks_c, rows_c, chunks_e, rows_e), offsets, total)
 
 
-def supports(k: int, device: torch.device) -> bool:
-    """Whether the one-block eigen solver takes width k on ``device`` (its shared memory)."""
-    return eig_shared_bytes(k, False) <= _loader.max_shared_bytes(device) - 1024
+def _eig_fits(k: int, v_shared: bool, device: torch.device) -> bool:
+    return eig_shared_bytes(k, v_shared) <= _loader.max_shared_bytes(device) - EIG_HEADROOM
+
+
+def supports(k: int, device: torch.device, batch: int = 1) -> bool:
+    """Whether the kernels take ``batch`` matrices of width k on ``device``: the one-block eigen
+    solver's shared memory, and the 2 * batch problems as one grid dimension."""
+    return _eig_fits(k, False, device) and 2 * batch <= _loader.GRID_YZ
 
 
 def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
@@ -128,7 +133,7 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
     if U_old.dtype != V_old.dtype or U_old.dtype not in _BASIS:
         raise TypeError(f"{op}: U_old and V_old must share one dtype of float32, float64, bfloat16, "
                         f"float16; got {U_old.dtype}, {V_old.dtype}")
-    _loader.grid_dim_check(op, "2 * batch", 2 * b, GRID_LIMIT)
+    _loader.grid_dim_check(op, "2 * batch", 2 * b)
     sdt = Y.dtype if (Y.dtype == Z.dtype and Y.dtype in _SKETCH) else torch.float64
     Yc = Y.detach().to(sdt).contiguous()
     Zc = Z.detach().to(sdt).contiguous()
@@ -146,11 +151,11 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
             step = int(step)  # a CPU tensor: no device sync
     seed_u = np.uint64(int(seed) % 2**64)
 
-    limit = _loader.max_shared_bytes(device)
-    v_shared = eig_shared_bytes(k, True) <= limit - 1024  # keep headroom below the opt-in limit
-    if eig_shared_bytes(k, False) > limit - 1024:
+    if not _eig_fits(k, False, device):
         raise ValueError(f"{op}: k = {k} is too large for the one-block eigen solver "
-                         f"({eig_shared_bytes(k, False)} bytes of shared memory, limit {limit})")
+                         f"({eig_shared_bytes(k, False)} bytes of shared memory, limit "
+                         f"{_loader.max_shared_bytes(device)})")
+    v_shared = _eig_fits(k, True, device)  # the eigenvectors in shared memory too
 
     f64 = dict(device=device, dtype=torch.float64)
     z2, nt, pmax = 2 * b, -(-k // TILE), max(m, n)
