@@ -1,6 +1,7 @@
 /* CPU kernel of the ops `fused_sgd_sketch` and `sketch` (float32): one pass over W that applies
  * the torch.optim.SGD update (optional) and computes, from the updated rows while they are in
- * cache, the row sums of squares (float64) and the thin products of the sketch.
+ * cache, the row sums of squares (float32 partials of 4 squares, added in float64; see
+ * square_sum) and the thin products of the sketch.
  *
  * Layout: W, G, buf (m, n) row-major; U, Y (m, kp); V, Z (n, kp) row-major, kp a multiple of 8
  * (the Python side pads k). Modes (bit flags):
@@ -196,9 +197,11 @@ static void sgd_update(float *w, const float *g, float *buf, int64_t len, const 
     }
 }
 
-/* Sum of squares in float64, vectorised: 8 floats widened per load (one vcvtps2pd), four
- * accumulators (a chain of dependent FMAs is latency-bound). */
-static double square_sum(const float *w, int64_t len)
+/* Sum of squares in float64, exact up to float64 rounding: 8 floats widened per load (one
+ * vcvtps2pd), four accumulators. The widening is slow on this core, and the sums of squares
+ * share the FP pipes with the sketch's FMAs: as the only sum of squares it cost 8-11% of a
+ * 2048^2 pass (A/B in one process), so it serves only what square_sum below cannot vouch for. */
+static double square_sum_f64(const float *w, int64_t len)
 {
     d8v acc[4] = {{0}, {0}, {0}, {0}};
     int64_t j = 0;
@@ -216,6 +219,45 @@ static double square_sum(const float *w, int64_t len)
     const d8v a = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int q = 0; q < 8; q++) s += a[q];
     return s;
+}
+
+/* Squares per float32 partial before it is widened: each of the 64 lanes of a block of
+ * SQ_BLOCK elements sums SQ_TERMS squares (SQ_BLOCK = 64 * SQ_TERMS). */
+#define SQ_TERMS 4
+#define SQ_BLOCK (64 * SQ_TERMS)
+/* Below this a sum's float32 partials may have lost digits to underflow (squares under
+ * FLT_MIN, entries under ~1e-19): it is redone in float64, as is a non-finite (overflowed) one.
+ * Above it, the absolute error of len underflowed squares (< 2^-149 each) is < len * 1.5e-15
+ * of it, far under the rounding bound below for any row length. */
+#define SQ_FLOOR 1e-30
+
+/* Sum of squares: float32 partials of SQ_TERMS squares each (the rounding of each square and
+ * of the partial sums: relative error <= SQ_TERMS * 2^-24 = 2.4e-7, of the order of the float32
+ * sketch products beside it), added in float64. A sum that may have underflowed or overflowed
+ * is redone by square_sum_f64 (an all-zero row, a weight scaled by 1e-30, entries past 1e19,
+ * NaN), exact to float64 rounding there; so is a tail shorter than a block. */
+static double square_sum(const float *w, int64_t len)
+{
+    d8v part = {0};
+    int64_t j = 0;
+    for (; j + SQ_BLOCK <= len; j += SQ_BLOCK) {
+        f16v acc[4] = {{0}, {0}, {0}, {0}};
+        for (int t = 0; t < SQ_BLOCK; t += 64)
+            for (int q = 0; q < 4; q++) {
+                const f16v x = ld_16(w + j + t + 16 * q);
+                acc[q] += x * x;
+            }
+        for (int q = 0; q < 4; q++) {
+            part += __builtin_convertvector(
+                __builtin_shufflevector(acc[q], acc[q], 0, 1, 2, 3, 4, 5, 6, 7), d8v);
+            part += __builtin_convertvector(
+                __builtin_shufflevector(acc[q], acc[q], 8, 9, 10, 11, 12, 13, 14, 15), d8v);
+        }
+    }
+    double s = 0.0;
+    for (int q = 0; q < 8; q++) s += part[q];
+    if (j > 0 && !(s >= SQ_FLOOR && s < __builtin_inf())) s = square_sum_f64(w, j);
+    return j < len ? s + square_sum_f64(w + j, len - j) : s;
 }
 
 /* First block of chunk c of `chunks`: chunk sizes fall linearly (chunks, chunks - 1, ..., 1
