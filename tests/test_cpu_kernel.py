@@ -58,7 +58,7 @@ def test_sketch_matches_float64_truth(b, m, n, k, sides):
 
 # The kernel sums squares in float32 partials of 4 (SQ_TERMS in sgd_sketch.c), added in float64:
 # each row's relative error is at most 4 roundings of 2^-24 (exact float64 accumulation cost
-# 8-11% of a 2048^2 pass; torch's float32 norm, the reference, carries ~1e-7 as well).
+# 4-10% of a 2048^2 pass; torch's float32 norm, the reference, carries ~1e-7 as well).
 SQUARE_SUM_BOUND = 4 * 2.0 ** -24 * (1 + 1e-6) + 1e-12
 
 
@@ -76,7 +76,7 @@ def test_square_sums_fall_back_to_float64_where_float32_squares_fail(m, n):
     W[0, 1] *= 1e-25
     W[0, 2] *= 1e25
     W[0, 3] = 0.0
-    W[0, 4, : n // 2] *= 1e-25  # half tiny, half normal: the float32 path, tiny half negligible
+    W[0, 4, : n // 2] *= 1e-25  # half tiny: whole rows take the float32 path (tiny half negligible)
     U, V = init_bases(m, n, 4, seed=31)
     out = SK.sketch_cpu(W, U, V, sides="y")
     truth = W.double().square().sum(-1)

@@ -53,8 +53,8 @@ DEFINE_LDST(f16v, 16)
 DEFINE_LDST(f8v, 8)
 
 /* Software prefetch, spread over a tile's columns: line ((j >> pshift) & mask) of each array of
- * the update segments that run right after the tile (see lowrank_sgd_sketch_f32), so that their memory
- * latency hides behind the tile's FMAs. (On this AMD core every prefetch hint fills L1: a
+ * the update segments that run right after the tile (see lowrank_sgd_sketch_f32), so that their
+ * memory latency hides behind the tile's FMAs. (On this AMD core every prefetch hint fills L1: a
  * burst of them, or a whole block ahead, evicted the tiles and was slower.) */
 #define PF(j)                                                                           \
     do {                                                                                \
@@ -204,7 +204,7 @@ static void sgd_update(float *w, const float *g, float *buf, int64_t len, const 
 
 /* Sum of squares in float64, exact up to float64 rounding: 8 floats widened per load (one
  * vcvtps2pd), four accumulators. The widening is slow on this core, and the sums of squares
- * share the FP pipes with the sketch's FMAs: as the only sum of squares it cost 8-11% of a
+ * share the FP pipes with the sketch's FMAs: as the only sum of squares it cost 4-10% of a
  * 2048^2 pass (A/B in one process), so it serves only what square_sum below cannot vouch for. */
 static double square_sum_f64(const float *w, int64_t len)
 {
@@ -233,7 +233,8 @@ static double square_sum_f64(const float *w, int64_t len)
 /* Below this a sum's float32 partials may have lost digits to underflow (squares under
  * FLT_MIN, entries under ~1e-19): it is redone in float64, as is a non-finite (overflowed) one.
  * Above it, the absolute error of len underflowed squares (< 2^-149 each) is < len * 1.5e-15
- * of it, far under the rounding bound below for any row length. */
+ * of it, far under the rounding bound below for any row length. (The floor of sketch_torch's
+ * float32 norms in lowrank/sketch.py.) */
 #define SQ_FLOOR 1e-30
 
 /* Sum of squares: float32 partials of SQ_TERMS squares each (the rounding of each square and
