@@ -68,7 +68,9 @@ def assert_square_sums(out, truth):
         assert worst <= SQUARE_SUM_BOUND, (name, worst)
 
 
-@pytest.mark.parametrize("m,n", [(40, 700), (1030, 1100)])  # whole rows; 256-column segments
+# The kernel sums each row per product tile (128 columns here) in groups of 64: 700 ends in a
+# short group of 3 vectors and 12 columns in float64; 1030 x 1100 runs over threads.
+@pytest.mark.parametrize("m,n", [(40, 700), (1030, 1100)])
 def test_square_sums_fall_back_to_float64_where_float32_squares_fail(m, n):
     """Rows whose float32 squares underflow (entries 1e-25, an all-zero row) or overflow
     (entries 1e25) are summed in float64, exact to its rounding; a NaN stays in its row."""
@@ -76,7 +78,7 @@ def test_square_sums_fall_back_to_float64_where_float32_squares_fail(m, n):
     W[0, 1] *= 1e-25
     W[0, 2] *= 1e25
     W[0, 3] = 0.0
-    W[0, 4, : n // 2] *= 1e-25  # half tiny: whole rows take the float32 path (tiny half negligible)
+    W[0, 4, : n // 2] *= 1e-25  # half tiny: its all-tiny tiles fall back, the others stay float32
     U, V = init_bases(m, n, 4, seed=31)
     out = SK.sketch_cpu(W, U, V, sides="y")
     truth = W.double().square().sum(-1)

@@ -52,6 +52,67 @@ typedef double d8v __attribute__((vector_size(64)));
 DEFINE_LDST(f16v, 16)
 DEFINE_LDST(f8v, 8)
 
+/* Sum of squares in float64, exact up to float64 rounding: 8 floats widened per load (one
+ * vcvtps2pd), four accumulators. The widening is slow on this core, and the sums of squares
+ * share the FP pipes with the sketch's FMAs: as the only sum of squares it cost 4-10% of a
+ * 2048^2 pass (A/B in one process), so it serves only what square_sum below cannot vouch for. */
+static double square_sum_f64(const float *w, int64_t len)
+{
+    d8v acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t j = 0;
+    for (; j + 32 <= len; j += 32)
+        for (int q = 0; q < 4; q++) {
+            const d8v x = __builtin_convertvector(ld_8(w + j + 8 * q), d8v);
+            acc[q] += x * x;
+        }
+    for (; j + 8 <= len; j += 8) {
+        const d8v x = __builtin_convertvector(ld_8(w + j), d8v);
+        acc[0] += x * x;
+    }
+    double s = 0.0;
+    for (; j < len; j++) s += (double)w[j] * w[j];
+    const d8v a = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int q = 0; q < 8; q++) s += a[q];
+    return s;
+}
+
+/* Squares per float32 partial before it is widened: each lane of a group of 64 elements (four
+ * vectors of 16) sums up to SQ_TERMS squares. */
+#define SQ_TERMS 4
+/* Below this a sum's float32 partials may have lost digits to underflow (squares under
+ * FLT_MIN, entries under ~1e-19): it is redone in float64, as is a non-finite (overflowed) one.
+ * Above it, the absolute error of len underflowed squares (< 2^-149 each) is < len * 1.5e-15
+ * of it, far under the rounding bound below for any row length. (The floor of sketch_torch's
+ * float32 norms in lowrank/sketch.py.) */
+#define SQ_FLOOR 1e-30
+
+/* Sum of squares: float32 partials of at most SQ_TERMS squares each (the rounding of each square
+ * and of the partial sums: relative error <= SQ_TERMS * 2^-24 = 2.4e-7, of the order of the
+ * float32 sketch products beside it), added in float64. A sum that may have underflowed or
+ * overflowed is redone by square_sum_f64 (an all-zero row, a weight scaled by 1e-30, entries
+ * past 1e19, NaN), exact to float64 rounding there; so is a tail shorter than a vector. */
+static inline double square_sum(const float *w, int64_t len)
+{
+    d8v part = {0};
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 64) {
+        f16v a = ld_16(w + j);
+        a *= a;
+        for (int q = 1; q < SQ_TERMS && j + 16 * q + 16 <= len; q++) {
+            const f16v x = ld_16(w + j + 16 * q);
+            a += x * x;
+        }
+        part += __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), d8v);
+        part += __builtin_convertvector(
+            __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15), d8v);
+    }
+    if (j > len) j = len / 16 * 16; /* the last group was short */
+    double s = 0.0;
+    for (int q = 0; q < 8; q++) s += part[q];
+    if (j > 0 && !(s >= SQ_FLOOR && s < __builtin_inf())) s = square_sum_f64(w, j);
+    return j < len ? s + square_sum_f64(w + j, len - j) : s;
+}
+
 /* Software prefetch, spread over a tile's columns: line ((j >> pshift) & mask) of each array of
  * the update segments that run right after the tile (see lowrank_sgd_sketch_f32), so that their
  * memory latency hides behind the tile's FMAs. (On this AMD core every prefetch hint fills L1: a
@@ -70,14 +131,24 @@ typedef struct {
     int64_t lines;          /* a power of two: lines prefetched per array, cycling */
 } prefetch_plan;
 
+/* sq[r] += the sum of squares of row r of a tile, read from L1 after its products. Not inlined:
+ * inlined into the tile, it cost the register allocation of the product loops 10% of a 2048^2
+ * power pass. */
+static __attribute__((noinline)) void tile_square_sums(const float *Wt, int64_t ldw, int rows,
+                                                       int64_t jb, double *sq)
+{
+    for (int r = 0; r < rows; r++) sq[r] += square_sum(Wt + r * ldw, jb);
+}
+
 /* Products of one tile (rows x jb of W at Wt, row stride ldw) for sketch columns [c, c + VW):
  * Yt[r] += sum_j W[r, j] Vt[j]   (doy)
- * Zt[j] += sum_r W[r, j] At[r]   (doz; At is U, or Y for the power step) */
+ * Zt[j] += sum_r W[r, j] At[r]   (doz; At is U, or Y for the power step)
+ * and, where sq is given, sq[r] += the sum of squares of the tile's row r. */
 #define DEFINE_TILE(T, VW)                                                              \
 static inline void tile_##VW(const float *Wt, int64_t ldw, int rows, int64_t jb,       \
                              const float *At, const float *Vt, float *Yt, float *Zt,    \
                              int64_t kp, int doy, int doz,                              \
-                             const prefetch_plan *pf)                                   \
+                             const prefetch_plan *pf, double *sq)                       \
 {                                                                                       \
     const char *pw = pf->w, *pg = pf->g, *pb = pf->b;                                   \
     const int64_t pmask = pf->lines - 1;                                                \
@@ -135,20 +206,22 @@ static inline void tile_##VW(const float *Wt, int64_t ldw, int rows, int64_t jb,
     }                                                                                   \
     if (doy)                                                                            \
         for (int r = 0; r < rows; r++) st_##VW(Yt + r * kp, y[r]);                      \
+    if (sq) tile_square_sums(Wt, ldw, rows, jb, sq);                                    \
 }
 DEFINE_TILE(f16v, 16)
 DEFINE_TILE(f8v, 8)
 
 static void tile(const float *Wt, int64_t ldw, int rows, int64_t jb, const float *At,
                  const float *Vt, float *Yt, float *Zt, int64_t kp, int doy, int doz,
-                 const prefetch_plan *pf)
+                 const prefetch_plan *pf, double *sq)
 {
     static const prefetch_plan none = {NULL, NULL, NULL, 1};
     int64_t c = 0;
-    for (; c + 16 <= kp; c += 16, pf = &none) /* the prefetches ride along the first chunk */
-        tile_16(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz, pf);
+    /* the prefetches and the sums of squares ride along the first chunk */
+    for (; c + 16 <= kp; c += 16, pf = &none, sq = NULL)
+        tile_16(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz, pf, sq);
     if (c < kp)
-        tile_8(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz, pf);
+        tile_8(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz, pf, sq);
 }
 
 typedef struct {
@@ -202,70 +275,6 @@ static void sgd_update(float *w, const float *g, float *buf, int64_t len, const 
     }
 }
 
-/* Sum of squares in float64, exact up to float64 rounding: 8 floats widened per load (one
- * vcvtps2pd), four accumulators. The widening is slow on this core, and the sums of squares
- * share the FP pipes with the sketch's FMAs: as the only sum of squares it cost 4-10% of a
- * 2048^2 pass (A/B in one process), so it serves only what square_sum below cannot vouch for. */
-static double square_sum_f64(const float *w, int64_t len)
-{
-    d8v acc[4] = {{0}, {0}, {0}, {0}};
-    int64_t j = 0;
-    for (; j + 32 <= len; j += 32)
-        for (int q = 0; q < 4; q++) {
-            const d8v x = __builtin_convertvector(ld_8(w + j + 8 * q), d8v);
-            acc[q] += x * x;
-        }
-    for (; j + 8 <= len; j += 8) {
-        const d8v x = __builtin_convertvector(ld_8(w + j), d8v);
-        acc[0] += x * x;
-    }
-    double s = 0.0;
-    for (; j < len; j++) s += (double)w[j] * w[j];
-    const d8v a = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (int q = 0; q < 8; q++) s += a[q];
-    return s;
-}
-
-/* Squares per float32 partial before it is widened: each of the 64 lanes of a block of
- * SQ_BLOCK elements sums SQ_TERMS squares (SQ_BLOCK = 64 * SQ_TERMS). */
-#define SQ_TERMS 4
-#define SQ_BLOCK (64 * SQ_TERMS)
-/* Below this a sum's float32 partials may have lost digits to underflow (squares under
- * FLT_MIN, entries under ~1e-19): it is redone in float64, as is a non-finite (overflowed) one.
- * Above it, the absolute error of len underflowed squares (< 2^-149 each) is < len * 1.5e-15
- * of it, far under the rounding bound below for any row length. (The floor of sketch_torch's
- * float32 norms in lowrank/sketch.py.) */
-#define SQ_FLOOR 1e-30
-
-/* Sum of squares: float32 partials of SQ_TERMS squares each (the rounding of each square and
- * of the partial sums: relative error <= SQ_TERMS * 2^-24 = 2.4e-7, of the order of the float32
- * sketch products beside it), added in float64. A sum that may have underflowed or overflowed
- * is redone by square_sum_f64 (an all-zero row, a weight scaled by 1e-30, entries past 1e19,
- * NaN), exact to float64 rounding there; so is a tail shorter than a block. */
-static double square_sum(const float *w, int64_t len)
-{
-    d8v part = {0};
-    int64_t j = 0;
-    for (; j + SQ_BLOCK <= len; j += SQ_BLOCK) {
-        f16v acc[4] = {{0}, {0}, {0}, {0}};
-        for (int t = 0; t < SQ_BLOCK; t += 64)
-            for (int q = 0; q < 4; q++) {
-                const f16v x = ld_16(w + j + t + 16 * q);
-                acc[q] += x * x;
-            }
-        for (int q = 0; q < 4; q++) {
-            part += __builtin_convertvector(
-                __builtin_shufflevector(acc[q], acc[q], 0, 1, 2, 3, 4, 5, 6, 7), d8v);
-            part += __builtin_convertvector(
-                __builtin_shufflevector(acc[q], acc[q], 8, 9, 10, 11, 12, 13, 14, 15), d8v);
-        }
-    }
-    double s = 0.0;
-    for (int q = 0; q < 8; q++) s += part[q];
-    if (j > 0 && !(s >= SQ_FLOOR && s < __builtin_inf())) s = square_sum_f64(w, j);
-    return j < len ? s + square_sum_f64(w + j, len - j) : s;
-}
-
 /* First block of chunk c of `chunks`: chunk sizes fall linearly (chunks, chunks - 1, ..., 1
  * parts), so that the last chunks handed out are short and the threads finish together. */
 static int64_t chunk_start(int64_t nblocks, int64_t c, int64_t chunks)
@@ -274,14 +283,14 @@ static int64_t chunk_start(int64_t nblocks, int64_t c, int64_t chunks)
     return nblocks * before / total;
 }
 
-/* The update works on segments of one row, numbered row-major within a block (segment s: row
- * s / segs_per_row); rows of a block are contiguous, so a run of segments streams W, G and buf
- * as three sequential arrays. Segments are SEG columns where the update is spread over the
- * product tiles (below), whole rows otherwise (a 512^2 pass 4% faster than in SEG pieces). */
+/* The update works on segments of SEG columns of one row, numbered row-major within a block
+ * (segment s: row s / segs_per_row); rows of a block are contiguous, so a run of segments streams
+ * W, G and buf as three sequential arrays. */
 #define SEG 256
-/* Matrices of at least this many elements overlap the update with the products (below): 768^2
- * 9% faster for it; 512^2, whose W and G stay in cache, 4% slower. */
-#define OVERLAP_MIN (1 << 19)
+/* A sketch-only pass (no update) of at least this many elements still prefetches the next
+ * block's rows while the products run (2048^2 power pass 5% faster); below it, where W stays in
+ * cache, the prefetches cost more than they save (256^2 10% slower). */
+#define PREFETCH_MIN (1 << 19)
 
 typedef struct {
     float *W;
@@ -291,17 +300,14 @@ typedef struct {
     int64_t n, seg, segs_per_row; /* row length, segment length, segments per row */
 } block_update;
 
-/* Segments [s0, s1) of the block starting at row i0: update (when G is given), and add each
- * row's sum of squares into sq. */
-static void update_segments(const block_update *u, int64_t i0, int64_t s0, int64_t s1,
-                            double *sq)
+/* Update segments [s0, s1) of the block starting at row i0. */
+static void update_segments(const block_update *u, int64_t i0, int64_t s0, int64_t s1)
 {
     for (int64_t s = s0; s < s1; s++) {
         const int64_t r = s / u->segs_per_row, j0 = (s % u->segs_per_row) * u->seg;
         const int64_t len = u->n - j0 < u->seg ? u->n - j0 : u->seg;
         const int64_t off = (i0 + r) * u->n + j0;
         if (u->G) sgd_update(u->W + off, u->G + off, u->buf ? u->buf + off : NULL, len, u->h);
-        sq[r] += square_sum(u->W + off, len);
     }
 }
 
@@ -335,11 +341,14 @@ static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int
 /* One matrix. G == NULL: sketch only (W is not written). buf may be NULL without momentum.
  *
  * Per block of ROWS rows: the update of the block's rows (memory-bound), then its products,
- * tile by tile from cache (compute-bound). From OVERLAP_MIN elements on, the update runs one
- * block ahead, spread over the tiles: after each tile of block b a few segments of block b + 1
- * are updated, which that tile prefetched while its FMAs ran, so the memory stream and the
- * FMAs overlap (2048^2 power pass 6-11% faster, momentum 11%, A/B in one process; without the
- * prefetch the same interleaving was 15-30% slower than no overlap).
+ * tile by tile from cache (compute-bound), the first sweep's tiles also summing the squares of
+ * the updated rows. The update runs one block ahead, spread over the tiles: after each tile of
+ * block b a few segments of block b + 1 are updated, which that tile prefetched while its FMAs
+ * ran, so the memory stream and the FMAs overlap (2048^2 power pass 6-11% faster, momentum 11%,
+ * A/B in one process; without the prefetch the same interleaving was 15-30% slower than no
+ * overlap). Small matrices gain as much: with the whole update of a block before its products,
+ * 256^2 and 768 x 256 passes with momentum were 10-20% slower (their W, G and buf come from L3
+ * or memory in a model's step, as from L2 when one matrix repeats: 8-14% slower there).
  *
  * The rows are cut into `chunks` fixed ranges of blocks, handed to the threads dynamically (a
  * thread that wakes late takes fewer; on a 2-core VM a sleeping thread's wake-up cost 0.4 ms of
@@ -359,9 +368,9 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
     const int64_t nblocks = (m + ROWS - 1) / ROWS;
     const int64_t tc = tile_cols(kp), ntiles = (n + tc - 1) / tc;
     const int64_t steps = ntiles * (power ? 2 : 1);
-    const int overlap = m * n >= OVERLAP_MIN;
-    const int64_t seg = overlap ? SEG : n > 0 ? n : 1;
-    const block_update upd = {W, G, buf, h, n, seg, (n + seg - 1) / seg};
+    /* the update, or else the prefetches alone, run a block ahead of the products */
+    const int ahead = G != NULL || m * n >= PREFETCH_MIN;
+    const block_update upd = {W, G, buf, h, n, SEG, (n + SEG - 1) / SEG};
     if (chunks < 1) chunks = 1;
     if (chunks > nblocks) chunks = (int)nblocks;
     if (nthreads < 1) nthreads = 1;
@@ -374,24 +383,16 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
             if (zside) memset(Zl, 0, sizeof(float) * n * kp);
             const int64_t b0 = chunk_start(nblocks, c, chunks);
             const int64_t b1 = chunk_start(nblocks, c + 1, chunks);
-            double sq[2][ROWS] = {{0}}; /* row sums of squares: this block, the next */
             #define SEGS_OF(blk) ((m - (blk) * ROWS < ROWS ? m - (blk) * ROWS : ROWS) * upd.segs_per_row)
-            if (overlap && b0 < b1)
-                update_segments(&upd, b0 * ROWS, 0, SEGS_OF(b0), sq[0]);
+            if (ahead && b0 < b1) update_segments(&upd, b0 * ROWS, 0, SEGS_OF(b0));
             for (int64_t blk = b0; blk < b1; blk++) {
                 const int64_t i0 = blk * ROWS;
                 const int rows = (int)(m - i0 < ROWS ? m - i0 : ROWS);
                 float *Wb = W + i0 * n;
-                double *sq_now = sq[overlap ? (blk - b0) & 1 : 0];
-                double *sq_next = sq[overlap ? (blk - b0 + 1) & 1 : 1];
-                if (!overlap) { /* the whole block first, row by row */
-                    for (int r = 0; r < ROWS; r++) sq_now[r] = 0.0;
-                    update_segments(&upd, i0, 0, SEGS_OF(blk), sq_now);
-                }
-                const int64_t next_segs = overlap && blk + 1 < b1 ? SEGS_OF(blk + 1) : 0;
+                double sq[ROWS] = {0}; /* row sums of squares, from the first sweep's tiles */
+                const int64_t next_segs = ahead && blk + 1 < b1 ? SEGS_OF(blk + 1) : 0;
                 const int64_t per_step = steps ? (next_segs + steps - 1) / steps : 0; /* n = 0: none */
                 int64_t done = 0;
-                for (int r = 0; r < ROWS; r++) sq_next[r] = 0.0;
                 if (doy) memset(Y + i0 * kp, 0, sizeof(float) * rows * kp);
                 for (int64_t step = 0; step < steps; step++) {
                     /* power: the first sweep completes Y of these rows, the second adds
@@ -403,14 +404,14 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
                     const prefetch_plan pf = plan_for(&upd, i0 + ROWS, done, upto);
                     if (!second)
                         tile(Wb + j0, n, rows, jb, U + i0 * kp, V + j0 * kp, Y + i0 * kp,
-                             Zl + j0 * kp, kp, doy, doz && !power, &pf);
+                             Zl + j0 * kp, kp, doy, doz && !power, &pf, sq);
                     else
                         tile(Wb + j0, n, rows, jb, Y + i0 * kp, V + j0 * kp, Y + i0 * kp,
-                             Zl + j0 * kp, kp, 0, 1, &pf);
-                    update_segments(&upd, i0 + ROWS, done, upto, sq_next);
+                             Zl + j0 * kp, kp, 0, 1, &pf, NULL);
+                    update_segments(&upd, i0 + ROWS, done, upto);
                     done = upto;
                 }
-                for (int r = 0; r < rows; r++) row_sq[i0 + r] = sq_now[r];
+                for (int r = 0; r < rows; r++) row_sq[i0 + r] = sq[r];
             }
             #undef SEGS_OF
         } /* implicit barrier: every chunk's partial is complete */
