@@ -57,10 +57,18 @@ def _kernels_package():
     return module
 
 
+_kernel_modules: dict = {}
+
+
 def kernel_module(backend: str, op: str):
-    """The module of ``op`` for ``backend`` (e.g. lowrank.kernels.triton.sketch)."""
-    _kernels_package()
-    return importlib.import_module(f"lowrank.kernels.{backend}.{op}")
+    """The module of ``op`` for ``backend`` (e.g. lowrank.kernels.triton.sketch). Kept once
+    imported: the import machinery's lookup cost a few microseconds on every call of an op."""
+    module = _kernel_modules.get((backend, op))
+    if module is None:
+        _kernels_package()
+        module = _kernel_modules[backend, op] = importlib.import_module(
+            f"lowrank.kernels.{backend}.{op}")
+    return module
 
 
 def triton_available() -> bool:

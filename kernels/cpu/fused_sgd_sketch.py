@@ -40,6 +40,13 @@ def _check(name: str, t: torch.Tensor | None, op: str) -> None:
                         "(use backend='torch' for other dtypes)")
 
 
+def _item(t: torch.Tensor | None, i: int) -> int | None:
+    """Address of t[i] (t[0] where t holds one item), NULL for None; t contiguous."""
+    if t is None:
+        return None
+    return t.data_ptr() + (i * t.stride(0) * t.element_size() if t.shape[0] > 1 else 0)
+
+
 def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U: torch.Tensor,
            V: torch.Tensor, *, sides: str, op: str, lr: float = 0.0, weight_decay: float = 0.0,
            momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -87,13 +94,13 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum),
                              float(1 - dampening), int(bool(nesterov)), int(bool(maximize)),
                              int(new_buf))
+    # matrix i's pointers by offset: indexing each tensor costs more than the kernel of a small
+    # matrix (a model's step calls this once per matrix)
     for i in range(b):
-        Ui, Vi = Up[i if Up.shape[0] > 1 else 0], Vp[i if Vp.shape[0] > 1 else 0]
         lib.lowrank_sgd_sketch_f32(
-            m, n, kp, ptr(Wc[i]), ptr(None if Gc is None else Gc[i]),
-            ptr(None if bufc is None else bufc[i]), ctypes.byref(hyper),
-            ptr(Ui), ptr(Vi), ptr(None if Y is None else Y[i]),
-            ptr(None if Z is None else Z[i]), ptr(row_sq[i]), mode, ptr(zwork), chunks, threads)
+            m, n, kp, _item(Wc, i), _item(Gc, i), _item(bufc, i), ctypes.byref(hyper),
+            _item(Up, i), _item(Vp, i), _item(Y, i), _item(Z, i), _item(row_sq, i), mode,
+            ptr(zwork), chunks, threads)
     if kp != k:
         Y = None if Y is None else Y[..., :k]
         Z = None if Z is None else Z[..., :k]
