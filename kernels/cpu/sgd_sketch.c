@@ -294,18 +294,25 @@ static int64_t chunk_start(int64_t nblocks, int64_t c, int64_t chunks)
 
 typedef struct {
     float *W;
-    const float *G;
+    const float *G; /* NULL: sketch only, nothing to update */
     float *buf;
     const sgd_hyper *h;
-    int64_t n, seg, segs_per_row; /* row length, segment length, segments per row */
+    int64_t m, n, segs_per_row; /* rows, row length, segments per row */
 } block_update;
+
+/* Segments of the block starting at block index blk (its last one may have fewer rows). */
+static int64_t block_segments(const block_update *u, int64_t blk)
+{
+    const int64_t rows = u->m - blk * ROWS < ROWS ? u->m - blk * ROWS : ROWS;
+    return rows * u->segs_per_row;
+}
 
 /* Update segments [s0, s1) of the block starting at row i0. */
 static void update_segments(const block_update *u, int64_t i0, int64_t s0, int64_t s1)
 {
     for (int64_t s = s0; s < s1; s++) {
-        const int64_t r = s / u->segs_per_row, j0 = (s % u->segs_per_row) * u->seg;
-        const int64_t len = u->n - j0 < u->seg ? u->n - j0 : u->seg;
+        const int64_t r = s / u->segs_per_row, j0 = (s % u->segs_per_row) * SEG;
+        const int64_t len = u->n - j0 < SEG ? u->n - j0 : SEG;
         const int64_t off = (i0 + r) * u->n + j0;
         if (u->G) sgd_update(u->W + off, u->G + off, u->buf ? u->buf + off : NULL, len, u->h);
     }
@@ -321,11 +328,11 @@ static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int
     prefetch_plan pf = {NULL, NULL, NULL, 1};
     if (s1 <= s0) return pf;
     const int64_t f = sizeof(float);
-    const int64_t j_last = ((s1 - 1) % u->segs_per_row) * u->seg;
-    const int64_t first = ((i0 + s0 / u->segs_per_row) * u->n + (s0 % u->segs_per_row) * u->seg)
+    const int64_t j_last = ((s1 - 1) % u->segs_per_row) * SEG;
+    const int64_t first = ((i0 + s0 / u->segs_per_row) * u->n + (s0 % u->segs_per_row) * SEG)
                           * f / 64 * 64;
     const int64_t end = (((i0 + (s1 - 1) / u->segs_per_row) * u->n + j_last
-                          + (u->n - j_last < u->seg ? u->n - j_last : u->seg)) * f + 63)
+                          + (u->n - j_last < SEG ? u->n - j_last : SEG)) * f + 63)
                         / 64 * 64;
     while (pf.lines * 64 < end - first) pf.lines *= 2;
     /* the window, at most twice their span, starts in an earlier block (i0 >= ROWS), except
@@ -370,7 +377,7 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
     const int64_t steps = ntiles * (power ? 2 : 1);
     /* the update, or else the prefetches alone, run a block ahead of the products */
     const int ahead = G != NULL || m * n >= PREFETCH_MIN;
-    const block_update upd = {W, G, buf, h, n, SEG, (n + SEG - 1) / SEG};
+    const block_update upd = {W, G, buf, h, m, n, (n + SEG - 1) / SEG};
     if (chunks < 1) chunks = 1;
     if (chunks > nblocks) chunks = (int)nblocks;
     if (nthreads < 1) nthreads = 1;
@@ -383,15 +390,15 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
             if (zside) memset(Zl, 0, sizeof(float) * n * kp);
             const int64_t b0 = chunk_start(nblocks, c, chunks);
             const int64_t b1 = chunk_start(nblocks, c + 1, chunks);
-            #define SEGS_OF(blk) ((m - (blk) * ROWS < ROWS ? m - (blk) * ROWS : ROWS) * upd.segs_per_row)
-            if (ahead && b0 < b1) update_segments(&upd, b0 * ROWS, 0, SEGS_OF(b0));
+            if (ahead && b0 < b1) update_segments(&upd, b0 * ROWS, 0, block_segments(&upd, b0));
             for (int64_t blk = b0; blk < b1; blk++) {
                 const int64_t i0 = blk * ROWS;
                 const int rows = (int)(m - i0 < ROWS ? m - i0 : ROWS);
                 float *Wb = W + i0 * n;
                 double sq[ROWS] = {0}; /* row sums of squares, from the first sweep's tiles */
-                const int64_t next_segs = ahead && blk + 1 < b1 ? SEGS_OF(blk + 1) : 0;
-                const int64_t per_step = steps ? (next_segs + steps - 1) / steps : 0; /* n = 0: none */
+                const int64_t next_segs = ahead && blk + 1 < b1 ? block_segments(&upd, blk + 1) : 0;
+                /* n = 0: no steps, no segments */
+                const int64_t per_step = steps ? (next_segs + steps - 1) / steps : 0;
                 int64_t done = 0;
                 if (doy) memset(Y + i0 * kp, 0, sizeof(float) * rows * kp);
                 for (int64_t step = 0; step < steps; step++) {
@@ -413,7 +420,6 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
                 }
                 for (int r = 0; r < rows; r++) row_sq[i0 + r] = sq[r];
             }
-            #undef SEGS_OF
         } /* implicit barrier: every chunk's partial is complete */
         if (zside) {
             /* 16 entries at a time (n * kp is a multiple of 8: a tail of 8 at most), each
