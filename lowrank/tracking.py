@@ -179,20 +179,25 @@ def finite_each(S: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(S.sum(dim=(-2, -1), dtype=torch.float64))
 
 
-def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
-                 backend: str = "torch") -> None:
+def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None, *,
+                 backend: str = "torch", batched: SketchOut | None = None) -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
-    with many same-shape layers pays it once per shape. Each matrix keeps its own refill seed on
-    the torch and cpu paths; the CuPy kernel (backends cupy and triton on a GPU) hashes (seed of
-    the group's first matrix, step, side, batch index) instead, so there a matrix's refill
-    candidates depend on its place in the group. Either way they are random directions whose
-    only role is to span what the sketch lost.
+    with many same-shape layers pays it once per shape. ``sketches``: one per tracker; or None
+    and ``batched`` the group's sketches as one (b, ...) SketchOut (from a batched pass). Each
+    matrix keeps its own refill seed on the torch and cpu paths; the CuPy kernel (backends cupy
+    and triton on a GPU) hashes (seed of the group's first matrix, step, side, batch index)
+    instead, so there a matrix's refill candidates depend on its place in the group. Either way
+    they are random directions whose only role is to span what the sketch lost.
     """
-    if sketches[0].Y is None or sketches[0].Z is None:
+    if batched is not None:
+        sk = batched
+    elif sketches[0].Y is None or sketches[0].Z is None:
         _absorb_group_one_side(trackers, sketches, _cat, backend=backend)
         return
-    sk = SketchOut(*(_cat([getattr(s, f) for s in sketches]) for f in ("Y", "Z", "fro2", "row_sq")))
+    else:
+        sk = SketchOut(*(_cat([getattr(s, f) for s in sketches])
+                         for f in ("Y", "Z", "fro2", "row_sq")))
     U, V = _cat([t.U for t in trackers]), _cat([t.V for t in trackers])
     finite = torch.isfinite(sk.fro2) & finite_each(sk.Y) & finite_each(sk.Z)  # (b,)
     # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
@@ -208,9 +213,38 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut], *,
                            for t in trackers]))
     post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=trackers[0].step,
                                 refill=refill, backend=backend)
-    for i, (t, s) in enumerate(zip(trackers, sketches)):
-        one = _batch_item(post, i, len(trackers))
-        t.commit(s, one, finite[i:i + 1], all_finite)
+    _commit_group(trackers, sk, post, U, V, finite, all_finite)
+
+
+def _commit_group(trackers: list[MatrixTracker], sk: SketchOut, post: PostOut, U: torch.Tensor,
+                  V: torch.Tensor, finite: torch.Tensor, all_finite: bool) -> None:
+    """:meth:`MatrixTracker.commit` of a whole group (``U``, ``V``: the batched old bases).
+    Where some sketch may not be finite (always on a GPU, which does not read the flags on the
+    host), each field is selected once for the group, not once per matrix: a tracker then costs
+    a few views instead of nine masked selects (kernel launches)."""
+    b = len(trackers)
+    new = {"U": post.U, "V": post.V, "sigma": post.sigma, "sigma_y": post.sigma_y,
+           "sigma_z": post.sigma_z, "overlap_u": post.overlap_u, "fro2": sk.fro2,
+           "row_sq": sk.row_sq}
+    sigma_old = None
+    if not all_finite:
+        fb, f1 = finite.view(-1, 1, 1), finite.view(-1, 1)
+        sigma_old = _cat([t.sigma for t in trackers])
+        old = {"U": U, "V": V, "sigma": sigma_old}
+        mask = {"U": fb, "V": fb, "overlap_u": fb, "fro2": finite}
+        for key in new:
+            before = old[key] if key in old else _cat([getattr(t, key) for t in trackers])
+            new[key] = torch.where(mask.get(key, f1), new[key], before)
+        new["sigma_prev"] = torch.where(f1, sigma_old, _cat([t.sigma_prev for t in trackers]))
+    nonfinite = ~finite
+    for i, t in enumerate(trackers):
+        part = slice(i, i + 1)
+        if all_finite:
+            t.sigma_prev = t.sigma
+        for key, value in new.items():
+            setattr(t, key, value if b == 1 else value[part])
+        t.nonfinite = nonfinite if b == 1 else nonfinite[part]
+        t.step += 1
 
 
 def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchOut], cat, *,

@@ -230,11 +230,20 @@ def test_trackers_with_different_names_start_differently():
     assert torch.equal(a.U, a2.U) and torch.equal(a.V, a2.V)
 
 
-def test_absorb_group_equals_one_matrix_at_a_time():
+@pytest.mark.parametrize("batched", [False, True], ids=["sketch_each", "batched_sketch"])
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_absorb_group_equals_one_matrix_at_a_time(monkeypatch, path, batched):
     # One batched post-processing call for same-shape matrices (what SpectralSGD does per step)
     # must give what each tracker gets alone, with each matrix's own seed, including a
-    # non-finite and a rank-deficient member of the batch.
+    # non-finite and a rank-deficient member of the batch. "device": the path a GPU takes (no
+    # host read of the finite flags: each state field is selected for the whole group);
+    # "batched_sketch": the group's sketches come as one (b, ...) SketchOut (a batched pass).
+    from lowrank import _checks
+    from lowrank.sketch import SketchOut
     from lowrank.tracking import absorb_group
+
+    if path == "device":
+        monkeypatch.setattr(_checks, "host_reads_are_free", lambda t: False)
 
     gen = torch.Generator().manual_seed(5)
     Ws = [torch.randn(30, 20, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -247,10 +256,17 @@ def test_absorb_group_equals_one_matrix_at_a_time():
             mats[2][0, 0] = float("nan")
         for tr, W in zip(alone, mats):
             tr.absorb(sketch_torch(W, tr.U, tr.V))
-        absorb_group(grouped, [sketch_torch(W, tr.U, tr.V) for tr, W in zip(grouped, mats)])
-    for a, g in zip(alone, grouped):
-        assert a.step == g.step == 4
-        for key in ("U", "V", "sigma", "sigma_y", "sigma_z", "fro2", "row_sq", "overlap_u"):
-            torch.testing.assert_close(getattr(g, key), getattr(a, key), rtol=1e-10, atol=1e-12,
-                                       msg=f"{a.name}.{key}")
-        assert bool(g.nonfinite) == bool(a.nonfinite)
+        sketches = [sketch_torch(W, tr.U, tr.V) for tr, W in zip(grouped, mats)]
+        if batched:
+            absorb_group(grouped, None, batched=SketchOut(
+                *(torch.cat([getattr(s, f) for s in sketches]) for f in ("Y", "Z", "fro2", "row_sq"))))
+        else:
+            absorb_group(grouped, sketches)
+        for a, g in zip(alone, grouped):
+            assert a.step == g.step == step + 1
+            for key in ("U", "V", "sigma", "sigma_y", "sigma_z", "sigma_prev", "fro2", "row_sq",
+                        "overlap_u"):
+                torch.testing.assert_close(getattr(g, key), getattr(a, key), rtol=1e-10,
+                                           atol=1e-12, msg=f"{a.name}.{key}")
+                assert getattr(g, key).shape == getattr(a, key).shape
+            assert bool(g.nonfinite) == bool(a.nonfinite) == (step == 2 and a.name == "w2")
