@@ -24,7 +24,7 @@ import torch
 
 from .fused_sgd_sketch import fused_sgd_sketch_torch
 from .postprocess import postprocess_torch
-from .sketch import sketch_torch
+from .sketch import SketchOut, sketch_torch
 
 BACKENDS = ("auto", "torch", "triton", "cupy", "cpu")
 # Precision of the sketch products (``precision=``): exact fp32, or TF32 tensor cores with three
@@ -219,6 +219,21 @@ def sketch(W, U, V, *, backend: str = "torch", sides: str = "both", **options):
     return getattr(kernel_module(backend, "sketch"), f"sketch_{backend}")(W, U, V, **options)
 
 
+def sketch_many(Ws, U, V, *, backend: str = "torch", **options):
+    """Op ``sketch`` (both sides) of b separate matrices of one shape and dtype (each (m, n),
+    contiguous for "cupy") with the batched bases U (b, m, k), V (b, n, k): one launch on CuPy
+    (:func:`sketch_cupy_many`), one call per matrix elsewhere. Returns SketchOut (b, ...)."""
+    if backend == "cupy":
+        return kernel_module("cupy", "sketch").sketch_cupy_many(Ws, U, V)
+    outs = [sketch(W, U[i:i + 1], V[i:i + 1], backend=backend, **options)
+            for i, W in enumerate(Ws)]
+    return outs[0] if len(outs) == 1 else _cat_sketches(outs)
+
+
+def _cat_sketches(outs) -> SketchOut:
+    return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in ("Y", "Z", "fro2", "row_sq")))
+
+
 def _both_sides(backend: str, sides: str) -> None:
     if sides != "both":
         raise ValueError(f"backend={backend!r} always sketches both sides (sides='both'); "
@@ -239,6 +254,25 @@ def fused_sgd_sketch(W, G, buf, U, V, *, backend: str = "torch", options=None,
     _both_sides(backend, sides)
     fn = getattr(kernel_module(backend, "fused_sgd_sketch"), f"fused_sgd_sketch_{backend}")
     return fn(W, G, buf, U, V, **hyper, **(options or {}))
+
+
+def fused_sgd_sketch_many(Ws, Gs, bufs, U, V, *, backend: str = "torch", options=None,
+                          **hyper):
+    """Op ``fused_sgd_sketch`` over b separate matrices of one shape and dtype (each (m, n),
+    contiguous for "cupy"), sketched with the batched bases U (b, m, k) and V (b, n, k), both
+    sides. ``bufs``: a list of b momentum buffers (or of b None: first step). CuPy makes one
+    launch for all (:func:`fused_sgd_sketch_cupy_many`); the other backends one call per
+    matrix. Returns (SketchOut (b, ...), list of b buffers, None entries without momentum)."""
+    if backend == "cupy":
+        return kernel_module("cupy", "fused_sgd_sketch").fused_sgd_sketch_cupy_many(
+            Ws, Gs, bufs, U, V, **hyper)
+    outs, new_bufs = [], []
+    for i, (W, G, buf) in enumerate(zip(Ws, Gs, bufs)):
+        sk, buf = fused_sgd_sketch(W, G, buf, U[i:i + 1], V[i:i + 1], backend=backend,
+                                   options=options, **hyper)
+        outs.append(sk)
+        new_bufs.append(buf)
+    return (outs[0] if len(outs) == 1 else _cat_sketches(outs)), new_bufs
 
 
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):

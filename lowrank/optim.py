@@ -179,7 +179,8 @@ class SpectralSGD(torch.optim.Optimizer):
             return loss  # AMP overflow: nothing changes, not even the step count
         track = self.steps % self.track_every == 0
         tracked_now = []
-        for group in self.param_groups:
+        batches: dict[tuple, tuple] = {}  # same-shape matrices updated and sketched together
+        for gi, group in enumerate(self.param_groups):
             hyper = {k: group[k] for k in ("lr", "weight_decay", "momentum", "dampening",
                                            "nesterov", "maximize")}
             for p in group["params"]:
@@ -199,12 +200,18 @@ class SpectralSGD(torch.optim.Optimizer):
                 buf = self.state[p].get("momentum_buffer") if hyper["momentum"] != 0 else None
                 if tracked:
                     self.tracked.before_update(name, grad, p)
-                    buf = self._fused_step(name, p, grad, buf, hyper)
                     tracked_now.append(name)
+                    key = self._batch_key(name, p, grad, buf, gi)
+                    if key is not None:  # updated after the loop, with its group
+                        batches.setdefault(key, (hyper, []))[1].append((name, p, grad, buf))
+                        continue
+                    buf = self._fused_step(name, p, grad, buf, hyper)
                 else:
                     buf = sgd_update_torch(p, grad, buf, **hyper)
                 if hyper["momentum"] != 0:
                     self.state[p]["momentum_buffer"] = buf
+        for hyper, items in batches.values():
+            self._fused_step_many(items, hyper)
         if tracked_now:
             self.tracked.finish_step()
             self.tracked.after_step(self.steps, tracked_now)
@@ -228,6 +235,39 @@ class SpectralSGD(torch.optim.Optimizer):
                                           sides=self.tracked.sides(name), **hyper)
         self.tracked.absorb(name, sk)
         return B.view(p.shape) if B is not None else None
+
+    def _batch_key(self, name, p, grad, buf, group_index):
+        """The key of the batch that updates and sketches ``p`` together with the other
+        matrices of its shape, dtype, device, backend and param group (one launch of the CuPy
+        pass for all, and a post-processing that needs no concatenation); None where the
+        matrix takes its own call: schedules other than "both" (the CPU's), sparse or
+        non-contiguous operands."""
+        if self.tracked.schedule[name] != "both" or grad.is_sparse or not (
+                p.is_contiguous() and grad.is_contiguous()
+                and (buf is None or buf.is_contiguous())):
+            return None
+        tr = self.tracked.trackers[name]
+        return (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.tracked.backend[name],
+                group_index, buf is None)
+
+    def _fused_step_many(self, items, hyper):
+        """Update and sketch a batch of :meth:`_batch_key` (one launch on CuPy); sets each
+        matrix's momentum buffer and queues the batch's sketches for the post-processing."""
+        names = [name for name, _, _, _ in items]
+        trackers = [self.tracked.trackers[name] for name in names]
+        shape = trackers[0].shape
+        Ws = [p.view(shape) for _, p, _, _ in items]
+        Gs = [grad.view(shape) for _, _, grad, _ in items]
+        bufs = [None if buf is None else buf.view(shape) for _, _, _, buf in items]
+        U = torch.cat([t.U for t in trackers]) if len(trackers) > 1 else trackers[0].U
+        V = torch.cat([t.V for t in trackers]) if len(trackers) > 1 else trackers[0].V
+        sk, bufs = backends.fused_sgd_sketch_many(
+            Ws, Gs, bufs, U, V, backend=self.tracked.backend[names[0]],
+            options=self.tracked.options[names[0]], **hyper)
+        if hyper["momentum"] != 0:
+            for (_, p, _, _), buf in zip(items, bufs):
+                self.state[p]["momentum_buffer"] = buf.view(p.shape)
+        self.tracked.absorb_many(names, sk)
 
     # -- results ------------------------------------------------------------------------------
 

@@ -57,8 +57,7 @@ class SpectrumTracker:
         """Sketch every tracked matrix (on every ``every``-th call)."""
         if self.calls % self.every == 0:
             names = list(self.tracked.trackers)
-            for name in names:
-                self.tracked.sketch_only(name)
+            self.tracked.sketch_all(names)
             self.tracked.finish_step()
             self.tracked.after_step(self.calls, names)
         self.calls += 1

@@ -131,6 +131,7 @@ class TrackedSet:
         self.audits: dict[str, dict] = {}
         self.grad_stats: dict[str, dict] = {}
         self._pending: list[tuple] = []  # (name, sketch) of this step, see finish_step
+        self._batched: list[tuple] = []  # (names, batched sketch) of this step, ditto
         for name, p in select_tracked(named_params, include, exclude):
             m, n = matrix_shape(p.shape)
             if rank > min(m, n):
@@ -212,13 +213,26 @@ class TrackedSet:
         """Queue the sketches of ``name``'s current weights; :meth:`finish_step` post-processes."""
         self._pending.append((name, sk))
 
+    def absorb_many(self, names: list[str], sk) -> None:
+        """Queue the batched sketches (b, ...) of the matrices ``names``, which share a shape,
+        sketch width, basis dtype, device and backend (a batched pass): post-processed as one
+        group, with no concatenation."""
+        self._batched.append((names, sk))
+
     def finish_step(self) -> None:
         """Post-process the queued sketches, batched over matrices of one shape, width, basis
         dtype, device and backend; then run the audits that are due."""
         pending, self._pending = self._pending, []
+        batched, self._batched = self._batched, []
+        for names, sk in batched:
+            absorb_group([self.trackers[n] for n in names], None, backend=self.backend[names[0]],
+                         batched=sk)
+            pending += [(name, None) for name in names]
         groups: dict[tuple, list] = {}
         sequential = []
         for name, sk in pending:
+            if sk is None:  # post-processed above with its batch
+                continue
             tr = self.trackers[name]
             if self.schedule[name] == "sequential":
                 sequential.append((name, tr, sk))
@@ -238,6 +252,26 @@ class TrackedSet:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:
                 self.audits[name] = self._audit(name)
+
+    def sketch_all(self, names) -> None:
+        """The sketch-only pass of ``names``: under the "both" schedule the contiguous matrices
+        of one shape, dtype, device and backend are sketched as one batch (one launch on CuPy)
+        and post-processed without concatenation; the others one by one."""
+        groups: dict[tuple, list[str]] = {}
+        for name in names:
+            p, tr = self.params[name], self.trackers[name]
+            if self.schedule[name] != "both" or not p.is_contiguous():
+                self.sketch_only(name)
+                continue
+            key = (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
+            groups.setdefault(key, []).append(name)
+        for group in groups.values():
+            trackers = [self.trackers[n] for n in group]
+            U = torch.cat([t.U for t in trackers]) if len(group) > 1 else trackers[0].U
+            V = torch.cat([t.V for t in trackers]) if len(group) > 1 else trackers[0].V
+            sk = backends.sketch_many([self.matrix(n) for n in group], U, V,
+                                      backend=self.backend[group[0]], **self.options[group[0]])
+            self.absorb_many(group, sk)
 
     def sketch_only(self, name: str) -> None:
         """The sketch-only pass (no update) of one tracked parameter."""

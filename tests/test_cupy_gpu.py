@@ -236,3 +236,51 @@ def test_triton_backend_post_processes_with_the_cupy_kernel():
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(opt.tracked.trackers["param0"].sigma).all()
+
+
+def test_spectral_sgd_batches_same_shape_matrices_in_one_launch(monkeypatch):
+    """SpectralSGD on CuPy updates and sketches the tracked matrices of one shape and param
+    group in one launch (the kernel reads each matrix's addresses from a table). Against one
+    launch per matrix: weights and momentum buffers bit for bit (elementwise), the spectra to
+    the atomics' rounding; the batched step makes no host synchronisation, also when the
+    gradients are new tensors (a new address table is uploaded without a sync)."""
+    from lowrank import SpectralSGD
+
+    launches = []
+    real = FS.fused_sgd_sketch_cupy_many
+    monkeypatch.setattr(FS, "fused_sgd_sketch_cupy_many",
+                        lambda Ws, *a, **kw: launches.append(len(Ws)) or real(Ws, *a, **kw))
+
+    def run(batched):
+        torch.manual_seed(5)
+        shapes = [(384, 256)] * 3 + [(256, 384), (64, 8, 3, 3)]
+        params = [torch.nn.Parameter(torch.randn(s, device=DEV) / 16) for s in shapes]
+        opt = SpectralSGD(params, lr=0.02, momentum=0.9, rank=4, sketch_rank=8, backend="cupy")
+        if not batched:
+            opt._batch_key = lambda *args: None
+        gen = _gen(70)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, device=DEV)
+            if step == 3 and batched:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            else:
+                opt.step()
+        torch.cuda.synchronize()
+        return params, opt
+
+    pb, ob = run(True)
+    assert max(launches) == 3 and len(launches) == 4 * 3  # the three 384 x 256 in one launch
+    po, oo = run(False)
+    for a, b in zip(pb, po):
+        assert torch.equal(a, b)
+        assert torch.equal(ob.state[a]["momentum_buffer"], oo.state[b]["momentum_buffer"])
+    for name, res in ob.spectra().items():
+        other = oo.spectra()[name]
+        torch.testing.assert_close(res.sigma, other.sigma, rtol=1e-4, atol=0, msg=name)
+        assert not bool(res.nonfinite)

@@ -504,6 +504,66 @@ def test_emulated_fused_without_sketch_and_without_momentum(emulated):
     torch.testing.assert_close(Wk, Wt, rtol=2 * U32, atol=2 * U32)
 
 
+@pytest.mark.parametrize("shape", [(37, 70), (6, 3, 3, 3)], ids=["matrix", "conv_kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_many_matches_one_launch_per_matrix(emulated_both, shape, dtype):
+    """Three separate parameters of one shape in one launch (the kernel reads their addresses
+    from a table) against one launch each: the update is elementwise, so weights and buffers
+    agree bit for bit (first step: buffers initialised; second: read); the sketches agree to
+    rounding (the batched launch splits the columns into fewer chunks)."""
+    b, k = 3, 4
+    m, n = shape[0], math.prod(shape[1:])
+    hyper = dict(lr=0.05, weight_decay=0.01, momentum=0.9, nesterov=True)
+    Ws = [torch.randn(*shape, generator=_gen(40 + i)).to(dtype) for i in range(b)]
+    Wone = [W.clone() for W in Ws]
+    U = torch.randn(b, m, k, generator=_gen(50))
+    V = torch.randn(b, n, k, generator=_gen(51))
+    bufs = bones = None
+    for step in range(2):
+        Gs = [torch.randn(*shape, generator=_gen(60 + 10 * step + i)).to(dtype) for i in range(b)]
+        out, bufs = FS.fused_sgd_sketch_cupy_many(Ws, Gs, bufs, U, V, **hyper)
+        ones = [FS.fused_sgd_sketch_cupy(Wone[i], Gs[i], None if bones is None else bones[i],
+                                         U[i], V[i], **hyper) for i in range(b)]
+        bones = [buf for _, buf in ones]
+        for i in range(b):
+            assert torch.equal(Ws[i], Wone[i]) and torch.equal(bufs[i], bones[i])
+            for f in ("Y", "Z", "fro2", "row_sq"):
+                torch.testing.assert_close(getattr(out, f)[i], getattr(ones[i][0], f)[0],
+                                           rtol=1e-5, atol=1e-5)
+        check_sketch(out, torch.stack([as_batched(W)[0] for W in Ws]), U, V)
+
+
+def test_emulated_sketch_many_matches_one_launch_per_matrix(emulated_both):
+    """The sketch-only pass of three separate matrices in one launch (SpectrumTracker's)."""
+    b, m, n, k = 3, 20, 33, 5
+    Ws = [torch.randn(m, n, generator=_gen(80 + i)) for i in range(b)]
+    before = [W.clone() for W in Ws]
+    U = torch.randn(b, m, k, generator=_gen(90))
+    V = torch.randn(b, n, k, generator=_gen(91))
+    out = SK.sketch_cupy_many(Ws, U, V)
+    assert all(torch.equal(W, w0) for W, w0 in zip(Ws, before))  # read only
+    check_sketch(out, torch.stack(Ws), U, V)
+    for i in range(b):
+        one = SK.sketch_cupy(Ws[i], U[i:i + 1], V[i:i + 1])
+        for f in ("Y", "Z", "fro2", "row_sq"):
+            torch.testing.assert_close(getattr(out, f)[i], getattr(one, f)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_emulated_many_rejects_mixed_operands(emulated):
+    Ws = [torch.randn(8, 5) for _ in range(2)]
+    Gs = [torch.randn(8, 5) for _ in range(2)]
+    U, V = torch.randn(2, 8, 2), torch.randn(2, 5, 2)
+    with pytest.raises(ValueError, match="momentum buffer or none"):
+        FS.fused_sgd_sketch_cupy_many(Ws, Gs, [torch.zeros(8, 5), None], U, V, lr=0.1,
+                                      momentum=0.9)
+    with pytest.raises(ValueError, match="contiguous"):
+        FS.fused_sgd_sketch_cupy_many(Ws, [Gs[0], torch.randn(5, 8).T], None, U, V, lr=0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        FS.fused_sgd_sketch_cupy_many([Ws[0], torch.randn(8, 6)], Gs, None, U, V, lr=0.1)
+    with pytest.raises(ValueError, match="U has shape"):
+        FS.fused_sgd_sketch_cupy_many(Ws, Gs, None, U[:1, :7], V, lr=0.1)
+
+
 @pytest.mark.parametrize("shape", [(20, 1100), (50, 3), (4, 3, 5, 5)],
                          ids=["two_column_blocks", "thin", "conv_kernel"])
 @pytest.mark.parametrize("hyper", [dict(lr=0.1, momentum=0.9, dampening=0.6, weight_decay=0.01),

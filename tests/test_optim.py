@@ -742,3 +742,67 @@ def test_deepcopy_of_model_and_optimizer_keeps_tracking(tmp_path):
         assert_bitwise(opt2.spectra()[name].sigma, res.sigma)
     # The copy tracks its own parameters.
     assert opt2.tracked.params["fc.weight"] is model2.fc.weight
+
+
+def test_same_shape_matrices_batched_as_one_at_a_time(monkeypatch):
+    """Under the "both" schedule (the GPU's) the tracked matrices of one shape, dtype and param
+    group are updated and sketched as one batch after the loop over parameters (one launch of
+    the CuPy pass). On the torch backend the batch runs the same per-matrix ops. Cases:
+    two param groups (different lr), conv kernels sharing a matrix shape with a linear weight,
+    a matrix whose gradient is missing on one step (sketch-only), a non-contiguous gradient
+    (its own call), momentum buffers from the first step on. Weights, buffers and sketches must
+    equal those of one call per matrix bit for bit; the post-processed state to rounding."""
+    def build():
+        torch.manual_seed(3)
+        params = {"a": nn.Parameter(torch.randn(12, 18)), "b": nn.Parameter(torch.randn(12, 18)),
+                  "c": nn.Parameter(torch.randn(12, 2, 3, 3)),  # viewed as 12 x 18
+                  "d": nn.Parameter(torch.randn(12, 18)), "e": nn.Parameter(torch.randn(18, 12)),
+                  "bias": nn.Parameter(torch.randn(12))}
+        groups = [{"params": [params[n] for n in "abce"], "param_names": list("abce")},
+                  {"params": [params["d"], params["bias"]], "param_names": ["d", "bias"],
+                   "lr": 0.02}]
+        opt = SpectralSGD(groups, lr=0.05, momentum=0.9, weight_decay=1e-3, rank=2,
+                          sketch_rank=4, backend="torch", schedule="both")
+        return params, opt
+
+    runs = []
+    for batched in (True, False):
+        with monkeypatch.context() as mp:
+            calls = []
+            real = SpectralSGD._fused_step_many
+            mp.setattr(SpectralSGD, "_fused_step_many",
+                       lambda self, items, hyper: calls.append(len(items)) or real(self, items, hyper))
+            if not batched:
+                mp.setattr(SpectralSGD, "_batch_key", lambda self, *args: None)
+            params, opt = build()
+            gen = torch.Generator().manual_seed(4)
+            for step in range(4):
+                for name, p in params.items():
+                    p.grad = torch.randn(p.shape, generator=gen)
+                if step == 2:
+                    params["b"].grad = None  # sketch-only this step
+                    params["c"].grad = torch.randn((3, 3, 2, 12),
+                                                   generator=gen).permute(3, 2, 0, 1)
+                opt.step()
+        assert (sum(calls) > 0) == batched
+        if batched:  # a, b, c share a shape and group; d its own group; e its own shape
+            assert max(calls) == 3
+        runs.append((params, opt))
+    (pb, ob), (po, oo) = runs
+    for name in pb:  # the update is elementwise: bit for bit
+        assert torch.equal(pb[name], po[name]), name
+        assert torch.equal(ob.state[pb[name]]["momentum_buffer"],
+                           oo.state[po[name]]["momentum_buffer"]), name
+    for name in "abcde":
+        tb, to = ob.tracked.trackers[name], oo.tracked.trackers[name]
+        assert tb.step == to.step == 4
+        assert torch.equal(tb.nonfinite, to.nonfinite)
+        for key in ("fro2", "row_sq"):  # the sketch itself: the same per-matrix ops
+            assert torch.equal(getattr(tb, key), getattr(to, key)), (name, key)
+        # The post-processing is batched by group: a batch also splits by param group (d),
+        # the one-call-per-matrix path does not, and batched float64 linear algebra of another
+        # batch size may round differently; the bases are float32, so an ulp of one (6e-8)
+        # moves the float64 estimates by ~1e-7: equal to float32 rounding.
+        for key in ("U", "V", "sigma", "sigma_prev", "overlap_u"):
+            torch.testing.assert_close(getattr(tb, key), getattr(to, key), rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}.{key}")

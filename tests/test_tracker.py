@@ -200,3 +200,43 @@ def test_include_exclude_and_named_pairs():
     res = t.spectra()["wt"]
     assert res.shape == (36, 16)
     torch.testing.assert_close(res.sigma, exact[:4], rtol=1e-5, atol=0)
+
+
+def test_sketch_only_pass_batches_same_shape_matrices(monkeypatch):
+    """Under the "both" schedule the tracker sketches the contiguous matrices of one shape and
+    dtype as one batch (one launch on CuPy); on the torch backend that runs the per-matrix ops,
+    so fro2 agrees bit for bit and the post-processed state to float32 rounding (the bases are
+    float32; the batch of the post-processing differs) with one call per matrix. A
+    non-contiguous parameter takes its own call."""
+    from lowrank.trackset import TrackedSet
+
+    def run(batched):
+        torch.manual_seed(8)
+        named = [(f"w{i}", torch.randn(16, 24)) for i in range(3)]
+        named += [("t", torch.randn(24, 16).T), ("conv", torch.randn(16, 6, 2, 2))]
+        tracker = SpectrumTracker(named, rank=2, sketch_rank=4, backend="torch",
+                                  schedule="both")
+        calls = []
+        real = TrackedSet.absorb_many
+        monkeypatch.setattr(TrackedSet, "absorb_many",
+                            lambda self, names, sk: calls.append(list(names)) or real(self, names, sk))
+        if not batched:
+            monkeypatch.setattr(TrackedSet, "sketch_all",
+                                lambda self, names: [self.sketch_only(n) for n in names])
+        for step in range(3):
+            for _, W in named:
+                W.mul_(0.9).add_(torch.randn(W.shape), alpha=0.05)
+            tracker.step()
+        monkeypatch.undo()
+        return tracker, calls
+
+    tb, calls = run(True)
+    assert calls[0] == ["w0", "w1", "w2", "conv"]  # "t" (16 x 24, transposed) its own call
+    to, none = run(False)
+    assert none == []
+    for name, tr in tb.tracked.trackers.items():
+        other = to.tracked.trackers[name]
+        assert torch.equal(tr.fro2, other.fro2), name
+        for key in ("sigma", "U", "V"):
+            torch.testing.assert_close(getattr(tr, key), getattr(other, key), rtol=1e-5,
+                                       atol=1e-6, msg=f"{name}.{key}")

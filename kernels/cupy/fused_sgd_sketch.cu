@@ -71,7 +71,10 @@ __device__ __forceinline__ void fused_body(
     typename D::acc_t lr, typename D::acc_t weight_decay, typename D::acc_t momentum,
     typename D::acc_t keep,                     // 1 - dampening, formed in double on the host
     int nesterov, int maximize,
-    int init_buf)                               // 1: first step, buf = g (torch clones g)
+    int init_buf,                               // 1: first step, buf = g (torch clones g)
+    const i64* __restrict__ table)              // null, or per matrix of the batch the addresses
+                                                // of its W, G and buf (0: none): separate
+                                                // tensors of one shape, one launch for all
 {
     typedef typename D::acc_t A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -86,9 +89,11 @@ __device__ __forceinline__ void fused_body(
     const i64 c_begin = (i64)blockIdx.y * cols_per_chunk;
     const i64 c_end = min(n, c_begin + cols_per_chunk);
 
-    typename D::store_t* Wb = W + bi * sWb;
-    const typename D::store_t* Gb = update ? G + bi * sGb : nullptr;
-    typename D::store_t* Bb = buf ? buf + bi * sBb : nullptr;
+    typedef typename D::store_t S;
+    S* Wb = table ? reinterpret_cast<S*>(table[3 * bi]) : W + bi * sWb;
+    const S* Gb = !update ? nullptr
+                : table   ? reinterpret_cast<const S*>(table[3 * bi + 1]) : G + bi * sGb;
+    S* Bb = table ? reinterpret_cast<S*>(table[3 * bi + 2]) : (buf ? buf + bi * sBb : nullptr);
     const A* Ub = U + bi * sUb;
     const A* Vb = V + bi * sVb;
     A* Yb = Y + bi * m * (i64)k;
@@ -205,10 +210,10 @@ __device__ __forceinline__ void fused_body(
         int k, i64 sUb, i64 sVb, i64 sWb, i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb,  \
         i64 sBm, i64 sBn, i64 cols_per_chunk, int update, const D::acc_t* lr_ptr, D::acc_t lr,  \
         D::acc_t weight_decay, D::acc_t momentum, D::acc_t keep, int nesterov,                   \
-        int maximize, int init_buf) {                                                             \
+        int maximize, int init_buf, const i64* table) {                                           \
         fused_body<D>(W, G, buf, U, V, Y, Z, fro2, row_sq, m, n, k, sUb, sVb, sWb, sWm, sWn, sGb, \
                       sGm, sGn, sBb, sBm, sBn, cols_per_chunk, update, lr_ptr, lr, weight_decay,  \
-                      momentum, keep, nesterov, maximize, init_buf);                              \
+                      momentum, keep, nesterov, maximize, init_buf, table);                       \
     }
 
 FS_ENTRY(fused_sgd_sketch_f32, F32)

@@ -130,6 +130,25 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
         sUb = sVb = 0
         k = 0  # the kernel's sketch loops are empty: a plain fused SGD step
 
+    lr_t, hyper = _hyper(op, update, device, cdt, lr, weight_decay, momentum, dampening,
+                         nesterov, maximize, init_buf)
+    if not track:  # a plain SGD step: the elementwise kernel, no sketch outputs
+        if Wb.numel() > 0:
+            _plain_update(Wb, Gb, Bb, lr_t, hyper, W.dtype, device)
+        _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf)
+        return None, buf
+    strides = (Wb.stride(), Gb.stride() if Gb is not None else (0, 0, 0),
+               Bb.stride() if Bb is not None else (0, 0, 0))
+    out = _run_pass(op, device, W.dtype, (b, m, n), (Wb, Gb, Bb), None, strides, Uc, sUb, Vc,
+                    sVb, k, update, lr_t, hyper)
+    if update:
+        _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf)
+    return out, buf
+
+
+def _hyper(op, update, device, cdt, lr, weight_decay, momentum, dampening, nesterov, maximize,
+           init_buf):
+    """The kernel's update arguments: (device lr tensor or None, the scalar tuple)."""
     lr_t = None
     lr_v = 0.0
     if update:
@@ -146,57 +165,57 @@ def launch(W, G, buf, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=
             raise TypeError(f"{op}: lr must be a float or a 1-element tensor, got {type(lr).__name__}")
         else:
             lr_v = float(lr)
-
     scalar = np.float64 if cdt == torch.float64 else np.float32
     # torch's alpha 1 - dampening is formed in double and rounded once to the arithmetic type.
     hyper = (scalar(lr_v), scalar(weight_decay), scalar(momentum), scalar(1.0 - float(dampening)),
              np.int32(bool(nesterov)), np.int32(bool(maximize)), np.int32(init_buf))
-    if not track:  # a plain SGD step: the elementwise kernel, no sketch outputs
-        if Wb.numel() > 0:
-            _plain_update(Wb, Gb, Bb, lr_t, hyper, W.dtype, device)
-        _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf)
-        return None, buf
+    return lr_t, hyper
 
+
+def _run_pass(op, device, dtype, bmn, operands, table, strides, Uc, sUb, Vc, sVb, k, update,
+              lr_t, hyper) -> SketchOut:
+    """Launch the fused pass over b matrices (m, n): ``operands`` (W, G, buf) batched views with
+    ``strides`` (three (b, m, n) stride triples), or None with ``table`` the device int64
+    addresses (W, G, buf) of each matrix. Returns the zero-initialised, then reduced, sketches."""
+    b, m, n = bmn
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
     # Zero-initialised: Z (and Y when the columns are split) are reduced with atomics.
     Y = torch.zeros((b, m, k), dtype=cdt, device=device)
     Z = torch.zeros((b, n, k), dtype=cdt, device=device)
     fro2 = torch.zeros((b,), dtype=torch.float64, device=device)
     row_sq = torch.zeros((b, m), dtype=torch.float64, device=device)
+    if b * m * n == 0:
+        return SketchOut(Y, Z, fro2, row_sq)
+    smem = shared_bytes(k, cdt)
+    if not supports(k, dtype, device):
+        raise ValueError(f"{op}: k = {k} needs {smem} bytes of shared memory per block; this "
+                         f"GPU allows {_loader.max_shared_bytes(device)} (use a smaller k or "
+                         "backend='triton')")
+    nbands = -(-m // BM)
+    # Enough blocks to fill the GPU ~4 times: split the columns when bands x batch are few.
+    target = 4 * _loader.sm_count(device)
+    chunks = max(1, min(-(-n // BN), -(-target // (nbands * b))))
+    cols_per_chunk = -(-(-(-n // chunks)) // BN) * BN
+    chunks = -(-n // cols_per_chunk)
+    _loader.grid_dim_check(op, "column chunks", chunks)
+    _loader.grid_dim_check(op, "batch", b)
+    _loader.grid_dim_check(op, "row bands", nbands, 2**31 - 1)
 
-    if Wb.numel() > 0:
-        smem = shared_bytes(k, cdt)
-        if not supports(k, W.dtype, device):
-            raise ValueError(f"{op}: k = {k} needs {smem} bytes of shared memory per block; this "
-                             f"GPU allows {_loader.max_shared_bytes(device)} (use a smaller k or "
-                             "backend='triton')")
-        nbands = -(-m // BM)
-        # Enough blocks to fill the GPU ~4 times: split the columns when bands x batch are few.
-        target = 4 * _loader.sm_count(device)
-        chunks = max(1, min(-(-n // BN), -(-target // (nbands * b))))
-        cols_per_chunk = -(-(-(-n // chunks)) // BN) * BN
-        chunks = -(-n // cols_per_chunk)
-        _loader.grid_dim_check(op, "column chunks", chunks)
-        _loader.grid_dim_check(op, "batch", b)
-        _loader.grid_dim_check(op, "row bands", nbands, 2**31 - 1)
-
-        fn = _loader.function(CU, f"fused_sgd_sketch_{_SUFFIX[W.dtype]}", device)
-        i64 = np.int64
-        sW = Wb.stride()
-        sG = Gb.stride() if Gb is not None else (0, 0, 0)
-        sB = Bb.stride() if Bb is not None else (0, 0, 0)
-        with _loader.on_torch_stream(device):
-            c = _loader.pointer
-            args = (
-                c(Wb), c(Gb), c(Bb), c(Uc), c(Vc), c(Y), c(Z), c(fro2), c(row_sq),
-                i64(m), i64(n), np.int32(k), i64(sUb), i64(sVb),
-                i64(sW[0]), i64(sW[1]), i64(sW[2]), i64(sG[0]), i64(sG[1]), i64(sG[2]),
-                i64(sB[0]), i64(sB[1]), i64(sB[2]), i64(cols_per_chunk), np.int32(1 if update else 0),
-                c(lr_t), *hyper,
-            )
-            fn((nbands, chunks, b), (THREADS, 1, 1), args, shared_mem=smem)
-    if update:
-        _finish_update(W, Wb, w_copied, buf, Bb, b_copied, init_buf)
-    return SketchOut(Y, Z, fro2, row_sq), buf
+    fn = _loader.function(CU, f"fused_sgd_sketch_{_SUFFIX[dtype]}", device)
+    i64 = np.int64
+    sW, sG, sB = strides
+    Wb, Gb, Bb = operands if operands is not None else (None, None, None)
+    with _loader.on_torch_stream(device):
+        c = _loader.pointer
+        args = (
+            c(Wb), c(Gb), c(Bb), c(Uc), c(Vc), c(Y), c(Z), c(fro2), c(row_sq),
+            i64(m), i64(n), np.int32(k), i64(sUb), i64(sVb),
+            i64(sW[0]), i64(sW[1]), i64(sW[2]), i64(sG[0]), i64(sG[1]), i64(sG[2]),
+            i64(sB[0]), i64(sB[1]), i64(sB[2]), i64(cols_per_chunk), np.int32(1 if update else 0),
+            c(lr_t), *hyper, c(table),
+        )
+        fn((nbands, chunks, b), (THREADS, 1, 1), args, shared_mem=smem)
+    return SketchOut(Y, Z, fro2, row_sq)
 
 
 UP_THREADS, UP_PER_THREAD = 256, 4  # as in the .cu
@@ -259,3 +278,112 @@ def fused_sgd_sketch_cupy(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | 
     """
     return launch(W, G, buf, U, V, update=True, lr=lr, weight_decay=weight_decay,
                   momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize)
+
+
+_TABLES: dict = {}  # (device, addresses) -> the device table holding them (never written again)
+_TABLES_MAX = 64
+
+
+def _address_table(addresses: tuple, device: torch.device) -> torch.Tensor:
+    """The int64 device tensor of ``addresses``, kept for the next step: parameters, buffers and
+    (with static gradients) gradients keep their addresses, so a training loop uploads each
+    group's table once. On CUDA the upload goes through pinned memory without a host sync."""
+    key = (device, addresses)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))  # the oldest: gradients set to None get new ones
+        host = torch.tensor(addresses, dtype=torch.int64)
+        if device.type == "cuda":
+            # The pinned block is not reused before the copy has run (the caching host
+            # allocator records the copy's stream), so the upload needs no sync.
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host  # the CPU emulation of the tests
+        _TABLES[key] = table
+    return table
+
+
+def launch_many(Ws, Gs, bufs, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=0.0,
+                dampening=0.0, nesterov=False, maximize=False, op="fused_sgd_sketch_cupy_many"):
+    """The pass over b separate matrices of one shape and dtype in one launch; see
+    :func:`fused_sgd_sketch_cupy_many`. Returns (SketchOut (b, ...), bufs)."""
+    if not isinstance(Ws, (list, tuple)) or not Ws:
+        raise ValueError(f"{op}: Ws must be a non-empty list of tensors")
+    b = len(Ws)
+    W0 = Ws[0]
+    if W0.dtype not in _SUFFIX:
+        raise TypeError(f"{op}: W has dtype {W0.dtype}; expected float32, bfloat16, float16 or float64")
+    if W0.dim() < 2:
+        raise ValueError(f"{op}: W must have at least 2 dimensions (got shape {tuple(W0.shape)})")
+    Gs = list(Gs) if update else [None] * b
+    bufs = list(bufs) if bufs is not None else [None] * b
+    if len(Gs) != b or len(bufs) != b:
+        raise ValueError(f"{op}: {b} weights, {len(Gs)} gradients and {len(bufs)} buffers")
+    with_buf = update and momentum != 0
+    init_buf = 0
+    if with_buf:
+        have = [x is not None for x in bufs]
+        if any(have) and not all(have):
+            raise ValueError(f"{op}: either every matrix has a momentum buffer or none (first "
+                             "step): group them apart")
+        if not any(have):
+            bufs = [torch.empty_like(W) for W in Ws]  # torch clones g; the kernel writes it
+            init_buf = 1
+    device = _loader.check_cuda(op, W=W0, G=Gs[0], buf=bufs[0] if with_buf else None, U=U, V=V)
+    for i in range(b):
+        for X, name in ((Ws[i], "W"), (Gs[i], "G"), (bufs[i] if with_buf else None, "buf")):
+            if X is None:
+                if name == "W" or (name == "G" and update):
+                    raise TypeError(f"{op}: {name}[{i}] is None")
+                continue
+            if X.shape != W0.shape or X.dtype != W0.dtype or not X.is_contiguous():
+                raise ValueError(f"{op}: {name}[{i}] is {tuple(X.shape)} {X.dtype}"
+                                 f"{'' if X.is_contiguous() else ' non-contiguous'}; every "
+                                 f"operand must be a contiguous {tuple(W0.shape)} {W0.dtype}")
+            if X.device != device:
+                raise ValueError(f"{op}: all tensors must be on one device; {name}[{i}] is on "
+                                 f"{X.device}, expected {device}")
+    m, n = W0.shape[0], W0.numel() // W0.shape[0]
+    cdt = torch.float64 if W0.dtype == torch.float64 else torch.float32
+    Uc, sUb = _basis(U, b, m, "U", op, cdt)
+    Vc, sVb = _basis(V, b, n, "V", op, cdt)
+    k = Uc.shape[-1]
+    if Vc.shape[-1] != k or k < 1:
+        raise ValueError(f"{op}: U and V must have the same k >= 1, got {Uc.shape[-1]} and {Vc.shape[-1]}")
+    lr_t, hyper = _hyper(op, update, device, cdt, lr, weight_decay, momentum, dampening,
+                         nesterov, maximize, init_buf)
+    addresses = []
+    for i in range(b):
+        addresses += [Ws[i].data_ptr(), Gs[i].data_ptr() if update else 0,
+                      bufs[i].data_ptr() if with_buf else 0]
+    table = _address_table(tuple(addresses), device)
+    dense = (m * n, n, 1)
+    out = _run_pass(op, device, W0.dtype, (b, m, n), None, table, (dense, dense, dense), Uc, sUb,
+                    Vc, sVb, k, update, lr_t, hyper)
+    if update:
+        for i in range(b):
+            _bump_version(Ws[i])
+            if with_buf and not init_buf:
+                _bump_version(bufs[i])
+    return out, (bufs if with_buf else [None] * b)
+
+
+def fused_sgd_sketch_cupy_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor, *, lr,
+                               weight_decay: float = 0.0, momentum: float = 0.0,
+                               dampening: float = 0.0, nesterov: bool = False,
+                               maximize: bool = False):
+    """:func:`fused_sgd_sketch_cupy` for b separate parameters of one shape and dtype, in ONE
+    launch (the kernel reads each matrix's W, G and buf addresses from a small device table):
+    a model's same-shape layers pay one launch's host time instead of b.
+
+    Ws, Gs: lists of b contiguous tensors of one shape (>= 2-D, sketched as (m, n) with m =
+    shape[0]) and dtype; bufs: None, or a list of b momentum buffers like W, or of b None (the
+    first step with momentum: new buffers are initialised to g by the kernel). U (b, m, k), V
+    (b, n, k). Same hyperparameters for all. Returns (SketchOut(Y (b, m, k), Z (b, n, k), fro2
+    (b,), row_sq (b, m)), list of the b buffers (None entries without momentum)); per matrix,
+    the results of b calls of :func:`fused_sgd_sketch_cupy` (to the atomics' rounding).
+    """
+    return launch_many(Ws, Gs, bufs, U, V, update=True, lr=lr, weight_decay=weight_decay,
+                       momentum=momentum, dampening=dampening, nesterov=nesterov,
+                       maximize=maximize)

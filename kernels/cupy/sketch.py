@@ -10,7 +10,7 @@ import torch
 
 from lowrank.sketch import SketchOut
 
-from .fused_sgd_sketch import launch
+from .fused_sgd_sketch import launch, launch_many
 
 
 def sketch_cupy(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> SketchOut:
@@ -20,4 +20,12 @@ def sketch_cupy(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> SketchOut:
     CUDA tensors only; runs on torch's current stream without host synchronisation.
     """
     out, _ = launch(W, None, None, U, V, update=False, op="sketch_cupy")
+    return out
+
+
+def sketch_cupy_many(Ws, U: torch.Tensor, V: torch.Tensor) -> SketchOut:
+    """:func:`sketch_cupy` of b separate contiguous matrices of one shape and dtype (each
+    sketched as (m, n), m = shape[0]) in one launch, with U (b, m, k) and V (b, n, k); the
+    results are batched (b, ...)."""
+    out, _ = launch_many(Ws, None, None, U, V, update=False, op="sketch_cupy_many")
     return out
