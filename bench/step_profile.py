@@ -34,11 +34,15 @@ from lowrank import backends, tracking, trackset
 from . import timing
 
 # (label, owner, attribute): the functions whose host time is attributed, outermost first.
+# "batched pass" is the update and sketch of one group of same-shape matrices (one launch on
+# CuPy; on other backends it contains their "pass" calls, one per matrix).
 PARTS = (
+    ("batched pass", backends, "fused_sgd_sketch_many"),
     ("pass", backends, "fused_sgd_sketch"),
     ("postprocess", backends, "postprocess"),
     ("finite checks", tracking, "finite_each"),
     ("commit", tracking.MatrixTracker, "commit"),
+    ("commit", tracking, "_commit_group"),
     ("finish_step", trackset.TrackedSet, "finish_step"),
     ("after_step", trackset.TrackedSet, "after_step"),
 )

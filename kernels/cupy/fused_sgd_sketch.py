@@ -280,8 +280,9 @@ def fused_sgd_sketch_cupy(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | 
                   momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize)
 
 
-_TABLES: dict = {}  # (device, addresses) -> the device table holding them (never written again)
+_TABLES: dict = {}  # (device, addresses) -> (device table, its pinned source); never written again
 _TABLES_MAX = 64
+_CAPTURED: list = []  # tables uploaded inside a CUDA graph capture: replays copy from the source
 
 
 def _address_table(addresses: tuple, device: torch.device) -> torch.Tensor:
@@ -289,19 +290,22 @@ def _address_table(addresses: tuple, device: torch.device) -> torch.Tensor:
     (with static gradients) gradients keep their addresses, so a training loop uploads each
     group's table once. On CUDA the upload goes through pinned memory without a host sync."""
     key = (device, addresses)
-    table = _TABLES.get(key)
-    if table is None:
+    entry = _TABLES.get(key)
+    if entry is None:
         if len(_TABLES) >= _TABLES_MAX:
             _TABLES.pop(next(iter(_TABLES)))  # the oldest: gradients set to None get new ones
         host = torch.tensor(addresses, dtype=torch.int64)
         if device.type == "cuda":
             # The pinned block is not reused before the copy has run (the caching host
             # allocator records the copy's stream), so the upload needs no sync.
-            table = host.pin_memory().to(device, non_blocking=True)
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                _CAPTURED.append((table, host))  # every replay reads the source again
         else:
             table = host  # the CPU emulation of the tests
-        _TABLES[key] = table
-    return table
+        entry = _TABLES[key] = (table, host)
+    return entry[0]
 
 
 def launch_many(Ws, Gs, bufs, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=0.0,
