@@ -56,8 +56,14 @@ def err(x: float) -> str:
 
 
 def pick_run(df, run_id=None):
+    """The rows of ``run_id``: one id, or several separated by commas (a suite run in parts,
+    as the GPU's full suite is: reported as one table); default the latest full run."""
     if run_id:
-        return df[df["run_id"] == run_id]
+        ids = [x.strip() for x in str(run_id).split(",") if x.strip()]
+        missing = sorted(set(ids) - set(df["run_id"]))
+        if missing:
+            raise SystemExit(f"no rows of run {', '.join(missing)}")
+        return df[df["run_id"].isin(ids)]
     pool = df[df["suite"] == "full"] if (df["suite"] == "full").any() else df
     latest = sorted(pool["run_id"].unique())[-1]
     return df[df["run_id"] == latest]
@@ -101,7 +107,7 @@ def build_tables(df) -> str:
         f"Measured on **{first['device']}** ({first['device_type']}, {int(first['threads'])} "
         f"threads), torch {first['torch_version']}, lowrank {first['lowrank_version']}, commit "
         f"`{str(first['commit'])[:10]}`{dirty}, {first['date_utc']} (suite {first['suite']}, "
-        f"run {first['run_id']}).",
+        f"run {', '.join(sorted(df['run_id'].unique()))}).",
         "",
         "Median time per optimizer step (20th-80th percentiles in the CSV). Every provider ran "
         "interleaved with the others in one process, so ratios compare like with like; "
@@ -406,7 +412,8 @@ def write_report(df, out_dir: Path, table_name: str = "TABLE.md") -> list[Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
     p.add_argument("csv", nargs="*", type=Path)
-    p.add_argument("--run-id", default=None)
+    p.add_argument("--run-id", default=None,
+                   help="a run id, or several separated by commas (one suite run in parts)")
     p.add_argument("--out-dir", type=Path, default=results.RESULTS_DIR)
     p.add_argument("--table-name", default="TABLE.md")
     p.add_argument("--readme", type=Path, default=None,

@@ -228,3 +228,18 @@ def test_pytest_benchmark_suite_runs():
     from bench.test_cpu_pytest_benchmark import PROVIDERS
 
     assert f"{len(PROVIDERS)} passed" in proc.stdout
+
+
+def test_report_picks_a_run_in_parts():
+    """The GPU's full suite runs in parts (one run id each): the report takes several ids as
+    one run, rejects unknown ones, and defaults to the latest full run."""
+    import pandas as pd
+
+    from bench.report import pick_run
+
+    df = pd.DataFrame({"run_id": ["a", "a", "b", "c", "d"],
+                       "suite": ["full", "full", "full", "full", "quick"]})
+    assert list(pick_run(df, "b, a")["run_id"]) == ["a", "a", "b"]
+    assert list(pick_run(df)["run_id"]) == ["c"]  # the latest full run, not the quick one
+    with pytest.raises(SystemExit, match="no rows of run zz"):
+        pick_run(df, "a,zz")
