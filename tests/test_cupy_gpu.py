@@ -33,6 +33,16 @@ def _gen(seed):
     return torch.Generator(device=DEV).manual_seed(seed)
 
 
+def _step_without_sync(opt):
+    """One optimizer step under torch's sync debug mode "error": a host sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(1, 4097, 123, 16), (3, 257, 1031, 64), (1, 64, 4096, 128)],
                          ids=["4097x123_k16", "b3_257x1031_k64", "64x4096_k128"])
@@ -228,12 +238,7 @@ def test_triton_backend_post_processes_with_the_cupy_kernel():
         w.grad = torch.randn_like(w)
         opt.step()
     w.grad = torch.randn_like(w)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _step_without_sync(opt)
     torch.cuda.synchronize()
     assert torch.isfinite(opt.tracked.trackers["param0"].sigma).all()
 
@@ -263,12 +268,7 @@ def test_spectral_sgd_batches_same_shape_matrices_in_one_launch(monkeypatch):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen, device=DEV)
             if step == 3 and batched:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    opt.step()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
+                _step_without_sync(opt)
             else:
                 opt.step()
         torch.cuda.synchronize()
