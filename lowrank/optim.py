@@ -38,7 +38,9 @@ class SpectralSGD(torch.optim.Optimizer):
     tracked parameter that gets no update this step (no gradient, e.g. frozen; or a skipped
     non-finite gradient) is read by the sketch-only pass, so its spectrum stays current (exclude
     frozen matrices to save that read). Parameters added later with ``add_param_group`` are
-    updated, not tracked.
+    updated, not tracked. Under the "both" schedule (the GPU's) the tracked matrices of one
+    shape, dtype, backend and param group are updated and sketched together after the loop over
+    parameters (one launch of the CuPy pass per group); the results are those of one call each.
 
     ``foreach``, ``fused`` and ``differentiable`` are accepted for drop-in compatibility: the
     update is always torch's single-tensor implementation (``foreach=False``), so ``foreach=True``,
