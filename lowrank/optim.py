@@ -240,36 +240,28 @@ class SpectralSGD(torch.optim.Optimizer):
 
     def _batch_key(self, name, p, grad, buf, group_index):
         """The key of the batch that updates and sketches ``p`` together with the other
-        matrices of its shape, dtype, device, backend and param group (one launch of the CuPy
+        matrices of its :meth:`TrackedSet.batch_key` and param group (one launch of the CuPy
         pass for all, and a post-processing that needs no concatenation); None where the
-        matrix takes its own call: schedules other than "both" (the CPU's), sparse or
-        non-contiguous operands."""
-        if self.tracked.schedule[name] != "both" or grad.is_sparse or not (
-                p.is_contiguous() and grad.is_contiguous()
-                and (buf is None or buf.is_contiguous())):
-            return None
-        tr = self.tracked.trackers[name]
-        return (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.tracked.backend[name],
-                group_index, buf is None)
+        matrix takes its own call (see there; also sparse gradients)."""
+        key = None if grad.is_sparse else self.tracked.batch_key(name, grad, buf)
+        return None if key is None else (*key, group_index, buf is None)
 
     def _fused_step_many(self, items, hyper):
         """Update and sketch a batch of :meth:`_batch_key` (one launch on CuPy); sets each
         matrix's momentum buffer and queues the batch's sketches for the post-processing."""
         names = [name for name, _, _, _ in items]
-        trackers = [self.tracked.trackers[name] for name in names]
-        shape = trackers[0].shape
+        shape = self.tracked.trackers[names[0]].shape
         Ws = [p.view(shape) for _, p, _, _ in items]
         Gs = [grad.view(shape) for _, _, grad, _ in items]
         bufs = [None if buf is None else buf.view(shape) for _, _, _, buf in items]
-        U = torch.cat([t.U for t in trackers]) if len(trackers) > 1 else trackers[0].U
-        V = torch.cat([t.V for t in trackers]) if len(trackers) > 1 else trackers[0].V
+        U, V = self.tracked.bases(names)
         sk, bufs = backends.fused_sgd_sketch_many(
             Ws, Gs, bufs, U, V, backend=self.tracked.backend[names[0]],
             options=self.tracked.options[names[0]], **hyper)
         if hyper["momentum"] != 0:
             for (_, p, _, _), buf in zip(items, bufs):
                 self.state[p]["momentum_buffer"] = buf.view(p.shape)
-        self.tracked.absorb_many(names, sk)
+        self.tracked.absorb_many(names, sk, (U, V))
 
     # -- results ------------------------------------------------------------------------------
 

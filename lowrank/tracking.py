@@ -180,12 +180,14 @@ def finite_each(S: torch.Tensor) -> torch.Tensor:
 
 
 def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None, *,
-                 backend: str = "torch", batched: SketchOut | None = None) -> None:
+                 backend: str = "torch", batched: SketchOut | None = None,
+                 bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
     with many same-shape layers pays it once per shape. ``sketches``: one per tracker; or None
-    and ``batched`` the group's sketches as one (b, ...) SketchOut (from a batched pass). Each
-    matrix keeps its own refill seed on the torch and cpu paths; the CuPy kernel (backends cupy
+    and ``batched`` the group's sketches as one (b, ...) SketchOut (from a batched pass), with
+    ``bases`` the (U, V) batch that pass used (:func:`batched_bases`; not concatenated again).
+    Each matrix keeps its own refill seed on the torch and cpu paths; the CuPy kernel (backends cupy
     and triton on a GPU) hashes (seed of the group's first matrix, step, side, batch index)
     instead, so there a matrix's refill candidates depend on its place in the group. Either way
     they are random directions whose only role is to span what the sketch lost.
@@ -198,7 +200,7 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None
     else:
         sk = SketchOut(*(_cat([getattr(s, f) for s in sketches])
                          for f in ("Y", "Z", "fro2", "row_sq")))
-    U, V = _cat([t.U for t in trackers]), _cat([t.V for t in trackers])
+    U, V = bases if bases is not None else batched_bases(trackers)
     finite = torch.isfinite(sk.fro2) & finite_each(sk.Y) & finite_each(sk.Z)  # (b,)
     # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
     all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
@@ -226,7 +228,6 @@ def _commit_group(trackers: list[MatrixTracker], sk: SketchOut, post: PostOut, U
     new = {"U": post.U, "V": post.V, "sigma": post.sigma, "sigma_y": post.sigma_y,
            "sigma_z": post.sigma_z, "overlap_u": post.overlap_u, "fro2": sk.fro2,
            "row_sq": sk.row_sq}
-    sigma_old = None
     if not all_finite:
         fb, f1 = finite.view(-1, 1, 1), finite.view(-1, 1)
         sigma_old = _cat([t.sigma for t in trackers])
@@ -353,6 +354,11 @@ def _sequential_on_kernel(trackers: list[MatrixTracker], sketches: list[SketchOu
 def _batch_item(post: PostOut, i: int, count: int) -> PostOut:
     """Matrix i of a batched post-processing of ``count`` matrices, as a batch of one."""
     return post if count == 1 else PostOut(*(x[i:i + 1] for x in post))
+
+
+def batched_bases(trackers: list[MatrixTracker]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bases of same-shape trackers as one batch each: U (b, m, k), V (b, n, k)."""
+    return _cat([t.U for t in trackers]), _cat([t.V for t in trackers])
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

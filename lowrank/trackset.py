@@ -15,7 +15,8 @@ import torch
 
 from . import backends
 from .sketch import matrix_shape, sketch_torch
-from .tracking import MatrixTracker, SpectrumResult, absorb_group, absorb_sequential
+from .tracking import (MatrixTracker, SpectrumResult, absorb_group, absorb_sequential,
+                       batched_bases)
 
 _NAN = float("nan")
 # How the two sketches are spread over steps. The bi-iteration runs two interleaved chains of
@@ -213,20 +214,35 @@ class TrackedSet:
         """Queue the sketches of ``name``'s current weights; :meth:`finish_step` post-processes."""
         self._pending.append((name, sk))
 
-    def absorb_many(self, names: list[str], sk) -> None:
-        """Queue the batched sketches (b, ...) of the matrices ``names``, which share a shape,
-        sketch width, basis dtype, device and backend (a batched pass): post-processed as one
-        group, with no concatenation."""
-        self._batched.append((names, sk))
+    def batch_key(self, name: str, *operands) -> tuple | None:
+        """What the matrices of one batched pass share (shape, sketch width, basis dtype, weight
+        dtype, device, backend); None where ``name`` takes its own call: schedules other than
+        "both" (the CPU's), or an operand (weight, gradient, buffer; None skipped) that is not
+        contiguous."""
+        p, tr = self.params[name], self.trackers[name]
+        if self.schedule[name] != "both" or not all(x is None or x.is_contiguous()
+                                                    for x in (p, *operands)):
+            return None
+        return (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
+
+    def bases(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batched bases (U, V) of same-shape matrices ``names`` (for a batched pass)."""
+        return batched_bases([self.trackers[n] for n in names])
+
+    def absorb_many(self, names: list[str], sk, bases) -> None:
+        """Queue the batched sketches (b, ...) of the matrices ``names``, which share a
+        :meth:`batch_key`, made with the batched ``bases`` (U, V): post-processed as one group,
+        with no concatenation."""
+        self._batched.append((names, sk, bases))
 
     def finish_step(self) -> None:
         """Post-process the queued sketches, batched over matrices of one shape, width, basis
         dtype, device and backend; then run the audits that are due."""
         pending, self._pending = self._pending, []
         batched, self._batched = self._batched, []
-        for names, sk in batched:
+        for names, sk, bases in batched:
             absorb_group([self.trackers[n] for n in names], None, backend=self.backend[names[0]],
-                         batched=sk)
+                         batched=sk, bases=bases)
             pending += [(name, None) for name in names]
         groups: dict[tuple, list] = {}
         sequential = []
@@ -259,19 +275,16 @@ class TrackedSet:
         and post-processed without concatenation; the others one by one."""
         groups: dict[tuple, list[str]] = {}
         for name in names:
-            p, tr = self.params[name], self.trackers[name]
-            if self.schedule[name] != "both" or not p.is_contiguous():
+            key = self.batch_key(name)
+            if key is None:
                 self.sketch_only(name)
-                continue
-            key = (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
-            groups.setdefault(key, []).append(name)
+            else:
+                groups.setdefault(key, []).append(name)
         for group in groups.values():
-            trackers = [self.trackers[n] for n in group]
-            U = torch.cat([t.U for t in trackers]) if len(group) > 1 else trackers[0].U
-            V = torch.cat([t.V for t in trackers]) if len(group) > 1 else trackers[0].V
+            U, V = self.bases(group)
             sk = backends.sketch_many([self.matrix(n) for n in group], U, V,
                                       backend=self.backend[group[0]], **self.options[group[0]])
-            self.absorb_many(group, sk)
+            self.absorb_many(group, sk, (U, V))
 
     def sketch_only(self, name: str) -> None:
         """The sketch-only pass (no update) of one tracked parameter."""
