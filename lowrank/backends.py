@@ -291,6 +291,18 @@ def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str =
     return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)
 
 
+def capture_safe(backend: str, device: torch.device, k: int) -> bool:
+    """Whether a tracked step of a width-k matrix on ``backend`` makes no host synchronisation,
+    as a CUDA graph capture needs: the pass and the CuPy post-processing kernel (backends cupy,
+    and triton where CuPy runs) are sync-free; the torch reference post-processing is not."""
+    if device.type != "cuda":
+        return True
+    if backend == "cupy":
+        return True
+    return (backend == "triton" and cupy_runs(device)
+            and kernel_module("cupy", "postprocess").supports(k, device))
+
+
 def _cupy_post_for_triton(Y: torch.Tensor) -> bool:
     """The Triton backend post-processes with the CuPy kernel where CuPy runs on Y's device: it
     is sync-free and, at small k, several times faster than the torch reference, whose dozens of

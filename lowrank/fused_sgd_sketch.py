@@ -23,10 +23,14 @@ from .sketch import SketchOut, as_batched, sketch_torch
 
 def sgd_update_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None, *, lr,
                      weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
-                     nesterov: bool = False, maximize: bool = False) -> torch.Tensor | None:
+                     nesterov: bool = False, maximize: bool = False,
+                     lr_on_device: bool = False) -> torch.Tensor | None:
     """In-place SGD update of W; returns the momentum buffer (new one on the first step).
 
-    ``lr`` may be a float or a 0-d tensor. Mirrors ``torch.optim.sgd._single_tensor_sgd``.
+    ``lr`` may be a float or a 0-d tensor. Mirrors ``torch.optim.sgd._single_tensor_sgd``,
+    which reads a tensor lr on the host; ``lr_on_device`` (a CUDA graph capture, where a host
+    read is not allowed) multiplies by it on the device instead (W - g * lr, the product
+    rounded before the subtraction, as torch's differentiable-lr path does).
     """
     g = G if not maximize else -G
     if weight_decay != 0:
@@ -38,7 +42,7 @@ def sgd_update_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
             buf.mul_(momentum).add_(g, alpha=1 - dampening)
         g = g.add(buf, alpha=momentum) if nesterov else buf
     if isinstance(lr, torch.Tensor):
-        if lr.requires_grad:
+        if lr.requires_grad or lr_on_device:
             W.addcmul_(g, lr, value=-1)
         else:
             W.add_(g, alpha=-lr.item())  # torch.optim.SGD also reads a tensor lr as a scalar

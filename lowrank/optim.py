@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, trackset
 from .fused_sgd_sketch import sgd_update_torch
 from .trackset import TrackedSet, check_positive_int
 
@@ -115,7 +115,7 @@ class SpectralSGD(torch.optim.Optimizer):
                 counter += 1
         named = [(self._names[id(p)], p) for g in self.param_groups for p in g["params"]]
         self.skip_nonfinite = bool(skip_nonfinite)
-        self.steps = 0  # optimizer steps taken (skipped AMP steps excluded)
+        self._steps, self._steps_offset = 0, 0
         self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
                                   backend=backend, rank_tol=rank_tol, audit_every=audit_every,
                                   track_grad=track_grad, include=include, exclude=exclude, log=log,
@@ -168,18 +168,70 @@ class SpectralSGD(torch.optim.Optimizer):
             flat = [p for g in self.param_groups for p in g["params"]]
             self._names = {id(p): n for p, n in zip(flat, extra["names"]) if n is not None}
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (skipped AMP steps excluded). After a CUDA graph captured a
+        tracked step, counted on the device with the tracked steps (one host sync to read)."""
+        if not self.tracked.captured:
+            return self._steps
+        return self.tracked.tracked_steps() + self._steps_offset
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = int(value)
+        if self.tracked.captured:
+            self._steps_offset = self._steps - self.tracked.tracked_steps()
+
+    def _prepare_capture(self) -> None:
+        """Checks of a step that a CUDA graph is capturing, before any work is captured (a
+        replay repeats exactly what was captured: the tracking decision, first-step momentum
+        buffers, host reads)."""
+        problems = []
+        if self.track_every != 1:
+            problems.append(f"track_every={self.track_every} (a replay cannot choose whether "
+                            "to track; capture with track_every=1)")
+        if getattr(self, "found_inf", None) is not None:
+            problems.append("a GradScaler step (it reads found_inf on the host)")
+        if self.skip_nonfinite:
+            problems.append("skip_nonfinite=True (it reads each gradient's finiteness on the host)")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    problems.append(f"{self._names.get(id(p), 'a parameter')!r} has a sparse "
+                                    "gradient")
+                elif group["momentum"] != 0 and "momentum_buffer" not in self.state[p]:
+                    problems.append("momentum buffers not created yet (run a few eager steps "
+                                    "before the capture, as torch's CUDA-graph recipe does)")
+                    break
+        if problems:
+            raise RuntimeError("SpectralSGD cannot be captured in a CUDA graph: "
+                               + "; ".join(problems))
+        if self.tracked.trackers:
+            first_capture = not self.tracked.captured
+            self.tracked.capture("SpectralSGD")
+            if first_capture:  # from now on the steps are counted on the device
+                self._steps_offset = self._steps - next(iter(self.tracked.trackers.values()))._step
+
     @torch.no_grad()
     def step(self, closure=None):
-        """One SGD step; on tracking steps also the sketch of every tracked matrix."""
+        """One SGD step; on tracking steps also the sketch of every tracked matrix.
+
+        Can be captured in a CUDA graph (``torch.cuda.graph``) after a few eager steps, with
+        track_every=1 and a sync-free backend ("cupy"): see :meth:`_prepare_capture`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        capturing = trackset.capturing()
+        if capturing:
+            self._prepare_capture()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item() != 0):
             return loss  # AMP overflow: nothing changes, not even the step count
-        track = self.steps % self.track_every == 0
+        track = self.track_every == 1 or self._steps % self.track_every == 0
         tracked_now = []
         batches: dict[tuple, tuple] = {}  # same-shape matrices updated and sketched together
         for gi, group in enumerate(self.param_groups):
@@ -209,15 +261,15 @@ class SpectralSGD(torch.optim.Optimizer):
                         continue
                     buf = self._fused_step(name, p, grad, buf, hyper)
                 else:
-                    buf = sgd_update_torch(p, grad, buf, **hyper)
+                    buf = sgd_update_torch(p, grad, buf, lr_on_device=capturing, **hyper)
                 if hyper["momentum"] != 0:
                     self.state[p]["momentum_buffer"] = buf
         for hyper, items in batches.values():
             self._fused_step_many(items, hyper)
         if tracked_now:
             self.tracked.finish_step()
-            self.tracked.after_step(self.steps, tracked_now)
-        self.steps += 1
+            self.tracked.after_step(self._steps, tracked_now)
+        self._steps += 1
         return loss
 
     def _fused_step(self, name, p, grad, buf, hyper):
@@ -280,5 +332,5 @@ class SpectralSGD(torch.optim.Optimizer):
         extra = state_dict.pop("lowrank", None)
         super().load_state_dict(state_dict)
         if extra is not None:
+            self.tracked.load_state_dict(extra)  # first: the step count may be read from it
             self.steps = int(extra["steps"])
-            self.tracked.load_state_dict(extra)

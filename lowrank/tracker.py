@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import trackset
 from .trackset import TrackedSet, check_positive_int
 
 
@@ -35,7 +36,7 @@ class SpectrumTracker:
         if not named:
             raise ValueError("SpectrumTracker got no parameters")
         self.every = check_positive_int(every, "every")
-        self.calls = 0
+        self._calls, self._calls_offset = 0, 0
         self.tracked = TrackedSet(named, rank=rank, sketch_rank=sketch_rank, seed=seed,
                                   backend=backend, rank_tol=rank_tol, audit_every=audit_every,
                                   track_grad=False, include=include, exclude=exclude, log=log,
@@ -52,15 +53,41 @@ class SpectrumTracker:
                 "precision": precision, "deterministic": deterministic, "schedule": schedule},
                 "tracked": {n: list(t.shape) for n, t in self.tracked.trackers.items()}})
 
+    @property
+    def calls(self) -> int:
+        """Calls of :meth:`step` so far (after a CUDA graph captured one: counted on the device,
+        one host sync to read)."""
+        if not self.tracked.captured:
+            return self._calls
+        return self.tracked.tracked_steps() + self._calls_offset
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._calls = int(value)
+        if self.tracked.captured:
+            self._calls_offset = self._calls - self.tracked.tracked_steps()
+
     @torch.no_grad()
     def step(self) -> None:
-        """Sketch every tracked matrix (on every ``every``-th call)."""
-        if self.calls % self.every == 0:
+        """Sketch every tracked matrix (on every ``every``-th call).
+
+        Can be captured in a CUDA graph (with the optimizer step, after a few eager steps) with
+        every=1 and a sync-free backend ("cupy"); a replay then tracks a step as a call does."""
+        if trackset.capturing():
+            if self.every != 1:
+                raise RuntimeError(f"SpectrumTracker cannot be captured in a CUDA graph: every="
+                                   f"{self.every} (a replay cannot choose whether to track; "
+                                   "capture with every=1)")
+            first_capture = not self.tracked.captured
+            self.tracked.capture("SpectrumTracker")
+            if first_capture:
+                self._calls_offset = self._calls - self.tracked.tracked_steps()
+        if self.every == 1 or self._calls % self.every == 0:
             names = list(self.tracked.trackers)
             self.tracked.sketch_all(names)
             self.tracked.finish_step()
-            self.tracked.after_step(self.calls, names)
-        self.calls += 1
+            self.tracked.after_step(self._calls, names)
+        self._calls += 1
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`step` after every ``optimizer.step()``; returns the hook handle
@@ -75,5 +102,5 @@ class SpectrumTracker:
         return {"calls": self.calls, **self.tracked.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.tracked.load_state_dict(state)  # first: the call count may be read from it
         self.calls = int(state["calls"])
-        self.tracked.load_state_dict(state)

@@ -77,7 +77,13 @@ class MatrixTracker:
         k = check_rank(k, m, n)
         self.name, self.shape, self.k = name, (m, n), k
         self.seed = name_seed(seed, name)
-        self.step = 0
+        self._step = 0
+        # The device copy of the step count, set once a CUDA graph captured this tracker's step
+        # (replays advance it on the device; :attr:`step` then reads it, one host sync).
+        self.step_source: torch.Tensor | None = None
+        # Static trackers (those of a TrackedSet's packs) change their state tensors in place
+        # only, so that their addresses stay those a captured CUDA graph reads and writes.
+        self.static = False
         self.U, self.V = init_bases(m, n, k, seed=self.seed, device=device, dtype=basis_dtype)
         f64 = dict(device=device, dtype=torch.float64)
         self.sigma = torch.zeros(1, k, **f64)
@@ -89,6 +95,19 @@ class MatrixTracker:
         self.overlap_u = torch.zeros(1, k, k, **f64)
         self.nonfinite = torch.zeros(1, dtype=torch.bool, device=device)
 
+    @property
+    def step(self) -> int:
+        """Steps tracked so far (after CUDA-graph replays: read from the device)."""
+        if self.step_source is None:
+            return self._step
+        return int(self.step_source.item())
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        if self.step_source is not None:
+            self.step_source.fill_(self._step)
+
     def absorb(self, sk: SketchOut, *, backend: str = "torch") -> None:
         """Post-process one step's sketches and advance the state (no host sync)."""
         absorb_group([self], [sk], backend=backend)
@@ -98,6 +117,12 @@ class MatrixTracker:
 
         Where the sketch was not finite, the previous state stays and ``nonfinite`` is raised.
         """
+        if self.static:
+            new = {"U": post.U, "V": post.V, "sigma": post.sigma, "sigma_y": post.sigma_y,
+                   "sigma_z": post.sigma_z, "overlap_u": post.overlap_u, "fro2": sk.fro2,
+                   "row_sq": sk.row_sq}
+            _commit_in_place([self], new, finite, all_finite, None)
+            return
         if all_finite:
             self.U, self.V = post.U, post.V
             self.sigma_prev, self.sigma = self.sigma, post.sigma
@@ -115,7 +140,7 @@ class MatrixTracker:
             self.fro2 = torch.where(finite, sk.fro2, self.fro2)
             self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
         self.nonfinite = ~finite
-        self.step += 1
+        self._step += 1
 
     def commit_side(self, side: str, sk: SketchOut, basis: torch.Tensor, sigma: torch.Tensor,
                     overlap: torch.Tensor, finite: torch.Tensor, all_finite: bool) -> None:
@@ -135,13 +160,17 @@ class MatrixTracker:
         r = check_int(r, "r", minimum=1)
         if r > self.k:
             raise ValueError(f"r={r} exceeds the sketch width k={self.k} of {self.name!r}")
-        prev = self.sigma_prev if self.step > 1 else None
-        out = metrics.summarize(self.sigma, self.sigma_y, self.sigma_z, prev, self.fro2,
-                                self.row_sq, self.overlap_u if self.step > 1 else None,
+        step = self.step
+        prev = self.sigma_prev if step > 1 else None
+        # Static state changes in place: the metrics that are views of it (sigma, its first
+        # entry, the flag) get their own copy, so that results kept from this step stay as they are.
+        sigma = self.sigma.clone() if self.static else self.sigma
+        out = metrics.summarize(sigma, self.sigma_y, self.sigma_z, prev, self.fro2,
+                                self.row_sq, self.overlap_u if step > 1 else None,
                                 self.shape, r, tol)
         if "subspace_drift" not in out:
             out["subspace_drift"] = torch.ones_like(self.fro2)
-        out["nonfinite"] = self.nonfinite
+        out["nonfinite"] = self.nonfinite.clone() if self.static else self.nonfinite
         return out
 
     def result(self, r: int, tol: float = 1e-3) -> SpectrumResult:
@@ -150,18 +179,26 @@ class MatrixTracker:
         return SpectrumResult(name=self.name, shape=self.shape, step=self.step, **values)
 
     def state_dict(self) -> dict:
-        out = {key: getattr(self, key) for key in STATE_KEYS}
+        # Static state changes in place (and is a view of its pack): a snapshot of its own.
+        out = {key: getattr(self, key).clone() if self.static else getattr(self, key)
+               for key in STATE_KEYS}
         out["step"] = self.step
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        values = {}
         for key in STATE_KEYS:
             current = getattr(self, key)
             value = state[key]
             if value.shape != current.shape:
                 raise ValueError(f"tracker state {key!r} of {self.name!r} has shape "
                                  f"{tuple(value.shape)}, expected {tuple(current.shape)}")
-            setattr(self, key, value.to(device=current.device, dtype=current.dtype).clone())
+            values[key] = value.to(device=current.device, dtype=current.dtype)
+        for key, value in values.items():  # all checked first: nothing half loaded
+            if self.static:
+                getattr(self, key).copy_(value)
+            else:
+                setattr(self, key, value.clone())
         self.step = int(state["step"])
 
 
@@ -181,7 +218,8 @@ def finite_each(S: torch.Tensor) -> torch.Tensor:
 
 def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None, *,
                  backend: str = "torch", batched: SketchOut | None = None,
-                 bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 bases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 packed: dict | None = None) -> None:
     """Advance several trackers of one shape, sketch width and basis dtype with ONE batched
     post-processing call: the small linear algebra costs per call, not per matrix, so a model
     with many same-shape layers pays it once per shape. ``sketches``: one per tracker; or None
@@ -191,6 +229,9 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None
     and triton on a GPU) hashes (seed of the group's first matrix, step, side, batch index)
     instead, so there a matrix's refill candidates depend on its place in the group. Either way
     they are random directions whose only role is to span what the sketch lost.
+    ``packed``: where the trackers are exactly one pack of static state (see
+    :meth:`lowrank.trackset.TrackedSet.pack`), its (b, ...) tensors, committed in one operation
+    per field; ``bases`` are then the pack's own U and V.
     """
     if batched is not None:
         sk = batched
@@ -213,21 +254,32 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None
                             for t in trackers]),
               lambda: _cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
                            for t in trackers]))
-    post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=trackers[0].step,
+    post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=_seed_step(trackers[0]),
                                 refill=refill, backend=backend)
-    _commit_group(trackers, sk, post, U, V, finite, all_finite)
+    _commit_group(trackers, sk, post, U, V, finite, all_finite, packed)
+
+
+def _seed_step(tracker: MatrixTracker):
+    """The step that seeds the refill candidates: after a CUDA-graph capture the device counter
+    (a replay reads its current value), else the Python count (both agree)."""
+    return tracker._step if tracker.step_source is None else tracker.step_source
 
 
 def _commit_group(trackers: list[MatrixTracker], sk: SketchOut, post: PostOut, U: torch.Tensor,
-                  V: torch.Tensor, finite: torch.Tensor, all_finite: bool) -> None:
+                  V: torch.Tensor, finite: torch.Tensor, all_finite: bool,
+                  packed: dict | None = None) -> None:
     """:meth:`MatrixTracker.commit` of a whole group (``U``, ``V``: the batched old bases).
     Where some sketch may not be finite (always on a GPU, which does not read the flags on the
     host), each field is selected once for the group, not once per matrix: a tracker then costs
-    a few views instead of nine masked selects (kernel launches)."""
+    a few views instead of nine masked selects (kernel launches). Static trackers are written
+    in place (:func:`_commit_in_place`)."""
     b = len(trackers)
     new = {"U": post.U, "V": post.V, "sigma": post.sigma, "sigma_y": post.sigma_y,
            "sigma_z": post.sigma_z, "overlap_u": post.overlap_u, "fro2": sk.fro2,
            "row_sq": sk.row_sq}
+    if trackers[0].static:
+        _commit_in_place(trackers, new, finite, all_finite, packed)
+        return
     if not all_finite:
         fb, f1 = finite.view(-1, 1, 1), finite.view(-1, 1)
         sigma_old = _cat([t.sigma for t in trackers])
@@ -245,7 +297,43 @@ def _commit_group(trackers: list[MatrixTracker], sk: SketchOut, post: PostOut, U
         for key, value in new.items():
             setattr(t, key, value if b == 1 else value[part])
         t.nonfinite = nonfinite if b == 1 else nonfinite[part]
-        t.step += 1
+        t._step += 1
+
+
+# Which entries of a field a matrix's finite flag selects: the whole (k x k or p x k) block.
+_BLOCK_FIELDS = ("U", "V", "overlap_u")
+
+
+def _commit_in_place(trackers: list[MatrixTracker], new: dict, finite: torch.Tensor,
+                     all_finite: bool, packed: dict | None) -> None:
+    """Commit of static trackers: every state tensor is overwritten in place, where the sketch
+    was finite (a masked select into itself, one launch per field on a GPU), so that its address
+    never changes: a CUDA graph that captured the step reads and writes the same memory at each
+    replay. ``packed``: the trackers' pack, written with one operation per field; else one per
+    tracker and field. ``sigma_prev`` takes the old ``sigma`` before it is overwritten."""
+    b = len(trackers)
+    fields = [("sigma_prev", None), *new.items()]  # None: the current sigma
+    if packed is not None:
+        targets = [packed]
+    else:
+        targets = [{key: getattr(t, key) for key in STATE_KEYS} for t in trackers]
+    for i, dest in enumerate(targets):
+        part = slice(None) if packed is not None or b == 1 else slice(i, i + 1)
+        ok = finite[part]
+        for key, value in fields:
+            value = dest["sigma"] if value is None else value[part]
+            out = dest[key]
+            if all_finite:
+                out.copy_(value)
+            else:
+                mask = ok.view(-1, 1, 1) if key in _BLOCK_FIELDS else (
+                    ok if key == "fro2" else ok.view(-1, 1))
+                if value.dtype != out.dtype:
+                    value = value.to(out.dtype)
+                torch.where(mask, value, out, out=out)
+        torch.logical_not(ok, out=dest["nonfinite"])
+    for t in trackers:
+        t._step += 1
 
 
 def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchOut], cat, *,

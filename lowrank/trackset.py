@@ -15,8 +15,8 @@ import torch
 
 from . import backends
 from .sketch import matrix_shape, sketch_torch
-from .tracking import (MatrixTracker, SpectrumResult, absorb_group, absorb_sequential,
-                       batched_bases)
+from .tracking import (STATE_KEYS, MatrixTracker, SpectrumResult, absorb_group,
+                       absorb_sequential, batched_bases)
 
 _NAN = float("nan")
 # How the two sketches are spread over steps. The bi-iteration runs two interleaved chains of
@@ -57,6 +57,12 @@ def _patterns(value, what: str):
     if not all(isinstance(p, str) for p in value):
         raise TypeError(f"{what} must be parameter names or glob patterns (strings)")
     return value
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (a step then runs
+    the checks of :meth:`TrackedSet.capture`)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def trackable(p: torch.Tensor) -> bool:
@@ -171,6 +177,36 @@ class TrackedSet:
                 self.grad_trackers[name] = MatrixTracker(name + "#grad", (m, n), k, seed=seed,
                                                          device=p.device, basis_dtype=basis_dtype)
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
+        self._packs: dict[tuple, dict] = {}
+        self.pack()
+        # One step counter per CUDA device, kept on the device beside the Python counts (one
+        # add a step) so that a CUDA graph that captures a step can advance it: see capture().
+        self.step_counters: dict[torch.device, torch.Tensor] = {
+            dev: torch.zeros((), dtype=torch.int64, device=dev)
+            for dev in {p.device for p in self.params.values()}}
+        self.captured = False
+
+    def pack(self) -> None:
+        """Give the matrices that the "both" schedule updates and sketches together (same
+        shape, sketch width, basis dtype, weight dtype, device, backend: :meth:`batch_key`)
+        one batched tensor per state field, each tracker holding its slice, and make them
+        static (written in place from now on). A batched pass of a pack then reads its bases
+        without a concatenation and commits each field with one operation, and the state keeps
+        its addresses, as a CUDA graph that captures the step needs."""
+        groups: dict[tuple, list[str]] = {}
+        for name, tr in self.trackers.items():
+            if self.schedule[name] == "both":
+                p = self.params[name]
+                key = (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
+                groups.setdefault(key, []).append(name)
+        for names in groups.values():
+            trs = [self.trackers[n] for n in names]
+            packed = {key: torch.cat([getattr(t, key) for t in trs]) for key in STATE_KEYS}
+            for i, t in enumerate(trs):
+                for key, value in packed.items():
+                    setattr(t, key, value[i:i + 1])
+                t.static = True
+            self._packs[tuple(names)] = packed
 
     def sides(self, name: str) -> str:
         """Which sketch the pass over ``name``'s weights computes this step: "both"; "power"
@@ -225,8 +261,53 @@ class TrackedSet:
             return None
         return (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
 
+    def capture(self, owner: str) -> None:
+        """Prepare the step that a CUDA graph is capturing (``owner`` names the caller in
+        errors). Raises, before any work is captured, where a replay could not repeat the step:
+        host work each step (audits, a log, gradient tracking), a schedule other than "both",
+        a post-processing with host synchronisations (the torch reference's cuSOLVER calls), or
+        trackers at different steps. Then links every tracker's step to its device counter,
+        which each step (eager or replayed) advances: the refill seeds and :attr:`step` read it.
+        """
+        problems = []
+        if self.audit_every:
+            problems.append("audit_every > 0 (an audit computes exact svdvals on the host)")
+        if self.log is not None:
+            problems.append("a log (rows are handed to it on the host each step; read "
+                            "spectra() between replays instead)")
+        if self.track_grad:
+            problems.append("track_grad=True (the gradient post-processing synchronises)")
+        for name, tr in self.trackers.items():
+            p = self.params[name]
+            if self.schedule[name] != "both":
+                problems.append(f"{name!r} runs the {self.schedule[name]!r} schedule "
+                                "(only 'both' is captured)")
+            elif p.is_cuda and not backends.capture_safe(self.backend[name], p.device, tr.k):
+                problems.append(f"{name!r} is on backend {self.backend[name]!r}, whose "
+                                "post-processing synchronises the host (use 'cupy')")
+            if len(problems) >= 4:
+                break
+        if len({tr._step for tr in self.trackers.values()}) > 1:
+            problems.append("the tracked matrices are at different steps")
+        if problems:
+            raise RuntimeError(f"{owner} cannot be captured in a CUDA graph: "
+                               + "; ".join(problems))
+        for name, tr in self.trackers.items():
+            tr.step_source = self.step_counters[self.params[name].device]
+        self.captured = True
+
+    def tracked_steps(self) -> int:
+        """Tracked steps so far (the trackers' common count; after CUDA-graph replays read
+        from the device, one host sync)."""
+        tr = next(iter(self.trackers.values()), None)
+        return 0 if tr is None else tr.step
+
     def bases(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batched bases (U, V) of same-shape matrices ``names`` (for a batched pass)."""
+        """The batched bases (U, V) of same-shape matrices ``names`` (for a batched pass): a
+        pack's own tensors where ``names`` are one pack, else concatenated."""
+        packed = self._packs.get(tuple(names))
+        if packed is not None:
+            return packed["U"], packed["V"]
         return batched_bases([self.trackers[n] for n in names])
 
     def absorb_many(self, names: list[str], sk, bases) -> None:
@@ -242,7 +323,7 @@ class TrackedSet:
         batched, self._batched = self._batched, []
         for names, sk, bases in batched:
             absorb_group([self.trackers[n] for n in names], None, backend=self.backend[names[0]],
-                         batched=sk, bases=bases)
+                         batched=sk, bases=bases, packed=self._packs.get(tuple(names)))
             pending += [(name, None) for name in names]
         groups: dict[tuple, list] = {}
         sequential = []
@@ -255,15 +336,18 @@ class TrackedSet:
                 continue
             key = (tr.shape, tr.k, tr.U.dtype, tr.U.device, self.backend[name], sk.Y is None,
                    sk.Z is None)
-            groups.setdefault(key, []).append((tr, sk))
+            groups.setdefault(key, []).append((name, tr, sk))
         for key, items in groups.items():
-            absorb_group([tr for tr, _ in items], [sk for _, sk in items], backend=key[4])
+            absorb_group([tr for _, tr, _ in items], [sk for _, _, sk in items], backend=key[4],
+                         packed=self._packs.get(tuple(name for name, _, _ in items)))
         if sequential:
             # Z = W^T U_next comes from the weights after the update; each side is batched over
             # the matrices that share its dimension (see absorb_sequential).
             absorb_sequential([tr for _, tr, _ in sequential], [sk for _, _, sk in sequential],
                               [self.matrix(name) for name, _, _ in sequential],
                               [self.backend[name] for name, _, _ in sequential])
+        for counter in self.step_counters.values():
+            counter.add_(1)
         for name, _ in pending:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:
@@ -395,6 +479,10 @@ class TrackedSet:
                 raise ValueError(f"gradient tracker state is missing matrices: {sorted(missing)}")
         for name, tr in self.trackers.items():
             tr.load_state_dict(state["trackers"][name])
+        for dev, counter in self.step_counters.items():
+            # The device counters follow the loaded steps (trackers of one set share a count).
+            steps = [tr._step for n, tr in self.trackers.items() if self.params[n].device == dev]
+            counter.fill_(steps[0])
         for name, tr in self.grad_trackers.items():
             tr.load_state_dict(state["grad_trackers"][name])
         self.audits = {n: dict(a) for n, a in state.get("audits", {}).items() if n in self.trackers}

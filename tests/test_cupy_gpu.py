@@ -284,3 +284,100 @@ def test_spectral_sgd_batches_same_shape_matrices_in_one_launch(monkeypatch):
         other = oo.spectra()[name]
         torch.testing.assert_close(res.sigma, other.sigma, rtol=1e-4, atol=0, msg=name)
         assert not bool(res.nonfinite)
+
+
+def _capture_params(seed):
+    """Three same-shape matrices (one pack), a rank-1 matrix that never moves (its sketch needs
+    refill directions every step, drawn on the device from the step count), another shape and
+    a bias."""
+    g = _gen(seed)
+    u, v = torch.randn(96, 1, generator=g, device=DEV), torch.randn(1, 64, generator=g, device=DEV)
+    params = {f"w{i}": torch.randn(256, 384, generator=g, device=DEV) for i in range(3)}
+    params.update(low=u @ v, other=torch.randn(200, 150, generator=g, device=DEV),
+                  bias=torch.randn(256, generator=g, device=DEV))
+    return {n: torch.nn.Parameter(p) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("entry", ["SpectralSGD", "AdamW+SpectrumTracker"])
+def test_tracked_step_captured_in_a_cuda_graph_replays_like_eager_steps(entry):
+    """The whole tracked step (SpectralSGD, or AdamW with a SpectrumTracker) captured once with
+    torch.cuda.graph after eager warm-up steps, then replayed with new gradients copied into
+    static ones, against the same steps run eagerly: the weights (and momentum buffers) bit for
+    bit (elementwise updates); the spectra to the rounding of the sketches' atomics, the
+    rank-1 matrix's refilled bases included (a replay that re-used the captured step's refill
+    directions would differ there at O(1)); the step counts read from the device."""
+    from lowrank import SpectralSGD, SpectrumTracker
+
+    warm, replays = 3, 5
+    total = warm + replays
+    gen = _gen(70)
+    names = list(_capture_params(0))
+    grads = [{n: torch.zeros_like(p) if n == "low" else torch.randn(p.shape, generator=gen, device=DEV)
+              for n, p in _capture_params(0).items()} for _ in range(total)]
+
+    def build():
+        params = _capture_params(0)
+        if entry == "SpectralSGD":
+            opt = SpectralSGD(list(params.items()), lr=0.02, momentum=0.9, weight_decay=1e-4,
+                              rank=4, sketch_rank=8, backend="cupy")
+            return params, opt, opt, opt.step
+        opt = torch.optim.AdamW(list(params.values()), lr=1e-3, capturable=True)
+        tracker = SpectrumTracker(list(params.items()), rank=4, sketch_rank=8, backend="cupy")
+        return params, opt, tracker, lambda: (opt.step(), tracker.step())
+
+    params_e, _, owner_e, step_e = build()
+    for s in range(total):
+        for n in names:
+            params_e[n].grad = grads[s][n].clone()
+        step_e()
+
+    params, opt, owner, step_fn = build()
+    static = {n: torch.zeros_like(p) for n, p in params.items()}
+    for n in names:
+        params[n].grad = static[n]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up: buffers, kernels compiled and loaded
+        for s in range(warm):
+            for n in names:
+                static[n].copy_(grads[s][n])
+            step_fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn()
+    for s in range(warm, total):
+        for n in names:
+            static[n].copy_(grads[s][n])
+        graph.replay()
+    torch.cuda.synchronize()
+
+    for n in names:
+        assert torch.equal(params[n], params_e[n]), n
+        if entry == "SpectralSGD":
+            assert torch.equal(opt.state[params[n]]["momentum_buffer"],
+                               owner_e.state[params_e[n]]["momentum_buffer"]), n
+    spectra, spectra_e = owner.spectra(), owner_e.spectra()
+    for n in spectra_e:
+        assert spectra[n].step == spectra_e[n].step == total, n
+        torch.testing.assert_close(spectra[n].sigma, spectra_e[n].sigma, rtol=1e-5,
+                                   atol=1e-6 * float(spectra_e[n].sigma[0]), msg=n)
+        t, te = owner.tracked.trackers[n], owner_e.tracked.trackers[n]
+        torch.testing.assert_close(t.U.double().abs(), te.U.double().abs(), rtol=0, atol=1e-4, msg=n)
+    assert (owner.steps if entry == "SpectralSGD" else owner.calls) == total
+
+
+def test_capture_refuses_a_backend_that_synchronises():
+    """backend="torch" post-processes with cuSOLVER (host syncs): refused with a clear error
+    before the capture records anything."""
+    from lowrank import SpectralSGD
+
+    w = torch.nn.Parameter(torch.randn(128, 96, device=DEV))
+    opt = SpectralSGD([w], lr=1e-2, momentum=0.9, rank=4, backend="torch")
+    w.grad = torch.randn_like(w)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    with pytest.raises(RuntimeError, match="post-processing synchronises"):
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            opt.step()

@@ -282,29 +282,36 @@ def fused_sgd_sketch_cupy(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | 
 
 _TABLES: dict = {}  # (device, addresses) -> (device table, its pinned source); never written again
 _TABLES_MAX = 64
-_CAPTURED: list = []  # tables uploaded inside a CUDA graph capture: replays copy from the source
+# Tables a CUDA graph capture used: a replay reads the table (and, for one uploaded inside the
+# capture, copies it again from its pinned source), so they must outlive an eviction from _TABLES.
+_CAPTURED: dict = {}
 
 
 def _address_table(addresses: tuple, device: torch.device) -> torch.Tensor:
     """The int64 device tensor of ``addresses``, kept for the next step: parameters, buffers and
     (with static gradients) gradients keep their addresses, so a training loop uploads each
-    group's table once. On CUDA the upload goes through pinned memory without a host sync."""
+    group's table once. On CUDA the upload goes through pinned memory without a host sync.
+    Inside a CUDA graph capture a new table is not cached for eager steps (its upload runs only
+    when the graph is replayed)."""
     key = (device, addresses)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     entry = _TABLES.get(key)
     if entry is None:
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.pop(next(iter(_TABLES)))  # the oldest: gradients set to None get new ones
         host = torch.tensor(addresses, dtype=torch.int64)
         if device.type == "cuda":
             # The pinned block is not reused before the copy has run (the caching host
             # allocator records the copy's stream), so the upload needs no sync.
             host = host.pin_memory()
             table = host.to(device, non_blocking=True)
-            if torch.cuda.is_current_stream_capturing():
-                _CAPTURED.append((table, host))  # every replay reads the source again
         else:
             table = host  # the CPU emulation of the tests
-        entry = _TABLES[key] = (table, host)
+        entry = (table, host)
+        if not capturing:
+            if len(_TABLES) >= _TABLES_MAX:
+                _TABLES.pop(next(iter(_TABLES)))  # the oldest: gradients set to None get new ones
+            _TABLES[key] = entry
+    if capturing:
+        _CAPTURED[key] = entry  # the graph keeps reading this memory at every replay
     return entry[0]
 
 
