@@ -23,6 +23,11 @@ BOUNDS = {
     ("spectral_sgd", "trained"): 1e-3,
     ("adamw+tracker", "synthetic"): 1e-4,
     ("adamw+tracker", "trained"): 1e-3,
+    # The same steps replayed from a CUDA graph: the same bounds.
+    ("spectral_sgd_graph", "synthetic"): 1e-4,
+    ("spectral_sgd_graph", "trained"): 1e-3,
+    ("adamw+tracker_graph", "synthetic"): 1e-4,
+    ("adamw+tracker_graph", "trained"): 1e-3,
     # The warm subspace iteration is the same block power iteration (one full power step per
     # training step): held to the same bounds.
     ("sgd+subspace", "synthetic"): 1e-4,

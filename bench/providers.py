@@ -15,6 +15,13 @@ on ``.grad`` beforehand; the harness times :meth:`Provider.step` alone. Names:
                            (B-both on the CPU: the schedule of the GPU kernels)
     adamw                  torch.optim.AdamW, default implementation
     adamw+tracker[B]       adamw, then lowrank.SpectrumTracker.step() (sketch-only pass), backend B
+    sgd_graph, adamw_graph, spectral_sgd_graph[B], adamw+tracker_graph[B]
+                           (CUDA) the step of sgd, adamw (capturable=True), spectral_sgd[B] or
+                           adamw+tracker[B] captured once in a CUDA graph after eager warm-up
+                           steps, then replayed: what a training loop captured whole (torch.compile
+                           "reduce-overhead", torch.cuda.graph) pays. Replays run on the gradients
+                           of the capture (``frozen_grads``): the work of a step does not depend
+                           on their values, and new ones would cost a copy into the static ones.
 
 Every tracking provider reports the top ``rank`` singular values of each tracked matrix through
 :meth:`Provider.estimates`; ``family`` names the untracked optimizer it adds to (its overhead
@@ -29,7 +36,9 @@ import lowrank
 
 from .subspace_iter import WarmSubspaceIteration
 
-K_FREE = ("sgd", "sgd_foreach", "sgd_fused", "sgd+svdvals", "adamw")
+K_FREE = ("sgd", "sgd_foreach", "sgd_fused", "sgd+svdvals", "adamw", "sgd_graph", "adamw_graph")
+GRAPH = "_graph"  # suffix of a provider's base name: its step captured in a CUDA graph
+GRAPH_WARMUP = 3  # eager steps (on a side stream) right before the capture
 ANCHORS = {"vs_sgd": "sgd", "vs_sgd_svdvals": "sgd+svdvals", "vs_sgd_svd_lowrank": "sgd+svd_lowrank"}
 
 
@@ -95,7 +104,7 @@ class Untracked(Provider):
     tracks = False
 
     def __init__(self, name, named, tracked, *, k, rank, hp, backend=""):
-        self.family = "adamw" if name == "adamw" else "sgd"
+        self.family = "adamw" if name.startswith("adamw") else "sgd"
         self.flags = {"sgd_foreach": {"foreach": True}, "sgd_fused": {"fused": True}}.get(name, {})
         super().__init__(name, named, tracked, k=k, rank=rank, hp=hp, backend=backend)
 
@@ -210,6 +219,61 @@ class AdamwTracker(Provider):
         return super().state_bytes() + tensor_bytes(self.tracker.state_dict())
 
 
+def capture(step):
+    """``step`` captured in a CUDA graph after GRAPH_WARMUP eager calls on a side stream (as
+    torch's recipe asks); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+class Graphed:
+    """Mixin: the provider's step captured in a CUDA graph at its first call (:func:`capture`,
+    with the gradients of that call cloned into the static ones it reads), then replayed by
+    every call; ``frozen_grads`` tells the harness to stop setting gradients."""
+
+    frozen_grads = False
+    replay = None
+
+    def step(self) -> None:
+        if self.replay is None:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
+            self.replay = capture(super().step)
+            self.frozen_grads = True
+        self.replay()
+
+
+def _capturable_adamw(params, lr):
+    # capturable=True keeps AdamW's step count on the device (CUDA only; the CPU tests run the
+    # plumbing without a graph).
+    return torch.optim.AdamW(params, lr=lr, capturable=params[0].is_cuda)
+
+
+class UntrackedGraph(Graphed, Untracked):
+    def _make_optimizer(self):
+        if self.family == "adamw":
+            return _capturable_adamw(self.params, self.hp["lr_adamw"])
+        return super()._make_optimizer()
+
+
+class SpectralSgdGraph(Graphed, SpectralSgd):
+    pass
+
+
+class AdamwTrackerGraph(Graphed, AdamwTracker):
+    def _make_optimizer(self):
+        return _capturable_adamw(self.params, self.hp["lr_adamw"])
+
+
 def split_name(provider: str) -> tuple[str, str]:
     """'spectral_sgd[torch]' -> ('spectral_sgd', 'torch'); 'sgd' -> ('sgd', '')."""
     base, _, backend = provider.partition("[")
@@ -222,7 +286,9 @@ def make_provider(provider: str, named, tracked, *, k, rank, hp) -> Provider:
     cls = {"sgd": Untracked, "sgd_foreach": Untracked, "sgd_fused": Untracked, "adamw": Untracked,
            "sgd+svdvals": SgdSvdvals, "sgd+svd_lowrank": SgdSvdLowrank,
            "sgd+subspace": SgdSubspace, "spectral_sgd": SpectralSgd,
-           "adamw+tracker": AdamwTracker}.get(base)
+           "adamw+tracker": AdamwTracker, "sgd_graph": UntrackedGraph,
+           "adamw_graph": UntrackedGraph, "spectral_sgd_graph": SpectralSgdGraph,
+           "adamw+tracker_graph": AdamwTrackerGraph}.get(base)
     if cls is None:
         raise ValueError(f"unknown provider {provider!r}")
     return cls(provider, named, tracked, k=k, rank=rank, hp=hp, backend=backend)
@@ -278,4 +344,10 @@ def provider_names(device: torch.device, backends: list[str]) -> list[str]:
     names += ["sgd_fused", "sgd+svdvals", "sgd+svd_lowrank", "sgd+subspace"]
     names += [f"spectral_sgd[{b}]" for b in backends]
     names += ["adamw"] + [f"adamw+tracker[{b}]" for b in backends]
+    if device.type == "cuda":
+        # Captured steps: the backends whose step makes no host sync (the torch reference's
+        # post-processing calls cuSOLVER, which does).
+        capturable = [b for b in backends if b in ("cupy", "triton")]
+        names += ["sgd_graph"] + [f"spectral_sgd_graph[{b}]" for b in capturable]
+        names += ["adamw_graph"] + [f"adamw+tracker_graph[{b}]" for b in capturable]
     return names

@@ -125,6 +125,38 @@ def test_measure_group_small_matrix():
     assert by[("sgd+svdvals", None)]["rank"] == 8
 
 
+def test_graph_providers_replay_on_frozen_gradients(monkeypatch):
+    """The captured providers' plumbing, with the CUDA graph replaced by a plain call (the
+    capture itself runs in the GPU suite): the first step clones the gradients into static ones
+    and captures, later steps only replay and the harness stops setting gradients; the rows
+    carry their error (within the bound), no update diff against SGD (other gradients), and
+    their overhead over the captured untracked optimizer."""
+    import bench.providers as P
+
+    captured = []
+
+    def fake_capture(step):
+        step()  # the capture (a real one records instead of running)
+        captured.append(step)
+        return step
+
+    monkeypatch.setattr(P, "capture", fake_capture)
+    providers = ["sgd", "sgd_graph", "spectral_sgd[torch-both]", "spectral_sgd_graph[torch-both]",
+                 "adamw", "adamw_graph", "adamw+tracker_graph[torch-both]"]
+    rows = measure_group(Group("matrix", (64, 48), "float32", 0.9, (8,)), "cpu", providers,
+                         budget=timing.Budget(2, 3, 0.01, 5.0), warmup=30, log=lambda *a: None)
+    by = {r["provider"]: r for r in rows}
+    assert len(captured) == 4 and all(r["status"] == "ok" for r in rows)
+    for name in ("spectral_sgd_graph[torch-both]", "adamw+tracker_graph[torch-both]"):
+        assert by[name]["err_top_r"] < by[name]["err_bound"]
+        assert "update_max_abs_diff" not in by[name]
+    assert by["spectral_sgd_graph[torch-both]"]["overhead"] == pytest.approx(
+        by["spectral_sgd_graph[torch-both]"]["median_ms"] / by["sgd_graph"]["median_ms"])
+    assert by["spectral_sgd[torch-both]"]["update_max_abs_diff"] == 0
+    assert "sgd_graph" in provider_names(torch.device("cuda"), ["torch", "cupy"])
+    assert "spectral_sgd_graph[torch]" not in provider_names(torch.device("cuda"), ["torch", "cupy"])
+
+
 def test_interleaved_sample_counts():
     calls = []
     tasks = {"a": (lambda: None, lambda: calls.append("a")),
