@@ -362,8 +362,12 @@ def test_tracked_step_captured_in_a_cuda_graph_replays_like_eager_steps(entry):
         assert spectra[n].step == spectra_e[n].step == total, n
         torch.testing.assert_close(spectra[n].sigma, spectra_e[n].sigma, rtol=1e-5,
                                    atol=1e-6 * float(spectra_e[n].sigma[0]), msg=n)
-        t, te = owner.tracked.trackers[n], owner_e.tracked.trackers[n]
-        torch.testing.assert_close(t.U.double().abs(), te.U.double().abs(), rtol=0, atol=1e-4, msg=n)
+    # The rank-1 matrix's basis beyond its first column comes from the refill directions,
+    # drawn from the step count: equal up to the rounding of the atomics unless a replay
+    # re-used the captured step's count. (The other matrices' bases may rotate within close
+    # singular values by more than rounding: their sigmas are compared above.)
+    t, te = owner.tracked.trackers["low"], owner_e.tracked.trackers["low"]
+    torch.testing.assert_close(t.U.double(), te.U.double(), rtol=0, atol=1e-4)
     assert (owner.steps if entry == "SpectralSGD" else owner.calls) == total
 
 
