@@ -711,9 +711,43 @@ def smoke_checks():
             return f"sigma_1 {float(sigma[0]):.4g}"
         return run
 
+    def spectral_sgd_graph():
+        """The tracked step captured in a CUDA graph, replayed against the same eager steps."""
+        import lowrank
+
+        runs = []
+        for graphed in (False, True):
+            g = torch.Generator(device=DEV).manual_seed(5)
+            p = torch.nn.Parameter(torch.randn(256, 192, device=DEV, generator=g))
+            grads = [torch.randn(256, 192, device=DEV, generator=g) * 1e-2 for _ in range(6)]
+            opt = lowrank.SpectralSGD([("w", p)], lr=1e-3, momentum=0.9, rank=4, sketch_rank=8,
+                                      backend="cupy")
+            p.grad = torch.zeros_like(p)
+            for i in range(6):
+                p.grad.copy_(grads[i])
+                if not graphed or i < 2:
+                    opt.step()
+                    continue
+                if i == 2:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        opt.step()
+                graph.replay()
+            sync()
+            runs.append((p.detach().clone(), opt.spectra()["w"], opt.steps))
+        (w0, s0, n0), (w1, s1, n1) = runs
+        if not torch.equal(w0, w1) or n0 != n1 or s0.step != s1.step:
+            raise AssertionError(f"replays differ from eager steps: weights equal "
+                                 f"{torch.equal(w0, w1)}, steps {n0} vs {n1}")
+        err = float(((s1.sigma - s0.sigma).abs() / s0.sigma[0]).max())
+        if err > 1e-5:
+            raise AssertionError(f"sigma differs by {err:.2e} of sigma_1")
+        return f"{n1} steps, sigma max diff {err:.1e} of sigma_1"
+
     return [("triton fused_sgd_sketch", fused("triton")), ("triton sketch", sketch_triton),
             ("cupy fused_sgd_sketch", fused("cupy")), ("cupy postprocess k=64", postprocess_cupy),
-            ("SpectralSGD triton", spectral_sgd("triton")), ("SpectralSGD cupy", spectral_sgd("cupy"))]
+            ("SpectralSGD triton", spectral_sgd("triton")), ("SpectralSGD cupy", spectral_sgd("cupy")),
+            ("SpectralSGD cupy captured in a CUDA graph", spectral_sgd_graph)]
 
 
 def run_smoke(out: Path) -> dict:
