@@ -209,10 +209,9 @@ class SpectralSGD(torch.optim.Optimizer):
             raise RuntimeError("SpectralSGD cannot be captured in a CUDA graph: "
                                + "; ".join(problems))
         if self.tracked.trackers:
-            first_capture = not self.tracked.captured
+            if not self.tracked.captured:  # from now on the steps are counted on the device
+                self._steps_offset = self._steps - self.tracked.host_steps()
             self.tracked.capture("SpectralSGD")
-            if first_capture:  # from now on the steps are counted on the device
-                self._steps_offset = self._steps - next(iter(self.tracked.trackers.values()))._step
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -78,10 +78,9 @@ class SpectrumTracker:
                 raise RuntimeError(f"SpectrumTracker cannot be captured in a CUDA graph: every="
                                    f"{self.every} (a replay cannot choose whether to track; "
                                    "capture with every=1)")
-            first_capture = not self.tracked.captured
+            if not self.tracked.captured:  # from now on the calls are counted on the device
+                self._calls_offset = self._calls - self.tracked.host_steps()
             self.tracked.capture("SpectrumTracker")
-            if first_capture:
-                self._calls_offset = self._calls - self.tracked.tracked_steps()
         if self.every == 1 or self._calls % self.every == 0:
             names = list(self.tracked.trackers)
             self.tracked.sketch_all(names)

@@ -296,6 +296,13 @@ class TrackedSet:
             tr.step_source = self.step_counters[self.params[name].device]
         self.captured = True
 
+    def host_steps(self) -> int:
+        """The trackers' common step count as Python counts it: no host sync, equal to the
+        device counter until a capture, stale after replays (inside a capture, where reading
+        the device is not allowed, this is the one to use)."""
+        tr = next(iter(self.trackers.values()), None)
+        return 0 if tr is None else tr._step
+
     def tracked_steps(self) -> int:
         """Tracked steps so far (the trackers' common count; after CUDA-graph replays read
         from the device, one host sync)."""
