@@ -160,12 +160,16 @@ def _replay(step_fn, counters):
     step_fn()
 
 
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-shortcut", "masked-gpu-path"])
 @pytest.mark.parametrize("entry", ["SpectralSGD", "SpectrumTracker"])
-def test_simulated_replays_match_eager_steps(monkeypatch, entry):
+def test_simulated_replays_match_eager_steps(monkeypatch, entry, host_reads):
     """A step "captured" (checks run, counters moved to the device) and then replayed with
     every Python counter frozen at the capture must equal the same number of eager steps, bit
     for bit: the refill directions of the rank-1 matrix (drawn from the step count) included.
-    steps, calls and each result's step then read the device counter."""
+    steps, calls and each result's step then read the device counter. Also on the commit path
+    a GPU takes (masked, the flags not read on the host)."""
+    if not host_reads:
+        monkeypatch.setattr(_checks, "host_reads_are_free", lambda t: False)
     def build():
         params = _params(seed=1)
         if entry == "SpectralSGD":
@@ -191,6 +195,7 @@ def test_simulated_replays_match_eager_steps(monkeypatch, entry):
     count = "_steps" if entry == "SpectralSGD" else "_calls"
     frozen = [(t, "_step", t._step) for t in trackers] + [(owner, count, getattr(owner, count))]
     monkeypatch.setattr(trackset, "capturing", lambda: True)
+    real_tracked_steps = trackset.TrackedSet.tracked_steps
 
     def no_device_read(self):  # on a GPU, a host read of the counter inside a capture
         raise AssertionError("the device step counter was read on the host in a capture")
@@ -202,7 +207,8 @@ def test_simulated_replays_match_eager_steps(monkeypatch, entry):
     for step in range(warm + 1, warm + 1 + replays):
         _grads(params, step)
         _replay(step_fn, frozen)
-    monkeypatch.undo()
+    monkeypatch.setattr(trackset, "capturing", lambda: False)
+    monkeypatch.setattr(trackset.TrackedSet, "tracked_steps", real_tracked_steps)
     for obj, attr, value in frozen:  # as after real replays: Python never advanced
         setattr(obj, attr, value)
 
