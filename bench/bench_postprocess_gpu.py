@@ -157,17 +157,9 @@ def run(out_dir, batches=BATCHES, ks=KS) -> Path:
 
 def _graph_of(fn):
     """``fn`` captured once in a CUDA graph (after an eager warm-up); returns graph.replay."""
-    import torch
+    from bench.providers import capture
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture(fn, warmup=1)
 
 
 def main(argv=None) -> int:

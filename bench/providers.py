@@ -219,13 +219,13 @@ class AdamwTracker(Provider):
         return super().state_bytes() + tensor_bytes(self.tracker.state_dict())
 
 
-def capture(step):
-    """``step`` captured in a CUDA graph after GRAPH_WARMUP eager calls on a side stream (as
+def capture(step, warmup: int = GRAPH_WARMUP):
+    """``step`` captured in a CUDA graph after ``warmup`` eager calls on a side stream (as
     torch's recipe asks); returns the graph's replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP):
+        for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()

@@ -172,15 +172,12 @@ class SpectralSGD(torch.optim.Optimizer):
     def steps(self) -> int:
         """Optimizer steps taken (skipped AMP steps excluded). After a CUDA graph captured a
         tracked step, counted on the device with the tracked steps (one host sync to read)."""
-        if not self.tracked.captured:
-            return self._steps
-        return self.tracked.tracked_steps() + self._steps_offset
+        return self.tracked.count(self._steps, self._steps_offset)
 
     @steps.setter
     def steps(self, value: int) -> None:
         self._steps = int(value)
-        if self.tracked.captured:
-            self._steps_offset = self._steps - self.tracked.tracked_steps()
+        self._steps_offset = self._steps - self.tracked.count(self._steps, 0)
 
     def _prepare_capture(self) -> None:
         """Checks of a step that a CUDA graph is capturing, before any work is captured (a

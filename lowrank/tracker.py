@@ -57,15 +57,12 @@ class SpectrumTracker:
     def calls(self) -> int:
         """Calls of :meth:`step` so far (after a CUDA graph captured one: counted on the device,
         one host sync to read)."""
-        if not self.tracked.captured:
-            return self._calls
-        return self.tracked.tracked_steps() + self._calls_offset
+        return self.tracked.count(self._calls, self._calls_offset)
 
     @calls.setter
     def calls(self, value: int) -> None:
         self._calls = int(value)
-        if self.tracked.captured:
-            self._calls_offset = self._calls - self.tracked.tracked_steps()
+        self._calls_offset = self._calls - self.tracked.count(self._calls, 0)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -303,6 +303,11 @@ class TrackedSet:
         tr = next(iter(self.trackers.values()), None)
         return 0 if tr is None else tr._step
 
+    def count(self, host_count: int, offset: int) -> int:
+        """A caller's count (optimizer steps, tracker calls) that advances with the tracked
+        steps: ``host_count`` until a capture, then the device counter plus ``offset``."""
+        return host_count if not self.captured else self.tracked_steps() + offset
+
     def tracked_steps(self) -> int:
         """Tracked steps so far (the trackers' common count; after CUDA-graph replays read
         from the device, one host sync)."""
