@@ -286,7 +286,8 @@ def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str =
     if backend == "cpu":
         return kernel_module("cpu", "postprocess").postprocess_cpu(Y, Z, U, V, seed=seed,
                                                                   step=step, refill=refill)
-    if backend == "cupy" or (backend == "triton" and _cupy_post_for_triton(Y)):
+    if backend == "cupy" or (backend == "triton"
+                             and _cupy_post_for_triton(Y.device, Y.shape[-1], Y.shape[0])):
         return kernel_module("cupy", "postprocess").postprocess_cupy(Y, Z, U, V, seed=seed, step=step)
     return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)
 
@@ -295,20 +296,18 @@ def capture_safe(backend: str, device: torch.device, k: int) -> bool:
     """Whether a tracked step of a width-k matrix on ``backend`` makes no host synchronisation,
     as a CUDA graph capture needs: the pass and the CuPy post-processing kernel (backends cupy,
     and triton where CuPy runs) are sync-free; the torch reference post-processing is not."""
-    if device.type != "cuda":
+    if device.type != "cuda" or backend == "cupy":
         return True
-    if backend == "cupy":
-        return True
-    return (backend == "triton" and cupy_runs(device)
-            and kernel_module("cupy", "postprocess").supports(k, device))
+    return backend == "triton" and _cupy_post_for_triton(device, k)
 
 
-def _cupy_post_for_triton(Y: torch.Tensor) -> bool:
-    """The Triton backend post-processes with the CuPy kernel where CuPy runs on Y's device: it
-    is sync-free and, at small k, several times faster than the torch reference, whose dozens of
-    small launches and cuSOLVER calls (with their host synchronisations) made the GPU step
-    host-bound (H100, 4096^2, k = 16: 2.9 ms of host time a step against 0.8 ms). Else, for
-    widths beyond its shared memory and batches beyond its grid, the torch reference."""
-    if not Y.is_cuda or _interpreting() or not cupy_runs(Y.device):
+def _cupy_post_for_triton(device: torch.device, k: int, batch: int = 1) -> bool:
+    """The Triton backend post-processes with the CuPy kernel where CuPy runs on ``device`` and
+    takes ``batch`` problems of width k: it is sync-free and, at small k, several times faster
+    than the torch reference, whose dozens of small launches and cuSOLVER calls (with their
+    host synchronisations) made the GPU step host-bound (H100, 4096^2, k = 16: 2.9 ms of host
+    time a step against 0.8 ms). Else (widths beyond its shared memory, batches beyond its
+    grid) the torch reference."""
+    if device.type != "cuda" or _interpreting() or not cupy_runs(device):
         return False
-    return kernel_module("cupy", "postprocess").supports(Y.shape[-1], Y.device, Y.shape[0])
+    return kernel_module("cupy", "postprocess").supports(k, device, batch)

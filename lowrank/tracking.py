@@ -113,34 +113,12 @@ class MatrixTracker:
         absorb_group([self], [sk], backend=backend)
 
     def commit(self, sk: SketchOut, post, finite: torch.Tensor, all_finite: bool) -> None:
-        """Swap in the state of one step from its sketches and post-processing (batch of one).
+        """Swap in the state of one step from its sketches and post-processing (batch of one;
+        static trackers are written in place: :func:`_commit_group`).
 
         Where the sketch was not finite, the previous state stays and ``nonfinite`` is raised.
         """
-        if self.static:
-            new = {"U": post.U, "V": post.V, "sigma": post.sigma, "sigma_y": post.sigma_y,
-                   "sigma_z": post.sigma_z, "overlap_u": post.overlap_u, "fro2": sk.fro2,
-                   "row_sq": sk.row_sq}
-            _commit_in_place([self], new, finite, all_finite, None)
-            return
-        if all_finite:
-            self.U, self.V = post.U, post.V
-            self.sigma_prev, self.sigma = self.sigma, post.sigma
-            self.sigma_y, self.sigma_z = post.sigma_y, post.sigma_z
-            self.overlap_u, self.fro2, self.row_sq = post.overlap_u, sk.fro2, sk.row_sq
-        else:
-            fb, f1 = finite.view(-1, 1, 1), finite.view(-1, 1)
-            self.U = torch.where(fb, post.U, self.U)
-            self.V = torch.where(fb, post.V, self.V)
-            self.sigma_prev = torch.where(f1, self.sigma, self.sigma_prev)
-            self.sigma = torch.where(f1, post.sigma, self.sigma)
-            self.sigma_y = torch.where(f1, post.sigma_y, self.sigma_y)
-            self.sigma_z = torch.where(f1, post.sigma_z, self.sigma_z)
-            self.overlap_u = torch.where(fb, post.overlap_u, self.overlap_u)
-            self.fro2 = torch.where(finite, sk.fro2, self.fro2)
-            self.row_sq = torch.where(f1, sk.row_sq, self.row_sq)
-        self.nonfinite = ~finite
-        self._step += 1
+        _commit_group([self], sk, post, self.U, self.V, finite, all_finite)
 
     def commit_side(self, side: str, sk: SketchOut, basis: torch.Tensor, sigma: torch.Tensor,
                     overlap: torch.Tensor, finite: torch.Tensor, all_finite: bool) -> None:

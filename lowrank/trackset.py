@@ -194,11 +194,9 @@ class TrackedSet:
         without a concatenation and commits each field with one operation, and the state keeps
         its addresses, as a CUDA graph that captures the step needs."""
         groups: dict[tuple, list[str]] = {}
-        for name, tr in self.trackers.items():
+        for name in self.trackers:
             if self.schedule[name] == "both":
-                p = self.params[name]
-                key = (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
-                groups.setdefault(key, []).append(name)
+                groups.setdefault(self._pack_key(name), []).append(name)
         for names in groups.values():
             trs = [self.trackers[n] for n in names]
             packed = {key: torch.cat([getattr(t, key) for t in trs]) for key in STATE_KEYS}
@@ -255,10 +253,15 @@ class TrackedSet:
         dtype, device, backend); None where ``name`` takes its own call: schedules other than
         "both" (the CPU's), or an operand (weight, gradient, buffer; None skipped) that is not
         contiguous."""
-        p, tr = self.params[name], self.trackers[name]
         if self.schedule[name] != "both" or not all(x is None or x.is_contiguous()
-                                                    for x in (p, *operands)):
+                                                    for x in (self.params[name], *operands)):
             return None
+        return self._pack_key(name)
+
+    def _pack_key(self, name: str) -> tuple:
+        """Shape, sketch width, basis dtype, weight dtype, device, backend: what the matrices
+        of one pack, and of one batched pass, share."""
+        p, tr = self.params[name], self.trackers[name]
         return (tr.shape, tr.k, tr.U.dtype, p.dtype, p.device, self.backend[name])
 
     def capture(self, owner: str) -> None:
