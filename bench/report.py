@@ -18,6 +18,10 @@ from pathlib import Path
 from . import results, workloads
 
 SPECTRAL = "spectral_sgd"
+# Suffix of the base name of a provider whose step is captured in a CUDA graph and replayed
+# (bench/providers.py; not imported from there, which would import torch and lowrank).
+GRAPH = "_graph"
+TRACKED_ON = {SPECTRAL: "sgd", "adamw+tracker": "adamw"}  # tracked step -> its untracked optimizer
 PRETTY = {"sgd": "SGD", "sgd_foreach": "SGD foreach", "sgd_fused": "SGD fused",
           "sgd+svdvals": "SGD + svdvals", "sgd+svd_lowrank": "SGD + svd_lowrank(niter=2)",
           "sgd+subspace": "SGD + subspace iteration", "adamw": "AdamW"}
@@ -28,6 +32,9 @@ CPU_TARGETS = {"shape": "1024x1024", "k": 16, "vs_svdvals": 20.0, "vs_svd_lowran
 
 
 def pretty(provider: str) -> str:
+    base, graph, rest = provider.partition(GRAPH)
+    if graph:
+        return f"{pretty(base + rest)}, captured"
     for prefix, label in ((SPECTRAL, "SpectralSGD"), ("adamw+tracker", "AdamW + SpectrumTracker")):
         if provider.startswith(prefix + "["):
             backend, _, schedule = provider[len(prefix) + 1:-1].partition("-")
@@ -202,6 +209,9 @@ def build_tables(df) -> str:
                              "max abs diff of W from torch SGD"], rows)
             lines.append("")
 
+    # 3b. the captured step, eager beside it: every workload and k with a captured tracked step
+    lines += _captured_table(ok)
+
     # 4. whole models
     models = ok[~ok["workload"].isin(["matrix", "digits", "breakdown"])]
     rows = []
@@ -292,6 +302,48 @@ def build_tables(df) -> str:
     return "\n".join(lines)
 
 
+def _captured_table(ok) -> list[str]:
+    """Each captured tracked step (CUDA) beside the eager one of the same group. A captured
+    step's `overhead` is over its captured untracked optimizer (``sgd_graph``, ``adamw_graph``),
+    an eager one's over the eager optimizer: each ratio compares like with like. Empty without
+    captured rows, so the tables of CPU and older runs stay as they were."""
+    captured_names = tuple(f"{t}{GRAPH}[" for t in TRACKED_ON)
+    has_captured = ok["provider"].str.startswith(captured_names)
+    rows = []
+    for _, g in ok[ok["group"].isin(ok[has_captured]["group"])].groupby("group", sort=False):
+        first = g.iloc[0]
+        label = f"{first['shape']} {first['dtype']}, momentum {first['momentum']:g}"
+        for k in sorted(g[g["provider"].str.startswith(captured_names)]["k"].dropna().unique()):
+            for tracked, untracked in TRACKED_ON.items():
+                names = sorted({p for p in g["provider"] if p.startswith(f"{tracked}{GRAPH}[")},
+                               key=lambda p: ("torch" in p, "-" in p, p))
+                for name in names:
+                    captured = _one(g, provider=name, k=k)
+                    if captured is None:
+                        continue
+                    eager = _one(g, provider=name.replace(GRAPH, ""), k=k)
+                    base = [_get(_one(g, provider=untracked + suffix), "median_ms")
+                            for suffix in ("", GRAPH)]
+                    rows.append([label, f"{int(k)} ({int(k) // 2})",
+                                 pretty(name.replace(GRAPH, "")),
+                                 f"{PRETTY[untracked]} {ms(base[0])} / {ms(base[1])}",
+                                 "-" if eager is None else
+                                 f"{ms(eager['median_ms'])} ({ratio(eager['overhead'])})",
+                                 f"{ms(captured['median_ms'])} ({ratio(captured['overhead'])})"])
+    if not rows:
+        return []
+    return ["**Captured in a CUDA graph: per-step time (x the untracked optimizer step, eager over "
+            "eager, captured over captured)**", "",
+            "The same step captured once after eager warm-up steps, then replayed (AdamW with "
+            "`capturable=True`), as in a training loop captured whole: the host launches one graph "
+            "per step instead of the step's Python and kernels. Replays run on the gradients of "
+            "the capture; eager and captured steps ran interleaved in the same process.",
+            "",
+            *_table(["workload", "k (r)", "tracker", "untracked: eager / captured", "eager",
+                     "captured"], rows),
+            ""]
+
+
 def plot(df, path: Path) -> Path | None:
     import matplotlib
 
@@ -310,7 +362,9 @@ def plot(df, path: Path) -> Path | None:
         if s.empty:
             continue
         s = s.assign(size=[_shape_key(x)[0] for x in s["shape"]]).sort_values("size")
-        a.plot(s["size"] ** 0.5, s["median_ms"], marker="o", label=pretty(p), color=color[p])
+        # Colors repeat after ten providers: captured steps are dashed, to tell them apart.
+        a.plot(s["size"] ** 0.5, s["median_ms"], marker="o", label=pretty(p), color=color[p],
+               linestyle="--" if GRAPH in p else "-")
     a.set_xscale("log", base=2)
     a.set_yscale("log")
     a.set_xlabel("matrix side (square, float32)")
@@ -322,7 +376,7 @@ def plot(df, path: Path) -> Path | None:
     for p in s["provider"].unique():
         c = s[s["provider"] == p]
         b.scatter(c["median_ms"], c["err_top_r"].clip(lower=1e-12), label=pretty(p), s=18,
-                  color=color.get(p))
+                  color=color.get(p), marker="^" if GRAPH in p else "o")
     b.set_xscale("log")
     b.set_yscale("log")
     b.set_xlabel("ms per step (median)")

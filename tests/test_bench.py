@@ -275,3 +275,68 @@ def test_report_picks_a_run_in_parts():
     assert list(pick_run(df)["run_id"]) == ["c"]  # the latest full run, not the quick one
     with pytest.raises(SystemExit, match="no rows of run zz"):
         pick_run(df, "a,zz")
+
+
+def _report_rows(tmp_path, medians: dict):
+    """Result rows of one 512x512 group on CUDA, through the CSV as the report reads them:
+    ``medians`` maps (provider, k) to ms; overhead and the anchors' ratios are computed as the
+    harness does (a captured step's overhead is over the captured untracked optimizer)."""
+    family = {"spectral_sgd": "sgd", "adamw": "adamw", "adamw+tracker": "adamw",
+              "sgd_graph": "sgd_graph", "spectral_sgd_graph": "sgd_graph",
+              "adamw_graph": "adamw_graph", "adamw+tracker_graph": "adamw_graph"}
+    svdvals = medians[("sgd+svdvals", None)]
+    rows = []
+    for (provider, k), t in medians.items():
+        base = family.get(provider.partition("[")[0], "sgd")
+        low = medians.get(("sgd+svd_lowrank", k), math.nan)
+        rows.append({
+            "run_id": "r1", "suite": "full", "group": "512x512/float32/mom0/k16,32", "status": "ok",
+            "provider": provider, "workload": "matrix", "shape": "512x512", "n_matrices": 1,
+            "total_numel": 512 * 512, "dtype": "float32", "k": k, "momentum": 0.0,
+            "median_ms": t, "overhead": t / medians[(base, None)], "vs_sgd_svdvals": svdvals / t,
+            "vs_sgd_svd_lowrank": low / t, "err_top_r": 1e-7 if k else math.nan,
+            "update_max_abs_diff": 0.0, "device": "Test GPU", "device_type": "cuda", "threads": 4,
+            "torch_version": "2.x", "lowrank_version": "0.1.0", "commit": "abc",
+            "commit_dirty": False, "date_utc": "2026-11-23T00:00:00Z"})
+    results.append_rows(tmp_path / "rows.csv", rows)
+    return results.read_rows([tmp_path / "rows.csv"])
+
+
+def test_report_shows_the_captured_step_beside_the_eager_one(tmp_path):
+    """CUDA-graph providers get a table of their own (captured ms, x the captured untracked
+    optimizer, beside the eager step and its ratio); the other tables do not change."""
+    from bench import report
+
+    eager = {("sgd", None): 0.4, ("sgd_fused", None): 0.3, ("sgd+svdvals", None): 40.0,
+             ("adamw", None): 0.8}
+    for k, (sp, tr) in {16: (2.0, 2.4), 32: (2.2, 2.8)}.items():
+        eager.update({("sgd+svd_lowrank", k): 3.0, ("sgd+subspace", k): 1.0,
+                      ("spectral_sgd[cupy]", k): sp, ("adamw+tracker[cupy]", k): tr})
+    captured = {("sgd_graph", None): 0.1, ("adamw_graph", None): 0.6,
+                ("spectral_sgd_graph[cupy]", 16): 0.6, ("spectral_sgd_graph[cupy]", 32): 0.9,
+                ("adamw+tracker_graph[cupy]", 16): 1.5, ("adamw+tracker_graph[cupy]", 32): 1.8,
+                # captured without an eager row of its own, and at one k only
+                ("adamw+tracker_graph[triton]", 16): 0.9}
+    plain = report.build_tables(_report_rows(tmp_path / "plain", eager))
+    with_graph = report.build_tables(_report_rows(tmp_path / "graph", {**eager, **captured}))
+
+    assert "captured" not in plain.lower()
+    workload = "| 512x512 float32, momentum 0 | "
+    lines = with_graph.split("\n")
+    rows = [line.removeprefix(workload) for line in lines if line.startswith(workload)]
+    assert rows == [
+        "16 (8) | SpectralSGD (cupy) | SGD 400 us / 100 us | 2.00 ms (5.00x) | 600 us (6.00x) |",
+        "16 (8) | AdamW + SpectrumTracker (cupy) | AdamW 800 us / 600 us | 2.40 ms (3.00x) | "
+        "1.50 ms (2.50x) |",
+        "16 (8) | AdamW + SpectrumTracker (triton) | AdamW 800 us / 600 us | - | 900 us (1.50x) |",
+        "32 (16) | SpectralSGD (cupy) | SGD 400 us / 100 us | 2.20 ms (5.50x) | 900 us (9.00x) |",
+        "32 (16) | AdamW + SpectrumTracker (cupy) | AdamW 800 us / 600 us | 2.80 ms (3.50x) | "
+        "1.80 ms (3.00x) |",
+    ]
+    # Less its captured table (heading to the blank line after the last row), the report is
+    # the one of the rows without graph providers, line for line.
+    start = next(i for i, line in enumerate(lines) if line.startswith("**Captured in a CUDA graph"))
+    end = lines.index(workload + rows[-1]) + 2
+    assert lines[:start] + lines[end:] == plain.split("\n")
+    assert report.pretty("spectral_sgd_graph[cupy]") == "SpectralSGD (cupy), captured"
+    assert report.pretty("sgd_graph") == "SGD, captured"
