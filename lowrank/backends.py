@@ -98,7 +98,8 @@ def cupy_runs(device: torch.device) -> bool:
             try:
                 loader = kernel_module("cupy", "_loader")
                 loader.function("postprocess.cu", "pp_refill", device)
-                loader.function("fused_sgd_sketch.cu", "fused_sgd_sketch_f32", device)
+                fs = kernel_module("cupy", "fused_sgd_sketch")
+                loader.function(fs.CU, fs.entry_point(torch.float32, 16), device)
                 ok = True
             except Exception:  # noqa: BLE001 - any failure means "does not run here"
                 ok = False

@@ -180,6 +180,10 @@ def _entry_points(cu_name: str) -> set[str]:
     src = (CUPY_DIR / cu_name).read_text()
     names = set(re.findall(r'extern "C" __global__ void __launch_bounds__\(\w+\) (\w+)\(', src))
     names |= set(re.findall(r"^(?:PP_GRAM_ENTRY|PP_APPLY_ENTRY|FS_ENTRY|UP_ENTRY)\((\w+)", src, re.M))
+    # FS_ENTRIES(SUFFIX, D, MINB) expands to the entries named in its definition, one per chunk width.
+    chunked = re.findall(r"FS_ENTRY\((fused_sgd_sketch)_##SUFFIX##(_k\d+)", src)
+    for suffix in re.findall(r"^FS_ENTRIES\((\w+)", src, re.M):
+        names |= {f"{stem}_{suffix}{kc}" for stem, kc in chunked}
     return names - {"NAME"}
 
 
@@ -199,7 +203,7 @@ def test_cu_compiles_with_nvcc_for_sm90(cu, tmp_path):
 
 def test_launchers_only_ask_for_existing_entry_points():
     fused = _entry_points("fused_sgd_sketch.cu")
-    assert {f"fused_sgd_sketch_{s}" for s in FS._SUFFIX.values()} <= fused
+    assert {FS.entry_point(dt, k) for dt in FS._SUFFIX for k in (1, 8, 9, 16, 17, 64)} <= fused
     post = _entry_points("postprocess.cu")
     wanted = {"pp_refill", "pp_eig", "pp_mid", "pp_fin", "pp_gram_f64", "pp_apply_f64_f64"}
     wanted |= {f"pp_gram_{s}" for s in PP._SKETCH.values()}
@@ -234,7 +238,7 @@ static unsigned char* emu_dyn_smem = nullptr;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
 #define __shared__ static  /* blocks run one at a time: a static is block-shared */
@@ -260,6 +264,15 @@ static inline double __shfl_down_sync(unsigned, double v, int off) {
     emu_slot[t] = v;
     __syncthreads();
     const double r = (t & 31) + off < 32 ? emu_slot[t + off] : v;
+    __syncthreads();
+    return r;
+}
+template <class T> static inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    /* only ever called by all threads of the block together (the kernels' split sums) */
+    const int t = threadIdx.x;
+    emu_slot[t] = (double)v;
+    __syncthreads();
+    const T r = (T)emu_slot[t ^ mask];
     __syncthreads();
     return r;
 }
@@ -424,6 +437,17 @@ def test_emulated_sketch_matches_reference(emulated, dtype, shape):
     W = torch.randn(b, m, n, generator=_gen(1), dtype=F64).to(dtype)
     U = torch.randn(b, m, k, generator=_gen(2))
     V = torch.randn(b, n, k, generator=_gen(3))
+    check_sketch(SK.sketch_cupy(W, U, V), W, U, V)
+
+
+@pytest.mark.parametrize("k", [8, 13, 16, 24, 32, 64])
+def test_emulated_sketch_every_chunk_width(emulated_both, k):
+    """Every sketch chunk (KC = 8, 16, 32; padded, exact and several chunks) and its thread
+    layout, over 3 row bands and 4 column tiles split into column chunks, in both thread orders."""
+    assert FS.chunk_layout(k)[0] == (8 if k <= 8 else 16 if k <= 16 else 32)
+    W = torch.randn(1, 130, 100, generator=_gen(7))
+    U = torch.randn(1, 130, k, generator=_gen(8))
+    V = torch.randn(1, 100, k, generator=_gen(9))
     check_sketch(SK.sketch_cupy(W, U, V), W, U, V)
 
 
@@ -610,7 +634,7 @@ def test_launcher_forms_one_minus_dampening_in_double(emulated, monkeypatch):
     FS.fused_sgd_sketch_cupy(W, G, buf, None, None, lr=0.1, momentum=0.9, dampening=0.6)
     FS.fused_sgd_sketch_cupy(W, G, buf, U, V, lr=0.1, momentum=0.9, dampening=0.6)
     assert np.float32(1.0 - 0.6) != np.float32(1.0) - np.float32(0.6)
-    assert [name for name, _ in seen] == ["sgd_update_f32", "fused_sgd_sketch_f32"]
+    assert [name for name, _ in seen] == ["sgd_update_f32", "fused_sgd_sketch_f32_k8"]  # k = 4
     for _, args in seen:
         keep = [a for a in args if type(a) is np.float32][3]  # lr, weight_decay, momentum, keep
         assert keep == np.float32(1.0 - 0.6)
@@ -655,6 +679,11 @@ def _postprocess_case(case):
         Y = _spectrum(m, k, s, 33)[None]
         Z = _spectrum(n, k, s[::-1], 35)[None]
         return Y, Z, _orth(m, k, 37)[None], _orth(n, k, 38)[None]
+    if case == "odd_k7_f64":  # odd k: the Jacobi rounds pair one index with a dummy
+        m, n, k = 50, 40, 7
+        Y = _spectrum(m, k, [3, 2, 2, 1, 0.5, 0.25, 0.1], 39)[None]
+        Z = torch.randn(1, n, k, generator=_gen(40), dtype=F64)
+        return Y, Z, _orth(m, k, 41)[None], _orth(n, k, 42)[None]
     if case == "random_bf16_bases":
         Y, Z, U, V = _postprocess_case("random_f32")
         return Y, Z, U.to(torch.bfloat16), V.to(torch.bfloat16)
@@ -662,7 +691,7 @@ def _postprocess_case(case):
 
 
 PP_CASES = ["random_f32", "deficient_f32", "zero_f64", "rank3_k40_f64", "clustered_f64",
-            "random_bf16_bases"]
+            "odd_k7_f64", "random_bf16_bases"]
 
 
 @pytest.mark.parametrize("case", PP_CASES)

@@ -63,7 +63,7 @@ def test_cupy_runs_only_where_its_kernels_load(monkeypatch):
     monkeypatch.setattr(backends, "_cupy_runs", {})
     monkeypatch.setattr(loader, "function", lambda cu, name, device: loaded.append(name))
     assert backends.cupy_runs(cuda) is True and backends.cupy_runs(cuda) is True
-    assert loaded == ["pp_refill", "fused_sgd_sketch_f32"]  # probed once per device
+    assert loaded == ["pp_refill", "fused_sgd_sketch_f32_k16"]  # probed once per device
 
 
 @pytest.mark.parametrize("shared_kb,widest_cupy", [(227, 167), (99, 108)])

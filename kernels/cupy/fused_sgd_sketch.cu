@@ -7,15 +7,22 @@
 //
 // Work decomposition (grid = row bands x column chunks x batch, 256 threads per block):
 //   a block owns BM = 64 rows and a chunk of columns, and sweeps that chunk in tiles of BN = 32
-//   columns. Each tile is updated, written back, staged in shared memory as acc_t, then
+//   columns. Each tile is updated, written back and staged in shared memory as acc_t, then
 //     Y_band (64 x k)  += W_tile (64 x 32) @ V_tile (32 x k)   accumulated in shared memory over
 //                                                               the sweep, one atomicAdd per
 //                                                               element at the end (plain store
 //                                                               when there is a single chunk)
 //     Z_tile (32 x k)   = W_tile^T @ U_band (64 x k)           atomicAdd into Z: the cross-band
 //                                                               reduction happens in L2
-//   U_band is loaded once per block. k is processed in chunks of 32 (one warp lane per column
-//   of the sketch), so any k works; shared memory grows as (64*33 + 160 k) elements.
+//   U_band is loaded once per block.
+// Register tiling: the products are bound by shared-memory reads, not by FMAs, unless each read
+// feeds several FMAs. k is processed in chunks of KC (8, 16 or 32, a template parameter: the
+// smallest that covers k, so a small k does not leave lanes idle), and each thread computes a
+// 4 x 2 block of outputs (4 rows of Y or 4 columns of Z, 2 sketch columns) from one 4-wide read
+// of the staged tile and 2-wide reads of V or U: 8 FMAs per 2 shared reads (the first version,
+// one output per thread, did one read per FMA and ran at a third of the bandwidth at every
+// k <= 32). Where a chunk has fewer outputs than 8 per thread (KC < 32, and Z), the reduction
+// dimension is split across the low lanes of a warp and summed with shuffles.
 // Plain fp32 FMA, no tensor cores: every product is exact-fp32 like the torch reference
 // (TF32 off). The number of Z atomics is n * k * m / 64; it is the price of one pass over W.
 // Atomics make Y, Z (and the float64 fro2/row_sq) depend on the order blocks finish: results
@@ -27,8 +34,16 @@
 #define FS_BM 64
 #define FS_BN 32
 #define FS_THREADS 256
-#define FS_KC 32
-#define FS_LD (FS_BN + 1)  // padded row of the staged tile: conflict-free column reads
+#define FS_LDW (FS_BN + 4)  // row of the staged tile: 16-byte aligned for the 4-wide reads
+// Rows of U, V and Y in shared memory have ldk = kp + pad elements (kp: k rounded up to KC):
+// even, so 2-wide reads are aligned, and padded so that the V rows that one warp reads (4 apart,
+// one per split) start KC banks apart and do not conflict: pad 4 for KC = 16, else 2.
+
+// Shared-memory reads of 4 and 2 consecutive elements in one instruction (16-byte alignment is
+// the most the dynamic shared memory guarantees, so the 4-wide read of doubles is two 16-byte
+// reads).
+template <class A> struct __align__(16) Quad { A v[4]; };
+template <class A> struct __align__(2 * sizeof(A)) Pair { A v[2]; };
 
 // torch.optim.SGD (_single_tensor_sgd) on one element, in its operation order and in the
 // arithmetic type A: returns the new weight (before rounding to its dtype) and sets b_new, the
@@ -52,7 +67,7 @@ __device__ __forceinline__ A sgd_element(A w, A g, A b_old, A lr_v, A weight_dec
     return w - lr_v * g;
 }
 
-template <class D>
+template <class D, int KC>
 __device__ __forceinline__ void fused_body(
     typename D::store_t* __restrict__ W,        // (b, m, n) weights, strides sW*; updated in place
     const typename D::store_t* __restrict__ G,  // (b, m, n) gradient (ignored when update == 0)
@@ -77,11 +92,25 @@ __device__ __forceinline__ void fused_body(
                                                 // tensors of one shape, one launch for all
 {
     typedef typename D::acc_t A;
+    // Thread layout of one chunk of KC sketch columns (t = split + S * (kq + KC/2 * q)):
+    //   Y: rows 4 qy .. 4 qy + 3, sketch columns 2 kq, 2 kq + 1, tile columns 4 g .. 4 g + 3
+    //      for the column groups g = sy, sy + SY, ... (SY = 32 / KC splits of the 8 groups)
+    //   Z: tile columns 4 qz .. 4 qz + 3, sketch columns 2 kq, 2 kq + 1, rows sz, sz + SZ, ...
+    //      (SZ = 64 / KC splits of the 64 rows)
+    constexpr int KH = KC / 2;
+    constexpr int SY = 32 / KC;
+    constexpr int SZ = 64 / KC;
+    static_assert(KC == 8 || KC == 16 || KC == 32, "KC is 8, 16 or 32");
+    static_assert(SY * KH * (FS_BM / 4) == FS_THREADS && SZ * KH * (FS_BN / 4) == FS_THREADS,
+                  "every thread owns one 4 x 2 block of Y and one of Z");
+
+    const int kp = (k + KC - 1) / KC * KC;  // k rounded up to whole chunks (zero-padded)
+    const int ldk = kp + (KC == 16 ? 4 : 2);  // see the note on ldk above; as chunk_layout()
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    A* Ws = reinterpret_cast<A*>(smem_raw);  // FS_BM x FS_LD  staged updated tile
-    A* Us = Ws + FS_BM * FS_LD;              // FS_BM x k      U rows of this band
-    A* Vs = Us + FS_BM * k;                  // FS_BN x k      V rows of this tile
-    A* Ys = Vs + FS_BN * k;                  // FS_BM x k      Y accumulator of this band
+    A* Ws = reinterpret_cast<A*>(smem_raw);  // FS_BM x FS_LDW  staged updated tile
+    A* Us = Ws + FS_BM * FS_LDW;             // FS_BM x ldk     U rows of this band
+    A* Vs = Us + FS_BM * ldk;                // FS_BN x ldk     V rows of this tile
+    A* Ys = Vs + FS_BN * ldk;                // FS_BM x ldk     Y accumulator of this band
 
     const int t = threadIdx.x, tx = t & 31, ty = t >> 5;  // 8 warps; a warp shares ty
     const i64 bi = blockIdx.z;
@@ -101,12 +130,15 @@ __device__ __forceinline__ void fused_body(
     const bool has_momentum = update && momentum != A(0);
     const A lr_v = (update && lr_ptr) ? *lr_ptr : lr;
 
-    for (int e = t; e < FS_BM * k; e += FS_THREADS) {
-        const int r = e / k;
+    for (int e = t; e < FS_BM * kp; e += FS_THREADS) {
+        const int r = e / kp, j = e - r * kp;
         const i64 gr = r0 + r;
-        Us[e] = gr < m ? Ub[r0 * k + e] : A(0);
-        Ys[e] = A(0);
+        Us[r * ldk + j] = (gr < m && j < k) ? Ub[gr * k + j] : A(0);
+        Ys[r * ldk + j] = A(0);
     }
+
+    const int sy = t % SY, qy = t / (SY * KH), ky = t / SY - qy * KH;
+    const int sz = t % SZ, qz = t / (SZ * KH), kz = t / SZ - qz * KH;
 
     double rs[FS_BM / 8];  // this thread's partial sums of squares of rows ty + 8 i
 #pragma unroll
@@ -115,66 +147,120 @@ __device__ __forceinline__ void fused_body(
     for (i64 c0 = c_begin; c0 < c_end; c0 += FS_BN) {
         __syncthreads();  // the previous tile's readers are done with Ws / Vs (and Us is ready)
         const i64 gc = c0 + tx;
+        // Every load of the tile is issued before the first store: a store to W may alias a
+        // later load for all the compiler knows, so loading element by element would wait one
+        // memory latency per element (8 a tile).
+        A wv[FS_BM / 8], gv[FS_BM / 8], bv[FS_BM / 8];
+#pragma unroll
+        for (int i = 0; i < FS_BM / 8; ++i) {
+            const i64 gr = r0 + ty + 8 * i;
+            wv[i] = gv[i] = bv[i] = A(0);
+            if (gr < m && gc < c_end) {
+                wv[i] = D::load(Wb, gr * sWm + gc * sWn);
+                if (update) {
+                    gv[i] = D::load(Gb, gr * sGm + gc * sGn);
+                    if (has_momentum && !init_buf) bv[i] = D::load(Bb, gr * sBm + gc * sBn);
+                }
+            }
+        }
+        // V rows c0 .. c0+31 are one contiguous block of 32 k elements: coalesced (and read
+        // before the stores below, for the same reason).
+        for (int e = t; e < FS_BN * kp; e += FS_THREADS) {
+            const int c = e / kp, j = e - c * kp;
+            Vs[c * ldk + j] = ((c0 + c) < c_end && j < k) ? Vb[(c0 + c) * k + j] : A(0);
+        }
 #pragma unroll
         for (int i = 0; i < FS_BM / 8; ++i) {
             const int r = ty + 8 * i;
             const i64 gr = r0 + r;
             A wf = A(0);
             if (gr < m && gc < c_end) {
-                const i64 iw = gr * sWm + gc * sWn;
-                A w = D::load(Wb, iw);
+                A w = wv[i];
                 if (update) {
-                    const A g = D::load(Gb, gr * sGm + gc * sGn);
-                    const i64 ib = gr * sBm + gc * sBn;
                     A b_new = A(0);
-                    const A b_old = (has_momentum && !init_buf) ? D::load(Bb, ib) : A(0);
-                    w = sgd_element<D, A>(w, g, b_old, lr_v, weight_decay, momentum, keep,
+                    w = sgd_element<D, A>(w, gv[i], bv[i], lr_v, weight_decay, momentum, keep,
                                           has_momentum, nesterov, maximize, init_buf, b_new);
-                    if (has_momentum) D::store(Bb, ib, b_new);
-                    D::store(Wb, iw, w);
+                    if (has_momentum) D::store(Bb, gr * sBm + gc * sBn, b_new);
+                    D::store(Wb, gr * sWm + gc * sWn, w);
                     w = D::round(w);  // sketch the weight as stored
                 }
                 wf = w;
             }
-            Ws[r * FS_LD + tx] = wf;
+            Ws[r * FS_LDW + tx] = wf;
             rs[i] += (double)wf * (double)wf;  // exact square in fp64 (fro2 must not overflow)
-        }
-        // V rows c0 .. c0+31 are one contiguous block of 32 k elements: coalesced.
-        for (int e = t; e < FS_BN * k; e += FS_THREADS) {
-            const int c = e / k;
-            Vs[e] = (c0 + c) < c_end ? Vb[c0 * k + e] : A(0);
         }
         __syncthreads();
 
-        for (int kc = 0; kc < k; kc += FS_KC) {
-            const int j = kc + tx;
-            if (j < k) {  // only the last chunk of a k that is not a multiple of 32 diverges
-                // Y: this thread owns rows ty*8 .. ty*8+7 of column j. Ws reads are warp broadcasts.
-                A acc[8];
+        for (int kc = 0; kc < kp; kc += KC) {
+            // Y block: 4 rows x 2 sketch columns over this thread's column groups.
+            A y[4][2];
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] = A(0);
-#pragma unroll 8
-                for (int c = 0; c < FS_BN; ++c) {
-                    const A v = Vs[c * k + j];
+            for (int i = 0; i < 4; ++i) y[i][0] = y[i][1] = A(0);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[i] += Ws[(ty * 8 + i) * FS_LD + c] * v;
+            for (int gi = 0; gi < FS_BN / 4 / SY; ++gi) {
+                const int g = sy + gi * SY;
+                Quad<A> w[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    w[i] = *reinterpret_cast<const Quad<A>*>(&Ws[(4 * qy + i) * FS_LDW + 4 * g]);
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const Pair<A> v = *reinterpret_cast<const Pair<A>*>(
+                        &Vs[(4 * g + c) * ldk + kc + 2 * ky]);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        y[i][0] += w[i].v[c] * v.v[0];
+                        y[i][1] += w[i].v[c] * v.v[1];
+                    }
                 }
+            }
+            // Z block: 4 tile columns x 2 sketch columns over this thread's rows.
+            A z[4][2];
 #pragma unroll
-                for (int i = 0; i < 8; ++i) Ys[(ty * 8 + i) * k + j] += acc[i];
-                // Z: this thread owns columns ty*4 .. ty*4+3 of the tile, sketch column j.
-                A z[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) z[i] = A(0);
-#pragma unroll 8
-                for (int r = 0; r < FS_BM; ++r) {
-                    const A u = Us[r * k + j];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) z[i] += Ws[r * FS_LD + ty * 4 + i] * u;
-                }
+            for (int i = 0; i < 4; ++i) z[i][0] = z[i][1] = A(0);
+#pragma unroll 4
+            for (int ri = 0; ri < FS_BM / SZ; ++ri) {
+                const int r = sz + ri * SZ;
+                const Quad<A> w = *reinterpret_cast<const Quad<A>*>(&Ws[r * FS_LDW + 4 * qz]);
+                const Pair<A> u = *reinterpret_cast<const Pair<A>*>(&Us[r * ldk + kc + 2 * kz]);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const i64 zc = c0 + ty * 4 + i;
-                    if (zc < c_end) atomicAdd(&Zb[zc * k + j], z[i]);  // a warp hits 32 consecutive floats
+                    z[i][0] += w.v[i] * u.v[0];
+                    z[i][1] += w.v[i] * u.v[1];
+                }
+            }
+            // Sum the splits (lanes that differ in their low bits), then one lane writes.
+#pragma unroll
+            for (int off = 1; off < SY; off <<= 1)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    y[i][0] += __shfl_xor_sync(0xffffffffu, y[i][0], off);
+                    y[i][1] += __shfl_xor_sync(0xffffffffu, y[i][1], off);
+                }
+#pragma unroll
+            for (int off = 1; off < SZ; off <<= 1)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    z[i][0] += __shfl_xor_sync(0xffffffffu, z[i][0], off);
+                    z[i][1] += __shfl_xor_sync(0xffffffffu, z[i][1], off);
+                }
+            if (sy == 0) {  // each Ys element has one owner: no race, no barrier needed
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    A* ys = &Ys[(4 * qy + i) * ldk + kc + 2 * ky];
+                    ys[0] += y[i][0];
+                    ys[1] += y[i][1];
+                }
+            }
+            if (sz == 0) {
+                const int j = kc + 2 * kz;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const i64 zc = c0 + 4 * qz + i;
+                    if (zc < c_end) {
+                        if (j < k) atomicAdd(&Zb[zc * k + j], z[i][0]);
+                        if (j + 1 < k) atomicAdd(&Zb[zc * k + j + 1], z[i][1]);
+                    }
                 }
             }
         }
@@ -183,10 +269,10 @@ __device__ __forceinline__ void fused_body(
 
     const bool single_chunk = gridDim.y == 1;
     for (int e = t; e < FS_BM * k; e += FS_THREADS) {
-        const int r = e / k;
+        const int r = e / k, j = e - r * k;
         if (r0 + r < m) {
-            if (single_chunk) Yb[r0 * k + e] = Ys[e];
-            else atomicAdd(&Yb[r0 * k + e], Ys[e]);
+            if (single_chunk) Yb[r0 * k + e] = Ys[r * ldk + j];
+            else atomicAdd(&Yb[r0 * k + e], Ys[r * ldk + j]);
         }
     }
     double total = 0.0;
@@ -202,24 +288,33 @@ __device__ __forceinline__ void fused_body(
     if (tx == 0) atomicAdd(&fro2[bi], total);
 }
 
-// One entry point per weight dtype (extern "C": stable names for RawModule.get_function).
-#define FS_ENTRY(NAME, D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(FS_THREADS) NAME(                               \
+// One entry point per weight dtype and sketch chunk KC (extern "C": stable names for
+// RawModule.get_function); the launcher picks KC from k (fused_sgd_sketch.py: chunk_width).
+// MINB: blocks per SM the register allocation must allow. 3 for the 32-bit accumulators
+// (<= 85 registers; at 8192^2 this took the k = 8 pass from 1.01 to 0.75 ms, and did not slow
+// any other width); 1 for float64, whose 128 registers would spill under that cap.
+#define FS_ENTRY(NAME, D, KC, MINB)                                                               \
+    extern "C" __global__ void __launch_bounds__(FS_THREADS, MINB) NAME(                         \
         D::store_t* W, const D::store_t* G, D::store_t* buf, const D::acc_t* U,                   \
         const D::acc_t* V, D::acc_t* Y, D::acc_t* Z, double* fro2, double* row_sq, i64 m, i64 n, \
         int k, i64 sUb, i64 sVb, i64 sWb, i64 sWm, i64 sWn, i64 sGb, i64 sGm, i64 sGn, i64 sBb,  \
         i64 sBm, i64 sBn, i64 cols_per_chunk, int update, const D::acc_t* lr_ptr, D::acc_t lr,  \
         D::acc_t weight_decay, D::acc_t momentum, D::acc_t keep, int nesterov,                   \
         int maximize, int init_buf, const i64* table) {                                           \
-        fused_body<D>(W, G, buf, U, V, Y, Z, fro2, row_sq, m, n, k, sUb, sVb, sWb, sWm, sWn, sGb, \
-                      sGm, sGn, sBb, sBm, sBn, cols_per_chunk, update, lr_ptr, lr, weight_decay,  \
-                      momentum, keep, nesterov, maximize, init_buf, table);                       \
+        fused_body<D, KC>(W, G, buf, U, V, Y, Z, fro2, row_sq, m, n, k, sUb, sVb, sWb, sWm, sWn, \
+                          sGb, sGm, sGn, sBb, sBm, sBn, cols_per_chunk, update, lr_ptr, lr,       \
+                          weight_decay, momentum, keep, nesterov, maximize, init_buf, table);     \
     }
 
-FS_ENTRY(fused_sgd_sketch_f32, F32)
-FS_ENTRY(fused_sgd_sketch_bf16, BF16)
-FS_ENTRY(fused_sgd_sketch_f16, F16)
-FS_ENTRY(fused_sgd_sketch_f64, F64)
+#define FS_ENTRIES(SUFFIX, D, MINB)                        \
+    FS_ENTRY(fused_sgd_sketch_##SUFFIX##_k8, D, 8, MINB)   \
+    FS_ENTRY(fused_sgd_sketch_##SUFFIX##_k16, D, 16, MINB) \
+    FS_ENTRY(fused_sgd_sketch_##SUFFIX##_k32, D, 32, MINB)
+
+FS_ENTRIES(f32, F32, 3)
+FS_ENTRIES(bf16, BF16, 3)
+FS_ENTRIES(f16, F16, 3)
+FS_ENTRIES(f64, F64, 1)
 
 // The plain SGD step (tracking off): elementwise, no shared memory, no barrier, no atomics.
 // Block (UP_THREADS) x UP_PER_THREAD consecutive-in-warp columns of one row; the grid's y walks

@@ -1,6 +1,6 @@
 """CuPy launcher of op ``fused_sgd_sketch``: torch.optim.SGD update + sketch of the updated W.
 
-Kernel: ``fused_sgd_sketch.cu`` (one entry point per weight dtype). Reference and contract:
+Kernel: ``fused_sgd_sketch.cu`` (one entry point per weight dtype and sketch chunk). Reference and contract:
 :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`. :func:`launch` also serves the
 sketch-only pass (:mod:`.sketch`), which runs the same kernel with the update switched off.
 """
@@ -15,7 +15,7 @@ from lowrank.sketch import SketchOut
 from . import _loader
 
 CU = "fused_sgd_sketch.cu"
-BM, BN, THREADS = 64, 32, 256  # must match FS_BM, FS_BN, FS_THREADS in the .cu
+BM, BN, THREADS, LDW = 64, 32, 256, 36  # must match FS_BM, FS_BN, FS_THREADS, FS_LDW in the .cu
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
 
 
@@ -56,10 +56,25 @@ def _bump_version(X: torch.Tensor) -> None:
         inc(X)
 
 
+def chunk_layout(k: int) -> tuple[int, int]:
+    """(KC, ldk) of the kernel for sketch width k: the chunk of sketch columns a block computes at
+    once (the smallest of 8, 16, 32 that covers k; larger k takes several chunks of 32) and the
+    padded row length of U, V and Y in shared memory (as ``ldk`` in the .cu)."""
+    kc = 8 if k <= 8 else 16 if k <= 16 else 32
+    kp = -(-k // kc) * kc
+    return kc, kp + (4 if kc == 16 else 2)
+
+
+def entry_point(dtype: torch.dtype, k: int) -> str:
+    """The kernel's entry point for weights of ``dtype`` and sketch width k."""
+    return f"fused_sgd_sketch_{_SUFFIX[dtype]}_k{chunk_layout(k)[0]}"
+
+
 def shared_bytes(k: int, acc_dtype: torch.dtype) -> int:
     """Dynamic shared memory of a block: the staged tile, U and Y of its band, V of its tile."""
     itemsize = 8 if acc_dtype == torch.float64 else 4
-    return (BM * (BN + 1) + (2 * BM + BN) * k) * itemsize
+    ldk = chunk_layout(k)[1]
+    return (BM * LDW + (2 * BM + BN) * ldk) * itemsize
 
 
 def supports(k: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -201,7 +216,7 @@ def _run_pass(op, device, dtype, bmn, operands, table, strides, Uc, sUb, Vc, sVb
     _loader.grid_dim_check(op, "batch", b)
     _loader.grid_dim_check(op, "row bands", nbands, 2**31 - 1)
 
-    fn = _loader.function(CU, f"fused_sgd_sketch_{_SUFFIX[dtype]}", device)
+    fn = _loader.function(CU, entry_point(dtype, k), device)
     i64 = np.int64
     sW, sG, sB = strides
     Wb, Gb, Bb = operands if operands is not None else (None, None, None)
