@@ -298,9 +298,8 @@ __device__ void cholesky_and_inverse(double* L, double* Li, int k) {
 // up to even); each round rotates k/2 disjoint pairs (p, q) at once:
 //   phase 0  one thread per pair computes the rotation that zeroes a_pq (Rutishauser's stable
 //            formulas: t = sign(theta) / (|theta| + hypot(1, theta)), c = 1/sqrt(1+t^2), s = t c)
-//   phase 1  A <- A J and V <- V J (column pairs, all rows in parallel)
-//   phase 2  A <- J^T A (row pairs, all columns in parallel); the 2 x 2 pivot block is set
-//            exactly: a_pp - t a_pq, a_qq + t a_pq, and zeros
+//   phase 1  A <- J^T A J and V <- V J, one 2 x 2 block (row pair, column pair) per thread;
+//            the 2 x 2 pivot blocks are set exactly: a_pp - t a_pq, a_qq + t a_pq, and zeros
 // Disjoint pairs commute, so a round is exactly the product of its rotations. The sweep loop
 // stops when the off-diagonal Frobenius norm is <= tol * ||A||_F (tol = 1e-15: eigenvalues to
 // ~eps ||A||, eigenvectors to ~eps ||A|| / gap, as a backward-stable LAPACK solver; quadratic
@@ -379,30 +378,48 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_eig(
                 rc[w] = c; rs[w] = s; rt[w] = tt; rpp[w] = app; rqq[w] = aqq; rpq[w] = apq;
             }
             __syncthreads();
-            for (i64 e = t; e < (i64)k * NP; e += PP_THREADS) {  // A <- A J, V <- V J
-                const int r = (int)(e / NP), w = (int)(e - (e / NP) * NP);
-                const int p = pidx[2 * w], qq = pidx[2 * w + 1];
-                if (qq >= k) continue;
-                const double c = rc[w], s = rs[w];
-                const double ap = A[r * k + p], aq = A[r * k + qq];
-                A[r * k + p] = c * ap - s * aq;
-                A[r * k + qq] = s * ap + c * aq;
-                const double vp = V[r * k + p], vq = V[r * k + qq];
-                V[r * k + p] = c * vp - s * vq;
-                V[r * k + qq] = s * vp + c * vq;
-            }
-            __syncthreads();
-            for (i64 e = t; e < (i64)NP * k; e += PP_THREADS) {  // A <- J^T A
-                const int w = (int)(e / k), j = (int)(e - (e / k) * k);
-                const int p = pidx[2 * w], qq = pidx[2 * w + 1];
-                if (qq >= k) continue;
-                const double c = rc[w], s = rs[w];
-                const double bp = A[p * k + j], bq = A[qq * k + j];
-                double np_ = c * bp - s * bq, nq = s * bp + c * bq;
-                if (j == p) { np_ = rpp[w] - rt[w] * rpq[w]; nq = 0.0; }
-                else if (j == qq) { np_ = 0.0; nq = rqq[w] + rt[w] * rpq[w]; }
-                A[p * k + j] = np_;
-                A[qq * k + j] = nq;
+            // A <- J^T A J and V <- V J, one 2 x 2 block (row pair w1, column pair w2) per
+            // thread: the blocks are disjoint, so a round needs one barrier here, where rotating
+            // all columns and then all rows took two.
+            for (i64 e = t; e < (i64)NP * NP; e += PP_THREADS) {
+                const int w1 = (int)(e / NP), w2 = (int)(e - (e / NP) * NP);
+                const int p1 = pidx[2 * w1], q1 = pidx[2 * w1 + 1];
+                const int p2 = pidx[2 * w2], q2 = pidx[2 * w2 + 1];
+                const bool h1 = q1 < k, h2 = q2 < k;  // false: the dummy index k of an odd k
+                const double c1 = rc[w1], s1 = rs[w1], c2 = rc[w2], s2 = rs[w2];
+                double app = A[p1 * k + p2];
+                double apq = h2 ? A[p1 * k + q2] : 0.0;
+                double aqp = h1 ? A[q1 * k + p2] : 0.0;
+                double aqq = (h1 && h2) ? A[q1 * k + q2] : 0.0;
+                if (h2) {  // columns: A J2
+                    const double npp = c2 * app - s2 * apq, npq = s2 * app + c2 * apq;
+                    const double nqp = c2 * aqp - s2 * aqq, nqq = s2 * aqp + c2 * aqq;
+                    app = npp; apq = npq; aqp = nqp; aqq = nqq;
+                }
+                if (h1) {  // rows: J1^T (A J2)
+                    const double npp = c1 * app - s1 * aqp, nqp = s1 * app + c1 * aqp;
+                    const double npq = c1 * apq - s1 * aqq, nqq = s1 * apq + c1 * aqq;
+                    app = npp; apq = npq; aqp = nqp; aqq = nqq;
+                    if (w1 == w2) {  // the pivot block, set exactly
+                        app = rpp[w1] - rt[w1] * rpq[w1];
+                        aqq = rqq[w1] + rt[w1] * rpq[w1];
+                        apq = aqp = 0.0;
+                    }
+                }
+                A[p1 * k + p2] = app;
+                if (h2) A[p1 * k + q2] = apq;
+                if (h1) A[q1 * k + p2] = aqp;
+                if (h1 && h2) A[q1 * k + q2] = aqq;
+                if (h2) {  // V's rows p1, q1 in the columns p2, q2: V J2
+                    const double vpp = V[p1 * k + p2], vpq = V[p1 * k + q2];
+                    V[p1 * k + p2] = c2 * vpp - s2 * vpq;
+                    V[p1 * k + q2] = s2 * vpp + c2 * vpq;
+                    if (h1) {
+                        const double vqp = V[q1 * k + p2], vqq = V[q1 * k + q2];
+                        V[q1 * k + p2] = c2 * vqp - s2 * vqq;
+                        V[q1 * k + q2] = s2 * vqp + c2 * vqq;
+                    }
+                }
             }
             __syncthreads();
         }
