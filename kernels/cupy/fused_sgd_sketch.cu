@@ -20,9 +20,9 @@
 // smallest that covers k, so a small k does not leave lanes idle), and each thread computes a
 // 4 x 2 block of outputs (4 rows of Y or 4 columns of Z, 2 sketch columns) from one 4-wide read
 // of the staged tile and 2-wide reads of V or U: 8 FMAs per 2 shared reads (the first version,
-// one output per thread, did one read per FMA and ran at about a quarter of the HBM bandwidth at every
-// k <= 32). Where a chunk has fewer outputs than 8 per thread (KC < 32, and Z), the reduction
-// dimension is split across the low lanes of a warp and summed with shuffles.
+// one output per thread, did one read per FMA and ran at about a quarter of the HBM bandwidth
+// at every k <= 32). Where a chunk has fewer outputs than 8 per thread (KC < 32, and Z), the
+// reduction dimension is split across the low lanes of a warp and summed with shuffles.
 // Plain fp32 FMA, no tensor cores: every product is exact-fp32 like the torch reference
 // (TF32 off). The number of Z atomics is n * k * m / 64; it is the price of one pass over W.
 // Atomics make Y, Z (and the float64 fro2/row_sq) depend on the order blocks finish: results
