@@ -343,8 +343,10 @@ def _cupy_fused():
     return backends.kernel_module("cupy", "fused_sgd_sketch").fused_sgd_sketch_cupy
 
 
-def _check_fused(fn_kernel, m, n, k, momentum) -> str:
-    """Correctness before timing: one step from the same state against the torch reference."""
+def fused_errors(fn_kernel, m, n, k, momentum) -> tuple[float, float | None, float | None]:
+    """One step of ``fn_kernel`` from the same state as the torch reference: the weights' max
+    difference relative to max |W| + 1, and the sketches' normwise relative errors (None for
+    k = 0, a plain update)."""
     import torch
 
     from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch, sgd_update_torch
@@ -363,11 +365,19 @@ def _check_fused(fn_kernel, m, n, k, momentum) -> str:
         sgd_update_torch(W2, G, B2, lr=0.01, momentum=momentum)
         ref = None
     werr = (W - W2).abs().max().item() / (W2.abs().max().item() + 1)
+    if not k:
+        return werr, None, None
+    # Bound gamma_n |W||V| ~ n * 2^-24 * ||W||*||V|| scale; report the normwise error.
+    ey = (torch.linalg.norm(out.Y - ref.Y) / torch.linalg.norm(ref.Y)).item()
+    ez = (torch.linalg.norm(out.Z - ref.Z) / torch.linalg.norm(ref.Z)).item()
+    return werr, ey, ez
+
+
+def _check_fused(fn_kernel, m, n, k, momentum) -> str:
+    """Correctness before timing: one step from the same state against the torch reference."""
+    werr, ey, ez = fused_errors(fn_kernel, m, n, k, momentum)
     msg = f"W rel err {werr:.1e}"
     if k:
-        # Bound gamma_n |W||V| ~ n * 2^-24 * ||W||*||V|| scale; report the normwise error.
-        ey = (torch.linalg.norm(out.Y - ref.Y) / torch.linalg.norm(ref.Y)).item()
-        ez = (torch.linalg.norm(out.Z - ref.Z) / torch.linalg.norm(ref.Z)).item()
         msg += f"; Y rel err {ey:.1e}; Z rel err {ez:.1e}"
         ok = werr < 1e-5 and ey < 1e-4 and ez < 1e-4
     else:

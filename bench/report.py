@@ -313,11 +313,12 @@ def _captured_table(ok) -> list[str]:
     for _, g in ok[ok["group"].isin(ok[has_captured]["group"])].groupby("group", sort=False):
         first = g.iloc[0]
         label = f"{first['shape']} {first['dtype']}, momentum {first['momentum']:g}"
+        names = {tracked: sorted({p for p in g["provider"] if p.startswith(f"{tracked}{GRAPH}[")},
+                                 key=lambda p: ("torch" in p, "-" in p, p))
+                 for tracked in TRACKED_ON}
         for k in sorted(g[g["provider"].str.startswith(captured_names)]["k"].dropna().unique()):
             for tracked, untracked in TRACKED_ON.items():
-                names = sorted({p for p in g["provider"] if p.startswith(f"{tracked}{GRAPH}[")},
-                               key=lambda p: ("torch" in p, "-" in p, p))
-                for name in names:
+                for name in names[tracked]:
                     captured = _one(g, provider=name, k=k)
                     if captured is None:
                         continue

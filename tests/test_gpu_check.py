@@ -56,3 +56,20 @@ def test_smoke_checks_record_every_outcome(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "smoke.json").read_text())["checks"][0]["check"] == "triton fused_sgd_sketch"
     gpu_check.write_summary(tmp_path, None)
     assert "| triton sketch | yes |" in (tmp_path / "summary.md").read_text()
+
+
+def test_fused_check_passes_the_reference_and_fails_a_wrong_kernel(monkeypatch):
+    """The correctness check run before each kernel benchmark (and by bench/ab_fused_pass.py)."""
+    from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch
+
+    monkeypatch.setattr(gpu_check, "DEV", "cpu")
+    assert gpu_check.fused_errors(fused_sgd_sketch_torch, 40, 30, 4, 0.9) == (0.0, 0.0, 0.0)
+    assert gpu_check._check_fused(fused_sgd_sketch_torch, 40, 30, 4, 0.9).startswith("ok ")
+
+    def halves_z(*args, **kw):
+        out, buf = fused_sgd_sketch_torch(*args, **kw)
+        return out._replace(Z=out.Z / 2), buf
+
+    werr, ey, ez = gpu_check.fused_errors(halves_z, 40, 30, 4, 0.0)
+    assert werr == 0.0 and ey == 0.0 and abs(ez - 0.5) < 1e-6
+    assert gpu_check._check_fused(halves_z, 40, 30, 4, 0.0).startswith("FAILED ")

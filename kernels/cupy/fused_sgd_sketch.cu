@@ -289,7 +289,7 @@ __device__ __forceinline__ void fused_body(
 }
 
 // One entry point per weight dtype and sketch chunk KC (extern "C": stable names for
-// RawModule.get_function); the launcher picks KC from k (fused_sgd_sketch.py: chunk_width).
+// RawModule.get_function); the launcher picks KC from k (fused_sgd_sketch.py: chunk_layout).
 // MINB: blocks per SM the register allocation must allow. 3 for the 32-bit accumulators
 // (<= 85 registers; at 8192^2 this took the k = 8 pass from 1.01 to 0.75 ms, and did not slow
 // any other width); 1 for float64, whose 128 registers would spill under that cap.

@@ -1,6 +1,7 @@
 """CuPy launcher of op ``fused_sgd_sketch``: torch.optim.SGD update + sketch of the updated W.
 
-Kernel: ``fused_sgd_sketch.cu`` (one entry point per weight dtype and sketch chunk). Reference and contract:
+Kernel: ``fused_sgd_sketch.cu`` (one entry point per weight dtype and sketch chunk, see
+:func:`entry_point`). Reference and contract:
 :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch`. :func:`launch` also serves the
 sketch-only pass (:mod:`.sketch`), which runs the same kernel with the update switched off.
 """
