@@ -287,10 +287,31 @@ def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str =
     if backend == "cpu":
         return kernel_module("cpu", "postprocess").postprocess_cpu(Y, Z, U, V, seed=seed,
                                                                   step=step, refill=refill)
-    if backend == "cupy" or (backend == "triton"
-                             and _cupy_post_for_triton(Y.device, Y.shape[-1], Y.shape[0])):
+    if _post_on_cupy(backend, Y.device, Y.shape[-1], Y.shape[0]):
         return kernel_module("cupy", "postprocess").postprocess_cupy(Y, Z, U, V, seed=seed, step=step)
     return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)
+
+
+def _post_on_cupy(backend: str, device: torch.device, k: int, batch: int) -> bool:
+    """Whether :func:`postprocess` of this backend runs the CuPy kernel."""
+    return backend == "cupy" or (backend == "triton" and _cupy_post_for_triton(device, k, batch))
+
+
+def postprocess_many(groups, *, step, backend: str = "torch") -> list:
+    """:func:`postprocess` of several groups ``(Y, Z, U, V, seed, refill)`` of one step and
+    backend. Where they all run the CuPy kernel with one sketch width and basis dtype on one
+    device, whatever their shapes, they share one launch sequence
+    (:func:`postprocess_cupy_many`: its kernels are latency-bound at a model's sizes); else
+    one call per group. Returns one PostOut per group."""
+    first = groups[0][0]
+    k, batch = first.shape[-1], sum(g[0].shape[0] for g in groups)
+    if (len(groups) > 1 and _post_on_cupy(backend, first.device, k, batch)
+            and all(g[0].device == first.device and g[0].shape[-1] == k
+                    and g[2].dtype == groups[0][2].dtype for g in groups)):
+        return kernel_module("cupy", "postprocess").postprocess_cupy_many(
+            [g[:5] for g in groups], step=step)
+    return [postprocess(Y, Z, U, V, seed=seed, step=step, refill=refill, backend=backend)
+            for Y, Z, U, V, seed, refill in groups]
 
 
 def capture_safe(backend: str, device: torch.device, k: int) -> bool:

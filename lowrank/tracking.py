@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -211,30 +212,65 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None
     :meth:`lowrank.trackset.TrackedSet.pack`), its (b, ...) tensors, committed in one operation
     per field; ``bases`` are then the pack's own U and V.
     """
-    if batched is not None:
-        sk = batched
-    elif sketches[0].Y is None or sketches[0].Z is None:
+    if batched is None and (sketches[0].Y is None or sketches[0].Z is None):
         _absorb_group_one_side(trackers, sketches, _cat, backend=backend)
         return
-    else:
-        sk = SketchOut(*(_cat([getattr(s, f) for s in sketches])
-                         for f in ("Y", "Z", "fro2", "row_sq")))
-    U, V = bases if bases is not None else batched_bases(trackers)
-    finite = torch.isfinite(sk.fro2) & finite_each(sk.Y) & finite_each(sk.Z)  # (b,)
-    # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
-    all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
-    Y, Z = sk.Y, sk.Z
-    if not all_finite:
-        fb = finite.view(-1, 1, 1)
-        Y, Z = torch.where(fb, Y, torch.zeros_like(Y)), torch.where(fb, Z, torch.zeros_like(Z))
-    (m, n), k, dev = trackers[0].shape, trackers[0].k, Y.device
-    refill = (lambda: _cat([refill_candidates((1, m, k), t.seed, 2 * t.step, dev)
-                            for t in trackers]),
-              lambda: _cat([refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev)
-                           for t in trackers]))
-    post = backends.postprocess(Y, Z, U, V, seed=trackers[0].seed, step=_seed_step(trackers[0]),
-                                refill=refill, backend=backend)
-    _commit_group(trackers, sk, post, U, V, finite, all_finite, packed)
+    absorb_groups([(trackers, sketches, batched, bases, packed, backend)])
+
+
+def absorb_groups(specs) -> None:
+    """:func:`absorb_group` of several groups, each ``(trackers, sketches, batched, bases,
+    packed, backend)`` as its arguments (both-sided sketches). Groups of one backend, sketch
+    width, basis dtype, device and step share one post-processing call
+    (:func:`lowrank.backends.postprocess_many`): on the CuPy kernel one launch sequence for
+    every shape, which is what a model's step costs when its kernels are latency-bound."""
+    prepared, calls = [], {}
+    for trackers, sketches, batched, bases, packed, backend in specs:
+        if batched is not None:
+            sk = batched
+        else:
+            sk = SketchOut(*(_cat([getattr(s, f) for s in sketches])
+                             for f in ("Y", "Z", "fro2", "row_sq")))
+        U, V = bases if bases is not None else batched_bases(trackers)
+        finite = torch.isfinite(sk.fro2) & finite_each(sk.Y) & finite_each(sk.Z)  # (b,)
+        # On the CPU, the usual all-finite case skips the masking (~20 small ops a step).
+        all_finite = _checks.host_reads_are_free(finite) and bool(finite.all())
+        Y, Z = sk.Y, sk.Z
+        if not all_finite:
+            fb = finite.view(-1, 1, 1)
+            Y, Z = torch.where(fb, Y, torch.zeros_like(Y)), torch.where(fb, Z, torch.zeros_like(Z))
+        (m, n), k, dev = trackers[0].shape, trackers[0].k, Y.device
+        refill = (lambda trs=trackers, m=m, k=k, dev=dev: _cat(
+                      [refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trs]),
+                  lambda trs=trackers, n=n, k=k, dev=dev: _cat(
+                      [refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev) for t in trs]))
+        step = _seed_step(trackers[0])
+        # the device counter after a capture (one tensor for the set), else the Python count
+        key = (backend, k, U.dtype, dev, id(step) if isinstance(step, torch.Tensor) else step)
+        calls.setdefault(key, []).append(len(prepared))
+        prepared.append(_Prepared(trackers, sk, packed, U, V, finite, all_finite,
+                                  (Y, Z, U, V, trackers[0].seed, refill), step))
+    posts = [None] * len(prepared)
+    for (backend, *_), idx in calls.items():
+        outs = backends.postprocess_many([prepared[i].post_args for i in idx],
+                                         step=prepared[idx[0]].step, backend=backend)
+        for i, post in zip(idx, outs):
+            posts[i] = post
+    for g, post in zip(prepared, posts):
+        _commit_group(g.trackers, g.sk, post, g.U, g.V, g.finite, g.all_finite, g.packed)
+
+
+class _Prepared(NamedTuple):
+    """One group of :func:`absorb_groups` between its checks and its commit."""
+    trackers: list
+    sk: SketchOut
+    packed: dict | None
+    U: torch.Tensor  # the old bases, batched
+    V: torch.Tensor
+    finite: torch.Tensor
+    all_finite: bool
+    post_args: tuple  # (Y, Z, U, V, seed, refill) of backends.postprocess_many
+    step: object  # the step that seeds the refill (an int, or the device counter)
 
 
 def _seed_step(tracker: MatrixTracker):

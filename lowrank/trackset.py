@@ -16,7 +16,7 @@ import torch
 from . import backends
 from .sketch import matrix_shape, sketch_torch
 from .tracking import (STATE_KEYS, MatrixTracker, SpectrumResult, absorb_group,
-                       absorb_sequential, batched_bases)
+                       absorb_groups, absorb_sequential, batched_bases)
 
 _NAN = float("nan")
 # How the two sketches are spread over steps. The bi-iteration runs two interleaved chains of
@@ -333,12 +333,16 @@ class TrackedSet:
 
     def finish_step(self) -> None:
         """Post-process the queued sketches, batched over matrices of one shape, width, basis
-        dtype, device and backend; then run the audits that are due."""
+        dtype, device and backend (on the CuPy kernel over every shape of one width); then run
+        the audits that are due."""
         pending, self._pending = self._pending, []
         batched, self._batched = self._batched, []
+        # Both-sided groups, post-processed together where they share a backend, width, basis
+        # dtype and device (absorb_groups: one CuPy launch sequence for all shapes).
+        specs = []
         for names, sk, bases in batched:
-            absorb_group([self.trackers[n] for n in names], None, backend=self.backend[names[0]],
-                         batched=sk, bases=bases, packed=self._packs.get(tuple(names)))
+            specs.append(([self.trackers[n] for n in names], None, sk, bases,
+                          self._packs.get(tuple(names)), self.backend[names[0]]))
             pending += [(name, None) for name in names]
         groups: dict[tuple, list] = {}
         sequential = []
@@ -353,8 +357,14 @@ class TrackedSet:
                    sk.Z is None)
             groups.setdefault(key, []).append((name, tr, sk))
         for key, items in groups.items():
-            absorb_group([tr for _, tr, _ in items], [sk for _, _, sk in items], backend=key[4],
-                         packed=self._packs.get(tuple(name for name, _, _ in items)))
+            trackers, sketches = [tr for _, tr, _ in items], [sk for _, _, sk in items]
+            packed = self._packs.get(tuple(name for name, _, _ in items))
+            if key[5] or key[6]:  # one-sided (alternating schedule)
+                absorb_group(trackers, sketches, backend=key[4], packed=packed)
+            else:
+                specs.append((trackers, sketches, None, None, packed, key[4]))
+        if specs:
+            absorb_groups(specs)
         if sequential:
             # Z = W^T U_next comes from the weights after the update; each side is batched over
             # the matrices that share its dimension (see absorb_sequential).

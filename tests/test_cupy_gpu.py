@@ -19,7 +19,8 @@ from lowrank.backends import kernel_module  # noqa: E402
 from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch, sgd_update_torch  # noqa: E402
 from lowrank.postprocess import postprocess_torch, refill_candidates  # noqa: E402
 from test_cupy_kernels import (  # noqa: E402
-    HYPERS, PP_CASES, UNIT, _orth, _postprocess_case, check_postprocess, check_sketch, gamma)
+    HYPERS, PP_CASES, UNIT, _assert_post_close, _many_groups, _orth, _postprocess_case,
+    check_postprocess, check_sketch, gamma)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32_matmul")]
 DEV = torch.device("cuda")
@@ -119,6 +120,19 @@ def test_postprocess_matches_reference(case):
     check_postprocess(out, ref, U, V, same_refill=True)
     own = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=5)
     check_postprocess(own, ref, U, V, same_refill=False)
+
+
+def test_postprocess_many_matches_one_call_per_group():
+    """Groups of several shapes in one launch sequence, on the GPU: each group's own result."""
+    groups = [tuple(t.to(DEV) for t in g[:4]) + (g[4],) for g in _many_groups()]
+    gen = _gen(80)
+    groups.append((torch.randn(3, 2048, 6, generator=gen, device=DEV),
+                   torch.randn(3, 768, 6, generator=gen, device=DEV),
+                   torch.linalg.qr(torch.randn(3, 2048, 6, generator=gen, device=DEV))[0].contiguous(),
+                   torch.linalg.qr(torch.randn(3, 768, 6, generator=gen, device=DEV))[0].contiguous(), 9))
+    outs = PP.postprocess_cupy_many(groups, step=4)
+    for g, ((Y, Z, U, V, seed), out) in enumerate(zip(groups, outs)):
+        _assert_post_close(out, PP.postprocess_cupy(Y, Z, U, V, seed=seed, step=4), f"group {g}")
 
 
 @pytest.mark.parametrize("b,m,n,k", [(8, 512, 384, 64), (2, 1024, 1024, 128), (33, 129, 4097, 16)])

@@ -734,6 +734,160 @@ def test_emulated_postprocess_thread_order(emulated_both, case):
     _compare_with_reference(case)
 
 
+def _many_groups():
+    """Three groups of one k and basis dtype but different shapes (the largest p is not in the
+    first group), one of them rank-deficient (refilled directions) and one with float32 sketches
+    converted to float64 alongside float64 ones."""
+    Y0, Z0, U0, V0 = _postprocess_case("random_f32")  # b = 2, 70 x 50, k = 6
+    Y1, Z1, U1, V1 = _postprocess_case("deficient_f32")
+    m2, n2, k = 40, 96, 6
+    Y2 = _spectrum(m2, k, [4, 3, 2, 1, 0.5, 0.1], 43)[None].float()
+    Z2 = torch.randn(1, n2, k, generator=_gen(44))
+    U2 = _orth(m2, k, 45)[None].float().contiguous()  # (QR's Q comes column-major)
+    V2 = _orth(n2, k, 46)[None].float().contiguous()
+    return [(Y0, Z0, U0, V0, 3), (Y1, Z1, U1, V1, 11), (Y2, Z2, U2, V2, 7)]
+
+
+def _assert_post_close(a, b, what):
+    """Two post-processings of the same group: equal up to float64 rounding of the Gram sums
+    (their row chunks follow the largest p of the call), then the basis dtype's rounding."""
+    for name in ("sigma", "sigma_y", "sigma_z", "overlap_u", "overlap_v"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and x.dtype == y.dtype, (what, name)
+        assert torch.allclose(x, y, rtol=1e-12, atol=1e-12 * float(y.abs().max())), (what, name)
+    for name in ("U", "V"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and x.dtype == y.dtype, (what, name)
+        # one float32 rounding apart at most (float64 values that differ by rounding)
+        assert (x.double() - y.double()).abs().max() <= 2e-7, (what, name)
+
+
+def test_emulated_postprocess_many_matches_one_call_per_group(emulated):
+    """Groups of different shapes in one launch sequence give each group's own call's results,
+    for given refill candidates (compared with the reference) and for hashed ones (each group
+    keeps its seed; the refilled directions are those of its own call)."""
+    groups = _many_groups()
+    outs = PP.postprocess_cupy_many(groups, step=5)
+    assert len(outs) == len(groups)
+    for g, ((Y, Z, U, V, seed), out) in enumerate(zip(groups, outs)):
+        alone = PP.postprocess_cupy(Y, Z, U, V, seed=seed, step=5)
+        _assert_post_close(out, alone, f"group {g}")
+        check_postprocess(out, postprocess_torch(Y, Z, U, V, seed=seed, step=5), U, V,
+                          same_refill=False)
+    assert (outs[1].sigma_y[0] == 0).any()  # the deficient group was refilled
+    # its two zero Z sketches: all of V refilled, from candidates hashed per matrix
+    assert (outs[1].sigma_z == 0).all()
+    assert not torch.allclose(outs[1].V[0], outs[1].V[1], atol=1e-2)
+    refills = [(refill_candidates(Y.shape, seed, 10, "cpu"),
+                refill_candidates(Z.shape, seed, 11, "cpu")) for Y, Z, _, _, seed in groups]
+    outs = PP.postprocess_cupy_many(groups, step=5, refills=refills)
+    for (Y, Z, U, V, seed), out in zip(groups, outs):
+        check_postprocess(out, postprocess_torch(Y, Z, U, V, seed=seed, step=5), U, V,
+                          same_refill=True)
+
+
+def test_emulated_postprocess_table_does_not_change_with_the_sketches(emulated, monkeypatch):
+    """The problem table holds sizes, seeds and the old bases' addresses, not the sketches'
+    (new tensors every step, and inside a CUDA graph capture from the graph's own pool): with
+    static bases (a TrackedSet's packs) it is uploaded once, before any capture."""
+    loader = kernel_module("cupy", "_loader")
+    seen = []
+    real = loader.device_table
+    def spy(values, device):
+        seen.append(values)
+        return real(values, device)
+
+    monkeypatch.setattr(loader, "device_table", spy)
+    groups = _many_groups()
+    assert all(t.is_contiguous() for g in groups for t in g[2:4])
+    PP.postprocess_cupy_many(groups, step=1)
+    fresh = [(Y.clone(), Z.clone(), U, V, seed) for Y, Z, U, V, seed in groups]
+    PP.postprocess_cupy_many(fresh, step=2)
+    assert len(seen) == 2 and seen[0] == seen[1], [(i, a, b) for i, (a, b) in enumerate(zip(*seen)) if a != b][:5]
+
+
+def test_emulated_postprocess_many_mixed_sketch_dtypes(emulated):
+    """float32 and float64 sketches in one call: all are read as float64, as one group's
+    float64 call would."""
+    groups = _many_groups()
+    Y, Z, U, V, seed = groups[2]
+    groups[2] = (Y.double(), Z.double(), U, V, seed)
+    outs = PP.postprocess_cupy_many(groups, step=2)
+    for g, ((Y, Z, U, V, seed), out) in enumerate(zip(groups, outs)):
+        alone = PP.postprocess_cupy(Y.double(), Z.double(), U, V, seed=seed, step=2)
+        _assert_post_close(out, alone, f"group {g}")
+
+
+def test_emulated_postprocess_many_rejects_mixed_groups(emulated):
+    groups = _many_groups()
+    Y, Z, U, V, seed = groups[2]
+    with pytest.raises(ValueError, match="same sketch width"):
+        PP.postprocess_cupy_many(groups[:2] + [(Y[..., :5], Z[..., :5], U[..., :5], V[..., :5], 0)])
+    with pytest.raises(TypeError, match="same basis dtype"):
+        PP.postprocess_cupy_many(groups[:2] + [(Y, Z, U.double(), V.double(), seed)])
+    with pytest.raises(ValueError, match="non-empty"):
+        PP.postprocess_cupy_many([])
+    with pytest.raises(ValueError, match="one \\(Ry, Rz\\) per group"):
+        PP.postprocess_cupy_many(groups, refills=[])
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-shortcut", "masked-gpu-path"])
+def test_emulated_absorb_groups_one_launch_sequence_for_every_shape(emulated, monkeypatch,
+                                                                     host_reads):
+    """A step of trackers of three shapes with one k and one of another k, on the CuPy kernel:
+    the three share one postprocess_cupy_many call, the odd one has its own; every tracker's
+    state is that of its group's own absorb_group, a non-finite sketch included."""
+    from lowrank import _checks
+    from lowrank.tracking import MatrixTracker, absorb_group, absorb_groups
+
+    if not host_reads:
+        monkeypatch.setattr(_checks, "host_reads_are_free", lambda t: False)
+    calls = []
+    real = PP.postprocess_cupy_many
+
+    def spy(groups, **kw):
+        calls.append([g[0].shape for g in groups])
+        return real(groups, **kw)
+
+    monkeypatch.setattr(PP, "postprocess_cupy_many", spy)
+    gen = torch.Generator().manual_seed(7)
+    shapes = [((24, 40), 6, 2), ((50, 30), 6, 1), ((36, 36), 6, 2), ((20, 16), 4, 1)]
+    weights = [[torch.randn(s, generator=gen) for _ in range(b)] for s, _, b in shapes]
+    weights[1][0][:, 2:] = 0.0  # rank 2 < k: refilled directions
+
+    def trackers():
+        return [[MatrixTracker(f"g{g}.{i}", s, k, seed=g) for i in range(b)]
+                for g, (s, k, b) in enumerate(shapes)]
+
+    alone, together = trackers(), trackers()
+    for step in range(3):
+        mats = [[W.clone() for W in ws] for ws in weights]
+        if step == 1:
+            mats[2][1][0, 0] = float("nan")
+        for trs, ws in zip(alone, mats):
+            absorb_group(trs, [sketch_torch(W, t.U, t.V) for t, W in zip(trs, ws)],
+                         backend="cupy")
+        calls.clear()
+        absorb_groups([(trs, [sketch_torch(W, t.U, t.V) for t, W in zip(trs, ws)], None, None,
+                        None, "cupy") for trs, ws in zip(together, mats)])
+        # one launch sequence for the k = 6 groups; the k = 4 group has its own
+        assert calls == [[(2, 24, 6), (1, 50, 6), (2, 36, 6)], [(1, 20, 4)]]
+        for a_trs, t_trs in zip(alone, together):
+            for a, t in zip(a_trs, t_trs):
+                assert a.step == t.step == step + 1
+                post = _committed(t)
+                _assert_post_close(post, _committed(a), f"{a.name} step {step}")
+                assert torch.equal(t.fro2, a.fro2) and torch.equal(t.row_sq, a.row_sq)
+                assert bool(t.nonfinite) == bool(a.nonfinite) == (step == 1 and a.name == "g2.1")
+
+
+def _committed(tracker):
+    """A tracker's committed state as the fields _assert_post_close compares."""
+    from lowrank.postprocess import PostOut
+    return PostOut(tracker.sigma, tracker.sigma_y, tracker.sigma_z, tracker.U, tracker.V,
+                   tracker.overlap_u, tracker.overlap_u)
+
+
 def test_emulated_postprocess_rejects_bad_shapes(emulated):
     Y = torch.randn(1, 4, 6)  # m < k
     with pytest.raises(ValueError, match="k <= min"):

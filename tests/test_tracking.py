@@ -270,3 +270,34 @@ def test_absorb_group_equals_one_matrix_at_a_time(monkeypatch, path, batched):
                                            atol=1e-12, msg=f"{a.name}.{key}")
                 assert getattr(g, key).shape == getattr(a, key).shape
             assert bool(g.nonfinite) == bool(a.nonfinite) == (step == 2 and a.name == "w2")
+
+
+def test_step_hands_every_shape_of_one_width_to_one_postprocess_call(monkeypatch):
+    """Under the "both" schedule a step's groups (here three shapes, one of them two matrices,
+    and a matrix of another width) reach the post-processing as one call per width, which the
+    CuPy kernel runs as one launch sequence (tests/test_cupy_kernels.py)."""
+    from torch import nn
+
+    from lowrank import SpectralSGD, backends
+
+    calls = []
+    real = backends.postprocess_many
+
+    def spy(groups, **kw):
+        calls.append(sorted(tuple(g[0].shape) for g in groups))
+        return real(groups, **kw)
+
+    monkeypatch.setattr(backends, "postprocess_many", spy)
+    torch.manual_seed(0)
+    params = {"a": nn.Parameter(torch.randn(12, 18)), "b": nn.Parameter(torch.randn(12, 18)),
+              "c": nn.Parameter(torch.randn(20, 9)), "d": nn.Parameter(torch.randn(9, 30)),
+              "e": nn.Parameter(torch.randn(3, 40))}  # k = min(8, 3) = 3
+    opt = SpectralSGD(list(params.items()), lr=0.1, rank=2, sketch_rank=8, backend="torch",
+                      schedule="both")
+    for step in range(2):
+        for p in params.values():
+            p.grad = torch.randn_like(p)
+        calls.clear()
+        opt.step()
+        assert sorted(calls) == [[(1, 3, 3)], [(1, 9, 8), (1, 20, 8), (2, 12, 8)]]
+    assert all(t.step == 2 for t in opt.tracked.trackers.values())

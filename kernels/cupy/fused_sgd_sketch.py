@@ -296,41 +296,6 @@ def fused_sgd_sketch_cupy(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | 
                   momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize)
 
 
-_TABLES: dict = {}  # (device, addresses) -> (device table, its pinned source); never written again
-_TABLES_MAX = 64
-# Tables a CUDA graph capture used: a replay reads the table (and, for one uploaded inside the
-# capture, copies it again from its pinned source), so they must outlive an eviction from _TABLES.
-_CAPTURED: dict = {}
-
-
-def _address_table(addresses: tuple, device: torch.device) -> torch.Tensor:
-    """The int64 device tensor of ``addresses``, kept for the next step: parameters, buffers and
-    (with static gradients) gradients keep their addresses, so a training loop uploads each
-    group's table once. On CUDA the upload goes through pinned memory without a host sync.
-    Inside a CUDA graph capture a new table is not cached for eager steps (its upload runs only
-    when the graph is replayed)."""
-    key = (device, addresses)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    entry = _TABLES.get(key)
-    if entry is None:
-        host = torch.tensor(addresses, dtype=torch.int64)
-        if device.type == "cuda":
-            # The pinned block is not reused before the copy has run (the caching host
-            # allocator records the copy's stream), so the upload needs no sync.
-            host = host.pin_memory()
-            table = host.to(device, non_blocking=True)
-        else:
-            table = host  # the CPU emulation of the tests
-        entry = (table, host)
-        if not capturing:
-            if len(_TABLES) >= _TABLES_MAX:
-                _TABLES.pop(next(iter(_TABLES)))  # the oldest: gradients set to None get new ones
-            _TABLES[key] = entry
-    if capturing:
-        _CAPTURED[key] = entry  # the graph keeps reading this memory at every replay
-    return entry[0]
-
-
 def launch_many(Ws, Gs, bufs, U, V, *, update: bool, lr=0.0, weight_decay=0.0, momentum=0.0,
                 dampening=0.0, nesterov=False, maximize=False, op="fused_sgd_sketch_cupy_many"):
     """The pass over b separate matrices of one shape and dtype in one launch; see
@@ -384,7 +349,7 @@ def launch_many(Ws, Gs, bufs, U, V, *, update: bool, lr=0.0, weight_decay=0.0, m
     for i in range(b):
         addresses += [Ws[i].data_ptr(), Gs[i].data_ptr() if update else 0,
                       bufs[i].data_ptr() if with_buf else 0]
-    table = _address_table(tuple(addresses), device)
+    table = _loader.device_table(tuple(addresses), device)
     dense = (m * n, n, 1)
     out = _run_pass(op, device, W0.dtype, (b, m, n), None, table, (dense, dense, dense), Uc, sUb,
                     Vc, sVb, k, update, lr_t, hyper)

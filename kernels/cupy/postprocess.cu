@@ -1,9 +1,15 @@
 // Op `postprocess`: sketches -> singular values, next bases and overlaps, for a batch, on the
 // device, with no host synchronisation (same math as lowrank.postprocess.postprocess_torch).
 //
-// A "problem" z in [0, 2b) is one side of one matrix: z < b is Y[z] (p = m rows), z >= b is
-// Z[z - b] (p = n rows). Every p x k array is passed as two pointers (side 0, side 1) to
-// contiguous (b, p, k) tensors; every k x k array is stacked as (2b, k, k). For each problem:
+// A "problem" z in [0, 2b) is one side of one matrix: z < b is Y of matrix z (p = m rows),
+// z >= b is Z of matrix z - b (p = n rows). The b matrices need not share a shape (one call
+// post-processes every shape of a model that has the same k): a problem table (PP_TAB int64
+// per problem, see Problem) gives each problem's p, its first row in the p x k workspaces
+// (the sketches S, copied there by the caller, and R, Q, X: each stacks every problem's rows)
+// and the address of its old basis (the caller's tensor, read in place). The table holds no
+// address that changes from step to step, so a training loop uploads it once, before a CUDA
+// graph capture. Every k x k array is stacked as (2b, k, k).
+// For each problem:
 //
 //   pp_refill  R = Gaussian candidates (counter-based hash of seed, step, side, index)
 //   pp_gram    [S^T S, S^T R]               partial sums over row chunks (deterministic order)
@@ -37,49 +43,82 @@
 #define GRAM_RELATIVE_FLOOR 1e-14
 #define GRAM_ABSOLUTE_FLOOR 1e-280
 
+// Columns of the problem table (int64, PP_TAB per problem; written by postprocess.py).
+#define PP_TAB 5
+#define TAB_P 0       // rows p
+#define TAB_ROW0 1    // first row in the stacked workspaces
+#define TAB_OLD 2     // address of the old basis (p x k, contiguous)
+#define TAB_SEED 3    // refill seed (the bits of a uint64)
+#define TAB_INDEX 4   // refill counter block: the matrix's index in its group
+
 struct Problem {
-    int side;  // 0: Y (p = m), 1: Z (p = n)
-    i64 i;     // index in the batch
-    i64 p;     // rows
+    int side;        // 0: Y, 1: Z
+    i64 i;           // matrix index in [0, b)
+    i64 p;           // rows
+    i64 row0;        // first row in the stacked workspaces
+    const i64* row;  // its table row
 };
 
-__device__ __forceinline__ Problem problem(i64 z, i64 b, i64 m, i64 n) {
+__device__ __forceinline__ Problem problem(const i64* tab, i64 z, i64 b) {
     Problem q;
     q.side = z >= b;
     q.i = q.side ? z - b : z;
-    q.p = q.side ? n : m;
+    q.row = tab + z * PP_TAB;
+    q.p = q.row[TAB_P];
+    q.row0 = q.row[TAB_ROW0];
+    return q;
+}
+
+// The p x k array of problem q: the address in table column col (>= 0: the caller's tensor),
+// else the problem's rows of the stacked workspace ws.
+template <class T>
+__device__ __forceinline__ T* rows_of(const Problem& q, int col, T* ws, int k) {
+    if (col >= 0) return reinterpret_cast<T*>((u64)q.row[col]);
+    return ws == nullptr ? nullptr : ws + q.row0 * k;
+}
+
+// The k x k-only kernels (pp_eig, pp_mid, pp_fin) need the side and matrix index only.
+__device__ __forceinline__ Problem side_of(i64 z, i64 b) {
+    Problem q;
+    q.side = z >= b;
+    q.i = q.side ? z - b : z;
+    q.p = q.row0 = 0;
+    q.row = nullptr;
     return q;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Refill candidates: standard normal numbers from a counter-based hash, so they need no
-// generator state (graph capture safe) and depend only on (seed, step, side, batch, row, col).
-// step is read from step_ptr when it is given (a device counter that a replayed graph advances).
+// generator state (graph capture safe) and depend only on (seed, step, side, index in the
+// group, row, col); seed and index come from the problem table. step is read from step_ptr
+// when it is given (a device counter that a replayed graph advances).
 extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_refill(
-    double* R0, double* R1,            // (b, m, k), (b, n, k) outputs
-    i64 b, i64 m, i64 n, int k,
-    u64 seed, i64 step, const i64* step_ptr)
+    double* R,                         // stacked p x k workspace (out)
+    const i64* tab, i64 b, int k,
+    i64 step, const i64* step_ptr)
 {
-    const Problem q = problem(blockIdx.y, b, m, n);
+    const Problem q = problem(tab, blockIdx.y, b);
     const i64 total = q.p * k;
-    double* R = (q.side ? R1 : R0) + q.i * total;
+    double* Rz = R + q.row0 * k;
     const i64 s = step_ptr ? *step_ptr : step;
     // Stream 2 step + side, as the reference seeds refill_candidates with 2 step and 2 step + 1.
-    const u64 key = mix64(mix64(seed) ^ (u64)(2 * s + q.side));
+    const u64 key = mix64(mix64((u64)q.row[TAB_SEED]) ^ (u64)(2 * s + q.side));
+    const i64 index = q.row[TAB_INDEX];
     for (i64 e = (i64)blockIdx.x * PP_THREADS + threadIdx.x; e < total; e += (i64)gridDim.x * PP_THREADS) {
-        const u64 c = (u64)(q.i * total + e);
+        const u64 c = (u64)(index * total + e);
         const u64 h1 = mix64(key ^ mix64(2 * c));
         const u64 h2 = mix64(key ^ mix64(2 * c + 1));
         const double u1 = (double)((h1 >> 11) + 1) * 0x1.0p-53;  // (0, 1]: log is finite
         const double u2 = (double)(h2 >> 11) * 0x1.0p-53;        // [0, 1)
-        R[e] = sqrt(-2.0 * log(u1)) * cospi(2.0 * u2);          // Box-Muller
+        Rz[e] = sqrt(-2.0 * log(u1)) * cospi(2.0 * u2);         // Box-Muller
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Partial Gram products over row chunks: out[z, chunk, term] = A_term^T B_term (k x k) summed
-// over the rows of the chunk. Operands are F (the "first" array, dtype D: a sketch or an old
-// basis) or S (the "second" array, float64 workspace); sel bit 2 t picks A of term t (0: F,
+// over the rows of the chunk. Operands are F (the "first" array, dtype D: with fcol < 0 the
+// stacked workspace Fws (sketches, Q), else table column fcol (old bases)) or S (the "second"
+// array, the stacked float64 workspace Sws); sel bit 2 t picks A of term t (0: F,
 // 1: S), bit 2 t + 1 picks B. Grid: (chunks, terms * tiles^2, 2b); a block computes one
 // 32 x 32 tile of one term, 4 entries per thread, in float64. Entry (i, j) and (j, i) of a
 // symmetric term see the same products in the same order, so the result is exactly symmetric.
@@ -87,13 +126,12 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_refill(
 // so the whole post-processing is deterministic.
 template <class D>
 __device__ __forceinline__ void gram_body(
-    const typename D::store_t* F0, const typename D::store_t* F1,
-    const double* S0, const double* S1,
-    i64 b, i64 m, i64 n, int k, int nterms, int sel, i64 rows_per_chunk, double* out)
+    const i64* tab, int fcol, const typename D::store_t* Fws, const double* Sws,
+    i64 b, int k, int nterms, int sel, i64 rows_per_chunk, double* out)
 {
     __shared__ double As[PP_T][PP_LD];
     __shared__ double Bs[PP_T][PP_LD];
-    const Problem q = problem(blockIdx.z, b, m, n);
+    const Problem q = problem(tab, blockIdx.z, b);
     const int nt = (k + PP_T - 1) / PP_T;
     const int term = blockIdx.y / (nt * nt);
     const int tile = blockIdx.y - term * nt * nt;
@@ -101,10 +139,10 @@ __device__ __forceinline__ void gram_body(
     const int t = threadIdx.x, tx = t & 31, ty = t >> 5;
     const bool a_s = (sel >> (2 * term)) & 1;
     const bool b_s = (sel >> (2 * term + 1)) & 1;
-    const typename D::store_t* F = (q.side ? F1 : F0) + q.i * q.p * k;
-    const double* S = (q.side ? S1 : S0) + q.i * q.p * k;
+    const typename D::store_t* F = rows_of(q, fcol, Fws, k);
+    const double* S = rows_of(q, -1, Sws, k);
     const i64 rbeg = (i64)blockIdx.x * rows_per_chunk;
-    const i64 rend = min(q.p, rbeg + rows_per_chunk);
+    const i64 rend = min(q.p, rbeg + rows_per_chunk);  // a chunk past p writes zeros
     const int ca = ti * PP_T + tx, cb = tj * PP_T + tx;
 
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -140,9 +178,9 @@ __device__ __forceinline__ void gram_body(
 
 #define PP_GRAM_ENTRY(NAME, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(PP_THREADS) NAME(                               \
-        const D::store_t* F0, const D::store_t* F1, const double* S0, const double* S1, i64 b,   \
-        i64 m, i64 n, int k, int nterms, int sel, i64 rows_per_chunk, double* out) {              \
-        gram_body<D>(F0, F1, S0, S1, b, m, n, k, nterms, sel, rows_per_chunk, out);              \
+        const i64* tab, int fcol, const D::store_t* Fws, const double* Sws, i64 b, int k,        \
+        int nterms, int sel, i64 rows_per_chunk, double* out) {                                  \
+        gram_body<D>(tab, fcol, Fws, Sws, b, k, nterms, sel, rows_per_chunk, out);               \
     }
 
 PP_GRAM_ENTRY(pp_gram_f32, F32)
@@ -151,30 +189,30 @@ PP_GRAM_ENTRY(pp_gram_bf16, BF16)
 PP_GRAM_ENTRY(pp_gram_f16, F16)
 
 // ---------------------------------------------------------------------------------------------
-// Out = alpha * (X M + X2 M2) + D for p x k row blocks: X (dtype DX) and X2 (float64, optional)
-// are p x k, M and M2 k x k (problem strides sM, sM2), D (float64, optional) p x k; Out has
-// dtype DO. Grid: (row tiles, column tiles, 2b). Out may alias D (each element is read and then
-// written by the same thread) but not X or X2.
+// Out = alpha * (X M + X2 M2) + D for p x k row blocks: X (dtype DX: table column xcol, or
+// with xcol < 0 the stacked workspace Xws) and X2 (float64 workspace, optional) are p x k,
+// M and M2 k x k (problem strides sM, sM2), D (float64 workspace, optional) p x k; Out (dtype
+// DO) is a stacked workspace. Grid: (row tiles, column tiles, 2b). Out may alias D (each
+// element is read and then written by the same thread) but not X or X2.
 template <class DX, class DO>
 __device__ __forceinline__ void apply_body(
-    const typename DX::store_t* X0, const typename DX::store_t* X1, const double* M, i64 sM,
-    const double* X20, const double* X21, const double* M2, i64 sM2,
-    const double* D0, const double* D1, double alpha,
-    typename DO::store_t* O0, typename DO::store_t* O1, i64 b, i64 m, i64 n, int k)
+    const i64* tab, int xcol, const typename DX::store_t* Xws, const double* M, i64 sM,
+    const double* X2ws, const double* M2, i64 sM2, const double* Dws, double alpha,
+    typename DO::store_t* Ows, i64 b, int k)
 {
     __shared__ double Xs[PP_T][PP_LD];
     __shared__ double Ms[PP_T][PP_LD];
-    const Problem q = problem(blockIdx.z, b, m, n);
+    const Problem q = problem(tab, blockIdx.z, b);
     const i64 r0 = (i64)blockIdx.x * PP_T;
-    if (r0 >= q.p) return;  // block-uniform: the shorter side has fewer row tiles
+    if (r0 >= q.p) return;  // block-uniform: shorter problems have fewer row tiles
     const int t = threadIdx.x, tx = t & 31, ty = t >> 5;
     const int gc = blockIdx.y * PP_T + tx;
-    const i64 base = q.i * q.p * k;
+    const typename DX::store_t* X = rows_of(q, xcol, Xws, k);
+    const double* X2 = rows_of(q, -1, X2ws, k);
     const double* Mz = M + (i64)blockIdx.z * sM;
 
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     for (int term = 0; term < 2; ++term) {
-        const double* X2 = q.side ? X21 : X20;
         if (term == 1 && X2 == nullptr) break;
         const double* Mt = term ? M2 + (i64)blockIdx.z * sM2 : Mz;
         for (int kc = 0; kc < k; kc += PP_T) {
@@ -184,8 +222,8 @@ __device__ __forceinline__ void apply_body(
                 const i64 gr = r0 + r;
                 double xv = 0.0;
                 if (gr < q.p && kc + tx < k) {
-                    const i64 idx = base + gr * k + kc + tx;
-                    xv = term ? X2[idx] : (double)DX::load(q.side ? X1 : X0, idx);
+                    const i64 idx = gr * k + kc + tx;
+                    xv = term ? X2[idx] : (double)DX::load(X, idx);
                 }
                 Xs[r][tx] = xv;
                 Ms[r][tx] = (kc + r < k && gc < k) ? Mt[(i64)(kc + r) * k + gc] : 0.0;
@@ -200,13 +238,13 @@ __device__ __forceinline__ void apply_body(
             __syncthreads();
         }
     }
-    const double* D = q.side ? D1 : D0;
-    typename DO::store_t* O = q.side ? O1 : O0;
+    const double* D = rows_of(q, -1, Dws, k);
+    typename DO::store_t* O = rows_of(q, -1, Ows, k);
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
         const i64 gr = r0 + ty * 4 + s;
         if (gr < q.p && gc < k) {
-            const i64 idx = base + gr * k + gc;
+            const i64 idx = gr * k + gc;
             double v = alpha * acc[s];
             if (D) v += D[idx];
             DO::store(O, idx, (typename DO::acc_t)v);
@@ -216,10 +254,10 @@ __device__ __forceinline__ void apply_body(
 
 #define PP_APPLY_ENTRY(NAME, DX, DO)                                                              \
     extern "C" __global__ void __launch_bounds__(PP_THREADS) NAME(                               \
-        const DX::store_t* X0, const DX::store_t* X1, const double* M, i64 sM, const double* X20, \
-        const double* X21, const double* M2, i64 sM2, const double* D0, const double* D1,        \
-        double alpha, DO::store_t* O0, DO::store_t* O1, i64 b, i64 m, i64 n, int k) {             \
-        apply_body<DX, DO>(X0, X1, M, sM, X20, X21, M2, sM2, D0, D1, alpha, O0, O1, b, m, n, k); \
+        const i64* tab, int xcol, const DX::store_t* Xws, const double* M, i64 sM,               \
+        const double* X2ws, const double* M2, i64 sM2, const double* Dws, double alpha,          \
+        DO::store_t* Ows, i64 b, int k) {                                                        \
+        apply_body<DX, DO>(tab, xcol, Xws, M, sM, X2ws, M2, sM2, Dws, alpha, Ows, b, k);         \
     }
 
 PP_APPLY_ENTRY(pp_apply_f32_f64, F32, F64)   // Q = S C1, R1 = R - S N1 from fp32 sketches
@@ -446,7 +484,7 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_eig(
     for (int i = t; i < k; i += PP_THREADS) lam[i] = scale[i];
     __syncthreads();
     const double top = lam[0];
-    const Problem q = problem(z, b, 0, 0);
+    const Problem q = side_of(z, b);
     double* sig = (q.side ? sig1 : sig0) + q.i * k;
     for (int i = t; i < k; i += PP_THREADS) {
         const double l = lam[i];
@@ -594,7 +632,7 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_fin(
     __syncthreads();
     cholesky_and_inverse(L, Li, k);
     double* Tz = T + z * kk;
-    const Problem q = problem(z, b, 0, 0);
+    const Problem q = side_of(z, b);
     double* ov = (q.side ? ov1 : ov0) + q.i * kk;
     for (i64 e = t; e < kk; e += PP_THREADS) {
         const int i = (int)(e / k), j = (int)(e - (e / k) * k);

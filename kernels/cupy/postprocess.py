@@ -70,18 +70,26 @@ class _Plan(NamedTuple):
     total: int  # doubles in the workspace
 
 
+# Columns of the problem table (TAB_* in the .cu): p, first workspace row, old basis address,
+# refill seed, index in the group.
+TAB_P, TAB_ROW0, TAB_OLD, TAB_SEED, TAB_INDEX = range(5)
+
+
 @functools.lru_cache(maxsize=256)
-def _plan(b: int, m: int, n: int, k: int, v_shared: bool, sms: int) -> _Plan:
-    """Grid split and workspace layout of one problem size (host arithmetic, cached)."""
-    z2, nt, pmax = 2 * b, -(-k // TILE), max(m, n)
+def _plan(dims: tuple, k: int, sketch_bytes: int, v_shared: bool, sms: int) -> _Plan:
+    """Grid split and workspace layout of one set of problem sizes (host arithmetic, cached).
+    ``dims``: (b, m, n) of each group; ``sketch_bytes``: the size of a sketch entry."""
+    b = sum(g[0] for g in dims)
+    rows = sum(g[0] * (g[1] + g[2]) for g in dims)  # every problem's rows, stacked
+    z2, nt, pmax = 2 * b, -(-k // TILE), max(max(g[1], g[2]) for g in dims)
     target = 4 * sms
     chunks_a, rows_a = _chunks(pmax, z2 * 2 * nt * nt, target)
     chunks_c, rows_c = _chunks(pmax, z2 * 3 * nt * nt, target)
     chunks_e, rows_e = _chunks(pmax, z2 * 2 * nt * nt, target)
     sizes = {
-        # p x k per side: refill candidates R (then R1), Q, X1.
-        "Ry": b * m * k, "Rz": b * n * k, "Qy": b * m * k, "Qz": b * n * k,
-        "Xy": b * m * k, "Xz": b * n * k,
+        # p x k per problem, stacked: the sketches S (in their dtype), refill candidates R
+        # (then R1), Q, X1.
+        "S": -(-rows * k * sketch_bytes // 8), "R": rows * k, "Q": rows * k, "X": rows * k,
         # k x k, stacked over the 2b problems.
         "C1": z2 * k * k, "M1": z2 * k * k, "N1": z2 * k * k, "good": z2 * k,
         "W1": z2 * 2 * k * k, "scratch": z2 * 2 * k * k, "T": z2 * k * k,
@@ -120,25 +128,55 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
     as float64 (b, m, k) and (b, n, k) tensors. Returns PostOut (sigma, sigma_y, sigma_z: (b, k)
     float64 descending; U, V; overlap_u, overlap_v: (b, k, k) float64).
     """
-    op = "postprocess_cupy"
-    device = _loader.check_cuda(op, Y=Y, Z=Z, U_old=U_old, V_old=V_old)
-    if Y.dim() != 3 or Z.dim() != 3 or U_old.shape != Y.shape or V_old.shape != Z.shape \
-            or Y.shape[0] != Z.shape[0] or Y.shape[2] != Z.shape[2]:
-        raise ValueError(f"{op}: expected Y (b, m, k), Z (b, n, k), U_old like Y, V_old like Z; got "
-                         f"{tuple(Y.shape)}, {tuple(Z.shape)}, {tuple(U_old.shape)}, {tuple(V_old.shape)}")
-    b, m, k = Y.shape
-    n = Z.shape[1]
-    if k < 1 or m < k or n < k:
-        raise ValueError(f"{op}: need 1 <= k <= min(m, n); got m={m}, n={n}, k={k}")
-    if U_old.dtype != V_old.dtype or U_old.dtype not in _BASIS:
-        raise TypeError(f"{op}: U_old and V_old must share one dtype of float32, float64, bfloat16, "
-                        f"float16; got {U_old.dtype}, {V_old.dtype}")
+    return postprocess_cupy_many([(Y, Z, U_old, V_old, seed)], step=step,
+                                 refills=None if refill is None else [refill],
+                                 op="postprocess_cupy")[0]
+
+
+def postprocess_cupy_many(groups, *, step=0, refills=None,
+                          op: str = "postprocess_cupy_many") -> list[PostOut]:
+    """:func:`postprocess_cupy` of several groups of matrices, of any shapes but one sketch
+    width k, in ONE launch sequence: the kernels are latency-bound at a model's sizes, so a
+    model whose tracked matrices have several shapes pays the sequence once, not once per shape.
+
+    ``groups``: (Y, Z, U_old, V_old, seed) per group, each as :func:`postprocess_cupy` takes
+    them; one basis dtype for all. The sketches are copied into one workspace, in their dtype
+    where they share float32 or float64, else as float64. ``step``: shared by every group (int or a 1-element
+    integer CUDA tensor). ``refills``: None, or (Ry, Rz) per group. Returns one PostOut per
+    group, in order, whose tensors are views of shared outputs. Each group's results are those
+    of its own :func:`postprocess_cupy` call.
+    """
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise ValueError(f"{op}: groups must be a non-empty list of (Y, Z, U_old, V_old, seed)")
+    tensors = {}
+    for g, (Y, Z, U_old, V_old, _) in enumerate(groups):
+        tensors.update({f"Y{g}": Y, f"Z{g}": Z, f"U_old{g}": U_old, f"V_old{g}": V_old})
+    device = _loader.check_cuda(op, **tensors)
+    k = groups[0][0].shape[-1] if groups[0][0].dim() == 3 else -1
+    for Y, Z, U_old, V_old, _ in groups:
+        if Y.dim() != 3 or Z.dim() != 3 or U_old.shape != Y.shape or V_old.shape != Z.shape \
+                or Y.shape[0] != Z.shape[0] or Y.shape[2] != Z.shape[2]:
+            raise ValueError(f"{op}: expected Y (b, m, k), Z (b, n, k), U_old like Y, V_old like Z; got "
+                             f"{tuple(Y.shape)}, {tuple(Z.shape)}, {tuple(U_old.shape)}, {tuple(V_old.shape)}")
+        _, m_, k_ = Y.shape
+        if k_ < 1 or m_ < k_ or Z.shape[1] < k_:
+            raise ValueError(f"{op}: need 1 <= k <= min(m, n); got m={m_}, n={Z.shape[1]}, k={k_}")
+        if k_ != k:
+            raise ValueError(f"{op}: every group needs the same sketch width; got k={k} and {k_}")
+        if U_old.dtype != V_old.dtype or U_old.dtype not in _BASIS:
+            raise TypeError(f"{op}: U_old and V_old must share one dtype of float32, float64, bfloat16, "
+                            f"float16; got {U_old.dtype}, {V_old.dtype}")
+        if U_old.dtype != groups[0][2].dtype:
+            raise TypeError(f"{op}: every group needs the same basis dtype; got "
+                            f"{groups[0][2].dtype} and {U_old.dtype}")
+    if refills is not None and len(refills) != len(groups):
+        raise ValueError(f"{op}: refills needs one (Ry, Rz) per group")
+    dims = tuple((Y.shape[0], Y.shape[1], Z.shape[1]) for Y, Z, *_ in groups)
+    b = sum(d[0] for d in dims)
     _loader.grid_dim_check(op, "2 * batch", 2 * b)
-    sdt = Y.dtype if (Y.dtype == Z.dtype and Y.dtype in _SKETCH) else torch.float64
-    Yc = Y.detach().to(sdt).contiguous()
-    Zc = Z.detach().to(sdt).contiguous()
-    Uc = U_old.detach().contiguous()
-    Vc = V_old.detach().contiguous()
+    dtypes = {t.dtype for Y, Z, *_ in groups for t in (Y, Z)}
+    sdt = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _SKETCH else torch.float64
+    basis_dtype = groups[0][2].dtype
 
     step_t = None
     if isinstance(step, torch.Tensor):
@@ -149,7 +187,6 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
             step = 0
         else:
             step = int(step)  # a CPU tensor: no device sync
-    seed_u = np.uint64(int(seed) % 2**64)
 
     if not _eig_fits(k, False, device):
         raise ValueError(f"{op}: k = {k} is too large for the one-block eigen solver "
@@ -157,81 +194,116 @@ def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_ol
                          f"{_loader.max_shared_bytes(device)})")
     v_shared = _eig_fits(k, True, device)  # the eigenvectors in shared memory too
 
+    # The problem table: the Y sides of every group's matrices, then their Z sides, each
+    # problem's rows stacked in that order in the workspaces (so a group's Y or Z rows, and
+    # its new bases, are one contiguous range). Its entries stay the same from step to step
+    # where the old bases do (a TrackedSet's packs): then it is uploaded once (device_table).
+    sketches = [[g[0] for g in groups], [g[1] for g in groups]]
+    bases = [[g[2].detach().contiguous() for g in groups],
+             [g[3].detach().contiguous() for g in groups]]
+    rows, row0, starts = [], 0, [[], []]  # starts[side][g]: the group's first row
+    for side in (0, 1):
+        for g, B in enumerate(bases[side]):
+            bg, p = B.shape[0], B.shape[1]
+            starts[side].append(row0)
+            seed = int(groups[g][4]) % 2**64
+            seed = seed - 2**64 if seed >= 2**63 else seed  # the uint64's bits as an int64
+            for i in range(bg):
+                rows.append((p, row0, B.data_ptr() + i * p * k * B.element_size(), seed, i))
+                row0 += p
+    table = _loader.device_table(tuple(v for row in rows for v in row), device)
+
     f64 = dict(device=device, dtype=torch.float64)
-    z2, nt, pmax = 2 * b, -(-k // TILE), max(m, n)
-    plan = _plan(b, m, n, k, v_shared, _loader.sm_count(device))
+    z2, nt = 2 * b, -(-k // TILE)
+    pmax = max(max(d[1], d[2]) for d in dims)
+    plan = _plan(dims, k, torch.finfo(sdt).bits // 8, v_shared, _loader.sm_count(device))
     chunks_a, rows_a, chunks_c, rows_c, chunks_e, rows_e = plan.chunks
     # All float64 workspaces in one allocation, passed as addresses (no tensor per workspace:
     # each costs host time, and this call is host-bound at small k).
     work = torch.empty(plan.total, **f64)
     base = work.data_ptr()
     ws = {name: np.uint64(base + 8 * off) for name, off in plan.offsets.items()}
-    if refill is not None:
-        work[plan.offsets["Ry"]:plan.offsets["Ry"] + b * m * k].view(b, m, k).copy_(refill[0])
-        work[plan.offsets["Rz"]:plan.offsets["Rz"] + b * n * k].view(b, n, k).copy_(refill[1])
-    # Outputs: real tensors, kept by the caller.
+    S = work[plan.offsets["S"]:].view(sdt)[:row0 * k].view(row0, k)
+    for side in (0, 1):  # one copy per group and side (read as the kernels' dtype)
+        for g, sk in enumerate(sketches[side]):
+            start = starts[side][g]
+            S[start:start + sk.shape[0] * sk.shape[1]].view(sk.shape).copy_(sk.detach())
+    if refills is not None:
+        R = work[plan.offsets["R"]:plan.offsets["R"] + row0 * k].view(row0, k)
+        for g, (Ry, Rz) in enumerate(refills):
+            for side, Rg in ((0, Ry), (1, Rz)):
+                bg, p = bases[side][g].shape[:2]
+                start = starts[side][g]
+                R[start:start + bg * p].view(bg, p, k).copy_(Rg)
+    # Outputs: real tensors, kept by the caller (views per group).
     sigma = torch.empty((b, k), **f64)
     sigma_y = torch.empty((b, k), **f64)
     sigma_z = torch.empty((b, k), **f64)
-    U_new = torch.empty((b, m, k), device=device, dtype=U_old.dtype)
-    V_new = torch.empty((b, n, k), device=device, dtype=V_old.dtype)
+    new_bases = torch.empty((row0, k), device=device, dtype=basis_dtype)
     overlap_u = torch.empty((b, k, k), **f64)
     overlap_v = torch.empty((b, k, k), **f64)
 
     fn = lambda name: _loader.function(CU, name, device)  # noqa: E731
     refill_k = fn("pp_refill")
-    gram_s, gram_64, gram_u = fn(f"pp_gram_{_SKETCH[sdt]}"), fn("pp_gram_f64"), fn(f"pp_gram_{_BASIS[Uc.dtype]}")
+    gram_s, gram_64, gram_u = fn(f"pp_gram_{_SKETCH[sdt]}"), fn("pp_gram_f64"), fn(f"pp_gram_{_BASIS[basis_dtype]}")
     apply_s, apply_64 = fn(f"pp_apply_{_SKETCH[sdt]}_f64"), fn("pp_apply_f64_f64")
-    apply_u = fn(f"pp_apply_f64_{_BASIS[Uc.dtype]}")
+    apply_u = fn(f"pp_apply_f64_{_BASIS[basis_dtype]}")
     eig_k, mid_k, fin_k = fn("pp_eig"), fn("pp_mid"), fn("pp_fin")
 
     i64, i32 = np.int64, np.int32
-    dims = (i64(b), i64(m), i64(n))
+    c = _loader.pointer
+    tab, nb = c(table), i64(b)
     rows_tiles = -(-pmax // TILE)
     block = (THREADS, 1, 1)
     kk = i64(k * k)
     with _loader.on_torch_stream(device):
-        c = _loader.pointer
-        if refill is None:
+        if refills is None:
             blocks = max(1, min(-(-pmax * k // THREADS), 1024))
-            refill_k((blocks, z2, 1), block, (ws["Ry"], ws["Rz"], *dims, i32(k), seed_u, i64(step), c(step_t)))
+            refill_k((blocks, z2, 1), block, (ws["R"], tab, nb, i32(k), i64(step), c(step_t)))
         # Pass A: [S^T S, S^T R]  (sel: term 1 takes B from R -> bit 3)
         gram_s((chunks_a, 2 * nt * nt, z2), block,
-               (c(Yc), c(Zc), ws["Ry"], ws["Rz"], *dims, i32(k), i32(2), i32(0b1000), i64(rows_a),
+               (tab, i32(-1), ws["S"], ws["R"], nb, i32(k), i32(2), i32(0b1000), i64(rows_a),
                 ws["part_a"]))
         eig_k((z2, 1, 1), block,
-              (ws["part_a"], i32(chunks_a), i64(b), i32(k), ws.get("Vg", NULL), i32(v_shared), ws["C1"],
+              (ws["part_a"], i32(chunks_a), nb, i32(k), ws.get("Vg", NULL), i32(v_shared), ws["C1"],
                ws["M1"], ws["N1"], ws["good"], c(sigma_y), c(sigma_z), i32(MAX_SWEEPS), np.float64(JACOBI_TOL)),
               shared_mem=eig_shared_bytes(k, v_shared))
         # Pass B: Q = S C1 ; R1 = R - S N1 (in place over R)
         grid_apply = (rows_tiles, nt, z2)
-        apply_s(grid_apply, block, (c(Yc), c(Zc), ws["C1"], kk, NULL, NULL, NULL, i64(0), NULL, NULL,
-                                    np.float64(1.0), ws["Qy"], ws["Qz"], *dims, i32(k)))
-        apply_s(grid_apply, block, (c(Yc), c(Zc), ws["N1"], kk, NULL, NULL, NULL, i64(0), ws["Ry"],
-                                    ws["Rz"], np.float64(-1.0), ws["Ry"], ws["Rz"], *dims, i32(k)))
+        apply_s(grid_apply, block, (tab, i32(-1), ws["S"], ws["C1"], kk, NULL, NULL, i64(0), NULL,
+                                    np.float64(1.0), ws["Q"], nb, i32(k)))
+        apply_s(grid_apply, block, (tab, i32(-1), ws["S"], ws["N1"], kk, NULL, NULL, i64(0), ws["R"],
+                                    np.float64(-1.0), ws["R"], nb, i32(k)))
         # Pass C: [Q^T Q, Q^T R1, R1^T R1]  (sel: term 1 B from R1 -> bit 3; term 2 both -> bits 4, 5)
         gram_64((chunks_c, 3 * nt * nt, z2), block,
-                (ws["Qy"], ws["Qz"], ws["Ry"], ws["Rz"], *dims, i32(k), i32(3), i32(0b111000), i64(rows_c),
+                (tab, i32(-1), ws["Q"], ws["R"], nb, i32(k), i32(3), i32(0b111000), i64(rows_c),
                  ws["part_c"]))
         mid_k((z2, 1, 1), block,
-              (ws["part_c"], i32(chunks_c), i64(b), i32(k), ws["good"], ws["scratch"], ws["W1"],
+              (ws["part_c"], i32(chunks_c), nb, i32(k), ws["good"], ws["scratch"], ws["W1"],
                c(sigma_y), c(sigma_z), c(sigma)),
               shared_mem=8 * k * k)
         # Pass D: X1 = Q W1_top + R1 W1_bottom
         # The bottom half of W1 (z2, 2k, k): its rows k.. of each problem, k * k doubles in.
         w1_low = np.uint64(int(ws["W1"]) + 8 * k * k)
-        apply_64(grid_apply, block, (ws["Qy"], ws["Qz"], ws["W1"], i64(2 * k * k), ws["Ry"], ws["Rz"],
-                                     w1_low, i64(2 * k * k), NULL, NULL, np.float64(1.0), ws["Xy"],
-                                     ws["Xz"], *dims, i32(k)))
+        apply_64(grid_apply, block, (tab, i32(-1), ws["Q"], ws["W1"], i64(2 * k * k), ws["R"], w1_low,
+                                     i64(2 * k * k), NULL, np.float64(1.0), ws["X"], nb, i32(k)))
         # Pass E: [X1^T X1, U_old^T X1]  (sel: term 0 both from X1 -> bits 0, 1; term 1 B from X1 -> bit 3)
         gram_u((chunks_e, 2 * nt * nt, z2), block,
-               (c(Uc), c(Vc), ws["Xy"], ws["Xz"], *dims, i32(k), i32(2), i32(0b1011), i64(rows_e),
+               (tab, i32(TAB_OLD), NULL, ws["X"], nb, i32(k), i32(2), i32(0b1011), i64(rows_e),
                 ws["part_e"]))
         fin_k((z2, 1, 1), block,
-              (ws["part_e"], i32(chunks_e), i64(b), i32(k), ws["scratch"], ws["T"], c(overlap_u),
+              (ws["part_e"], i32(chunks_e), nb, i32(k), ws["scratch"], ws["T"], c(overlap_u),
                c(overlap_v)),
               shared_mem=8 * k * k)
         # Pass F: U_next = X1 T in the basis dtype
-        apply_u(grid_apply, block, (ws["Xy"], ws["Xz"], ws["T"], kk, NULL, NULL, NULL, i64(0), NULL, NULL,
-                                    np.float64(1.0), c(U_new), c(V_new), *dims, i32(k)))
-    return PostOut(sigma, sigma_y, sigma_z, U_new, V_new, overlap_u, overlap_v)
+        apply_u(grid_apply, block, (tab, i32(-1), ws["X"], ws["T"], kk, NULL, NULL, i64(0), NULL,
+                                    np.float64(1.0), c(new_bases), nb, i32(k)))
+    outs, first = [], 0
+    for g, (bg, m, n) in enumerate(dims):
+        part = slice(first, first + bg)
+        U = new_bases[starts[0][g]:starts[0][g] + bg * m].view(bg, m, k)
+        V = new_bases[starts[1][g]:starts[1][g] + bg * n].view(bg, n, k)
+        outs.append(PostOut(sigma[part], sigma_y[part], sigma_z[part], U, V, overlap_u[part],
+                            overlap_v[part]))
+        first += bg
+    return outs
