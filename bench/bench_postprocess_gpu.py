@@ -11,6 +11,12 @@ Z (b, n, k) (fp32, a decaying spectrum) and orthonormal fp32 bases, times:
 - ``linalg_eigh`` / ``linalg_qr`` / ``linalg_svdvals``: the bare batched torch.linalg call a user
   would write instead (float64, both sides), for scale.
 
+And for the tracked matrices of whole models (op ``postprocess_shapes``: ResNet-18, 12 shapes;
+GPT-2 small, 6 shapes; k = 16, each shape's matrices as one group; m, n empty, the model in
+``check``): ``cupy_per_shape`` (one :func:`postprocess_cupy` per shape, as a step ran them
+before 2026-11-23) against ``cupy_many`` (:func:`postprocess_cupy_many`: one launch sequence for
+every shape), eager and captured (``_graph``).
+
 Before timing, the CuPy result is checked against the reference (``check``: max relative error of
 sigma over values >= 1e-3 sigma_1, and the orthonormality error of U). ``host_syncs`` counts the
 synchronisations torch reports in one call under ``torch.cuda.set_sync_debug_mode("warn")``
@@ -151,8 +157,67 @@ def run(out_dir, batches=BATCHES, ks=KS) -> Path:
                     write(provider=name, b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
             del Y, Z, U, V, Y64, Z64, providers
             torch.cuda.empty_cache()
+    if pp_cupy is not None:
+        for model in MODELS:
+            try:
+                _run_shapes(model, write)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                write(op="postprocess_shapes", provider="cupy_many", m="", n="", k=16,
+                      check=model, error=f"{type(exc).__name__}: {exc}"[:500])
     f.close()
     return path
+
+
+MODELS = ("resnet", "gpt2")
+
+
+def _model_groups(model: str, k: int):
+    """(Y, Z, U, V, seed) per distinct tracked shape of a model's GPU layout (bench.workloads)."""
+    import math
+
+    import torch
+
+    from bench import workloads
+
+    layout = workloads.MODELS[model][1][0]
+    counts: dict = {}
+    for _, shape, kind in layout:
+        if kind == "matrix":
+            mn = (shape[0], math.prod(shape[1:]))
+            if min(mn) >= k:
+                counts[mn] = counts.get(mn, 0) + 1
+    g = torch.Generator(device="cuda").manual_seed(1)
+    decay = torch.logspace(0, -3, k, device="cuda")
+    groups = []
+    for seed, ((m, n), b) in enumerate(counts.items()):
+        Y = torch.randn(b, m, k, device="cuda", generator=g) * decay
+        Z = torch.randn(b, n, k, device="cuda", generator=g) * decay
+        U = torch.linalg.qr(torch.randn(b, m, k, device="cuda", generator=g))[0].contiguous()
+        V = torch.linalg.qr(torch.randn(b, n, k, device="cuda", generator=g))[0].contiguous()
+        groups.append((Y, Z, U, V, seed))
+    return groups
+
+
+def _run_shapes(model: str, write, k: int = 16) -> None:
+    """One post-processing of every tracked shape of ``model``: per shape vs in one sequence."""
+    from lowrank.backends import kernel_module
+
+    pp = kernel_module("cupy", "postprocess")
+    groups = _model_groups(model, k)
+    b = sum(g[0].shape[0] for g in groups)
+    label = f"{model}: {len(groups)} shapes, {b} matrices"
+    providers = {
+        "cupy_per_shape": lambda: [pp.postprocess_cupy(*g[:4], seed=g[4], step=1) for g in groups],
+        "cupy_many": lambda: pp.postprocess_cupy_many(groups, step=1),
+    }
+    for name in list(providers):
+        providers[name + "_graph"] = _graph_of(providers[name])
+    for name, fn in providers.items():
+        fn()
+        med, p20, p80 = _time_ms(fn)
+        write(op="postprocess_shapes", provider=name, m="", n="", b=b, k=k, median_ms=med,
+              p20_ms=p20, p80_ms=p80, check=label)
 
 
 def _graph_of(fn):
