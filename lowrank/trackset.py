@@ -362,7 +362,10 @@ class TrackedSet:
             if key[5] or key[6]:  # one-sided (alternating schedule)
                 absorb_group(trackers, sketches, backend=key[4], packed=packed)
             else:
-                specs.append((trackers, sketches, None, None, packed, key[4]))
+                # a pack's own bases, not a new concatenation of them: their addresses are in
+                # the CuPy kernel's problem table, which then stays the same from step to step
+                bases = None if packed is None else (packed["U"], packed["V"])
+                specs.append((trackers, sketches, None, bases, packed, key[4]))
         if specs:
             absorb_groups(specs)
         if sequential:

@@ -806,6 +806,25 @@ def test_emulated_postprocess_table_does_not_change_with_the_sketches(emulated, 
     assert len(seen) == 2 and seen[0] == seen[1], [(i, a, b) for i, (a, b) in enumerate(zip(*seen)) if a != b][:5]
 
 
+def test_emulated_postprocess_many_gram_chunks_past_a_short_problem(emulated, monkeypatch):
+    """With a tall problem (p = 600) the Gram passes split rows into chunks (more SMs: more
+    chunks); the shorter problems' chunks past their p must contribute zeros. NaN-free results
+    equal to each group's own call show they do."""
+    monkeypatch.setattr(PP._loader, "sm_count", lambda device: 64)
+    PP._plan.cache_clear()
+    groups = _many_groups()
+    gen = _gen(47)
+    groups.append((torch.randn(1, 600, 6, generator=gen), torch.randn(1, 30, 6, generator=gen),
+                   _orth(600, 6, 48)[None].float().contiguous(),
+                   _orth(30, 6, 49)[None].float().contiguous(), 5))
+    dims = tuple((Y.shape[0], Y.shape[1], Z.shape[1]) for Y, Z, *_ in groups)
+    assert PP._plan(dims, 6, 4, True, 64).chunks[0] > 1  # several chunks in pass A
+    outs = PP.postprocess_cupy_many(groups, step=3)
+    for g, ((Y, Z, U, V, seed), out) in enumerate(zip(groups, outs)):
+        _assert_post_close(out, PP.postprocess_cupy(Y, Z, U, V, seed=seed, step=3), f"group {g}")
+    PP._plan.cache_clear()
+
+
 def test_emulated_postprocess_many_mixed_sketch_dtypes(emulated):
     """float32 and float64 sketches in one call: all are read as float64, as one group's
     float64 call would."""

@@ -301,3 +301,36 @@ def test_step_hands_every_shape_of_one_width_to_one_postprocess_call(monkeypatch
         opt.step()
         assert sorted(calls) == [[(1, 3, 3)], [(1, 9, 8), (1, 20, 8), (2, 12, 8)]]
     assert all(t.step == 2 for t in opt.tracked.trackers.values())
+
+
+def test_pending_group_of_a_pack_is_post_processed_with_the_packs_own_bases(monkeypatch):
+    """A pack whose matrices take the per-matrix pass (here a gradient that is not contiguous)
+    reaches the post-processing with the pack's own U and V, not a new concatenation: their
+    addresses are in the CuPy kernel's problem table, which must not change from step to step
+    (a CUDA graph capture cannot upload a new one)."""
+    from torch import nn
+
+    from lowrank import SpectralSGD, tracking
+
+    seen = []
+    real = tracking.absorb_groups
+
+    def spy(specs):
+        seen.extend(specs)
+        return real(specs)
+
+    monkeypatch.setattr(tracking, "absorb_groups", spy)
+    monkeypatch.setattr("lowrank.trackset.absorb_groups", spy)
+    torch.manual_seed(1)
+    params = {"a": nn.Parameter(torch.randn(12, 18)), "b": nn.Parameter(torch.randn(12, 18))}
+    opt = SpectralSGD(list(params.items()), lr=0.1, rank=2, sketch_rank=4, backend="torch",
+                      schedule="both")
+    (packed,) = opt.tracked._packs.values()
+    for p in params.values():
+        p.grad = torch.randn(18, 12).T  # not contiguous: the per-matrix path
+    opt.step()
+    (spec,) = seen
+    trackers, sketches, batched, bases, pack, _ = spec
+    assert sketches is not None and batched is None  # the pending (per-matrix) path
+    assert pack is packed and bases[0] is packed["U"] and bases[1] is packed["V"]
+    assert all(t.step == 1 for t in trackers)

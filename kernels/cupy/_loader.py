@@ -188,7 +188,9 @@ def device_table(values: tuple, device: torch.device) -> torch.Tensor:
     when the graph is replayed)."""
     key = (device, values)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    entry = _TABLES.get(key)
+    entry = _TABLES.pop(key, None)
+    if entry is not None:
+        _TABLES[key] = entry  # the most recently used last: eviction takes the oldest use
     if entry is None:
         host = torch.tensor(values, dtype=torch.int64)
         if device.type == "cuda":
@@ -201,7 +203,7 @@ def device_table(values: tuple, device: torch.device) -> torch.Tensor:
         entry = (table, host)
         if not capturing:
             if len(_TABLES) >= _TABLES_MAX:
-                _TABLES.pop(next(iter(_TABLES)))  # the oldest: gradients set to None get new ones
+                _TABLES.pop(next(iter(_TABLES)))  # the least recently used
             _TABLES[key] = entry
     if capturing:
         _CAPTURED[key] = entry  # the graph keeps reading this memory at every replay

@@ -144,7 +144,8 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     where they share float32 or float64, else as float64. ``step``: shared by every group (int or a 1-element
     integer CUDA tensor). ``refills``: None, or (Ry, Rz) per group. Returns one PostOut per
     group, in order, whose tensors are views of shared outputs. Each group's results are those
-    of its own :func:`postprocess_cupy` call.
+    of its own :func:`postprocess_cupy` call up to float64 rounding (the Gram sums are split
+    into row chunks by the largest p and the number of problems of the call).
     """
     if not isinstance(groups, (list, tuple)) or not groups:
         raise ValueError(f"{op}: groups must be a non-empty list of (Y, Z, U_old, V_old, seed)")
