@@ -305,12 +305,12 @@ def postprocess_many(groups, *, step, backend: str = "torch") -> list:
     one call per group. Returns one PostOut per group."""
     first = groups[0][0]
     k, batch = first.shape[-1], sum(g[0].shape[0] for g in groups)
-    if (len(groups) > 1 and _post_on_cupy(backend, first.device, k, batch)
-            and kernel_module("cupy", "postprocess").supports(k, first.device, batch)
-            and all(g[0].device == first.device and g[0].shape[-1] == k
-                    and g[2].dtype == groups[0][2].dtype for g in groups)):
-        return kernel_module("cupy", "postprocess").postprocess_cupy_many(
-            [g[:5] for g in groups], step=step)
+    if len(groups) > 1 and _post_on_cupy(backend, first.device, k, batch):
+        kernel = kernel_module("cupy", "postprocess")
+        if kernel.supports(k, first.device, batch) and all(
+                g[0].device == first.device and g[0].shape[-1] == k
+                and g[2].dtype == groups[0][2].dtype for g in groups):
+            return kernel.postprocess_cupy_many([g[:5] for g in groups], step=step)
     return [postprocess(Y, Z, U, V, seed=seed, step=step, refill=refill, backend=backend)
             for Y, Z, U, V, seed, refill in groups]
 

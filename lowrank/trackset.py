@@ -357,15 +357,15 @@ class TrackedSet:
                    sk.Z is None)
             groups.setdefault(key, []).append((name, tr, sk))
         for key, items in groups.items():
+            names = [name for name, _, _ in items]
             trackers, sketches = [tr for _, tr, _ in items], [sk for _, _, sk in items]
-            packed = self._packs.get(tuple(name for name, _, _ in items))
+            packed = self._packs.get(tuple(names))
             if key[5] or key[6]:  # one-sided (alternating schedule)
                 absorb_group(trackers, sketches, backend=key[4], packed=packed)
             else:
-                # a pack's own bases, not a new concatenation of them: their addresses are in
-                # the CuPy kernel's problem table, which then stays the same from step to step
-                bases = None if packed is None else (packed["U"], packed["V"])
-                specs.append((trackers, sketches, None, bases, packed, key[4]))
+                # a pack's own bases where the group is one, not a new concatenation: their
+                # addresses are in the CuPy kernel's problem table, which then stays the same
+                specs.append((trackers, sketches, None, self.bases(names), packed, key[4]))
         if specs:
             absorb_groups(specs)
         if sequential:

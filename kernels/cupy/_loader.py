@@ -191,7 +191,7 @@ def device_table(values: tuple, device: torch.device) -> torch.Tensor:
     entry = _TABLES.pop(key, None)
     if entry is not None:
         _TABLES[key] = entry  # the most recently used last: eviction takes the oldest use
-    if entry is None:
+    else:
         host = torch.tensor(values, dtype=torch.int64)
         if device.type == "cuda":
             # The pinned block is not reused before the copy has run (the caching host

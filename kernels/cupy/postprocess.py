@@ -176,7 +176,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     b = sum(d[0] for d in dims)
     _loader.grid_dim_check(op, "2 * batch", 2 * b)
     dtypes = {t.dtype for Y, Z, *_ in groups for t in (Y, Z)}
-    sdt = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _SKETCH else torch.float64
+    sdt = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_SKETCH) else torch.float64
     basis_dtype = groups[0][2].dtype
 
     step_t = None
@@ -199,7 +199,6 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     # problem's rows stacked in that order in the workspaces (so a group's Y or Z rows, and
     # its new bases, are one contiguous range). Its entries stay the same from step to step
     # where the old bases do (a TrackedSet's packs): then it is uploaded once (device_table).
-    sketches = [[g[0] for g in groups], [g[1] for g in groups]]
     bases = [[g[2].detach().contiguous() for g in groups],
              [g[3].detach().contiguous() for g in groups]]
     rows, row0, starts = [], 0, [[], []]  # starts[side][g]: the group's first row
@@ -214,6 +213,11 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
                 row0 += p
     table = _loader.device_table(tuple(v for row in rows for v in row), device)
 
+    def group_rows(stacked: torch.Tensor, side: int, g: int) -> torch.Tensor:
+        """Group g's side of a stacked (rows, k) tensor, as (b, p, k)."""
+        bg, p = bases[side][g].shape[:2]
+        return stacked[starts[side][g]:starts[side][g] + bg * p].view(bg, p, k)
+
     f64 = dict(device=device, dtype=torch.float64)
     z2, nt = 2 * b, -(-k // TILE)
     pmax = max(max(d[1], d[2]) for d in dims)
@@ -226,16 +230,13 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     ws = {name: np.uint64(base + 8 * off) for name, off in plan.offsets.items()}
     S = work[plan.offsets["S"]:].view(sdt)[:row0 * k].view(row0, k)
     for side in (0, 1):  # one copy per group and side (read as the kernels' dtype)
-        for g, sk in enumerate(sketches[side]):
-            start = starts[side][g]
-            S[start:start + sk.shape[0] * sk.shape[1]].view(sk.shape).copy_(sk.detach())
+        for g, group in enumerate(groups):
+            group_rows(S, side, g).copy_(group[side].detach())
     if refills is not None:
         R = work[plan.offsets["R"]:plan.offsets["R"] + row0 * k].view(row0, k)
-        for g, (Ry, Rz) in enumerate(refills):
-            for side, Rg in ((0, Ry), (1, Rz)):
-                bg, p = bases[side][g].shape[:2]
-                start = starts[side][g]
-                R[start:start + bg * p].view(bg, p, k).copy_(Rg)
+        for g, refill in enumerate(refills):
+            for side in (0, 1):
+                group_rows(R, side, g).copy_(refill[side])
     # Outputs: real tensors, kept by the caller (views per group).
     sigma = torch.empty((b, k), **f64)
     sigma_y = torch.empty((b, k), **f64)
@@ -300,11 +301,9 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
         apply_u(grid_apply, block, (tab, i32(-1), ws["X"], ws["T"], kk, NULL, NULL, i64(0), NULL,
                                     np.float64(1.0), c(new_bases), nb, i32(k)))
     outs, first = [], 0
-    for g, (bg, m, n) in enumerate(dims):
+    for g, (bg, _, _) in enumerate(dims):
         part = slice(first, first + bg)
-        U = new_bases[starts[0][g]:starts[0][g] + bg * m].view(bg, m, k)
-        V = new_bases[starts[1][g]:starts[1][g] + bg * n].view(bg, n, k)
-        outs.append(PostOut(sigma[part], sigma_y[part], sigma_z[part], U, V, overlap_u[part],
-                            overlap_v[part]))
+        outs.append(PostOut(sigma[part], sigma_y[part], sigma_z[part], group_rows(new_bases, 0, g),
+                            group_rows(new_bases, 1, g), overlap_u[part], overlap_v[part]))
         first += bg
     return outs
