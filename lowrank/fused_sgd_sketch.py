@@ -51,6 +51,41 @@ def sgd_update_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
     return buf
 
 
+def foreach_applies(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None, lr) -> bool:
+    """Whether :func:`sgd_update_torch_many` may update W: a CPU tensor with a dense gradient
+    (and buffer) of its dtype and a plain float lr. There torch's ``_foreach_*`` ops run the
+    same elementwise kernel on each tensor as the single-tensor ops, so the update is bitwise
+    that of :func:`sgd_update_torch` (tested); on CUDA their fused kernels are not promised to
+    round alike, so those steps keep the single-tensor ops."""
+    return (W.device.type == "cpu" and not G.is_sparse and G.device == W.device
+            and G.dtype == W.dtype and (buf is None or buf.dtype == W.dtype)
+            and not isinstance(lr, torch.Tensor))
+
+
+def sgd_update_torch_many(Ws: list, Gs: list, bufs: list, *, lr, weight_decay: float = 0.0,
+                          momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                          maximize: bool = False) -> list:
+    """:func:`sgd_update_torch` of several tensors, each op once for the list (torch's
+    ``_foreach_*``, the way ``torch.optim.SGD(foreach=True)`` steps): a model's biases and
+    norms cost one Python call per op, not per tensor. Only where :func:`foreach_applies`
+    holds for every tensor. Returns the momentum buffers (new ones on the first step)."""
+    if not Ws:
+        return []
+    g = torch._foreach_neg(Gs) if maximize else list(Gs)
+    if weight_decay != 0:
+        g = torch._foreach_add(g, Ws, alpha=weight_decay)
+    if momentum != 0:
+        old = [i for i, b in enumerate(bufs) if b is not None]
+        bufs = [b if b is not None else g[i].detach().clone() for i, b in enumerate(bufs)]
+        if old:
+            kept = [bufs[i] for i in old]
+            torch._foreach_mul_(kept, momentum)
+            torch._foreach_add_(kept, [g[i] for i in old], alpha=1 - dampening)
+        g = torch._foreach_add(g, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(Ws, g, alpha=-lr)
+    return bufs
+
+
 def fused_sgd_sketch_torch(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
                            U: torch.Tensor, V: torch.Tensor, *, lr, weight_decay: float = 0.0,
                            momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, trackset
-from .fused_sgd_sketch import sgd_update_torch
+from .fused_sgd_sketch import foreach_applies, sgd_update_torch, sgd_update_torch_many
 from .trackset import TrackedSet, check_positive_int
 
 
@@ -41,10 +41,13 @@ class SpectralSGD(torch.optim.Optimizer):
     updated, not tracked. Under the "both" schedule (the GPU's) the tracked matrices of one
     shape, dtype, backend and param group are updated and sketched together after the loop over
     parameters (one launch of the CuPy pass per group); the results are those of one call each.
+    The untracked parameters of a param group on the CPU (biases, norms) are updated together by
+    torch's ``_foreach_*`` ops, which run the single-tensor kernels tensor by tensor there: the
+    same results, one Python call per op instead of per tensor.
 
     ``foreach``, ``fused`` and ``differentiable`` are accepted for drop-in compatibility: the
-    update is always torch's single-tensor implementation (``foreach=False``), so ``foreach=True``,
-    ``fused=True`` and ``differentiable=True`` raise ValueError.
+    update is always that of torch's single-tensor implementation (``foreach=False``), bit for
+    bit, so ``foreach=True``, ``fused=True`` and ``differentiable=True`` raise ValueError.
 
     Tracking arguments:
         rank: number of singular values reported per matrix (r).
@@ -233,6 +236,7 @@ class SpectralSGD(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             hyper = {k: group[k] for k in ("lr", "weight_decay", "momentum", "dampening",
                                            "nesterov", "maximize")}
+            untracked = []  # (p, grad, buf) of the untracked parameters, one update for all
             for p in group["params"]:
                 name = self._names.get(id(p))  # None: added by add_param_group, not tracked
                 tracked = track and name in self.tracked.trackers
@@ -256,10 +260,18 @@ class SpectralSGD(torch.optim.Optimizer):
                         batches.setdefault(key, (hyper, []))[1].append((name, p, grad, buf))
                         continue
                     buf = self._fused_step(name, p, grad, buf, hyper)
+                elif not capturing and foreach_applies(p, grad, buf, hyper["lr"]):
+                    untracked.append((p, grad, buf))  # updated after the group's loop
+                    continue
                 else:
                     buf = sgd_update_torch(p, grad, buf, lr_on_device=capturing, **hyper)
                 if hyper["momentum"] != 0:
                     self.state[p]["momentum_buffer"] = buf
+            if untracked:
+                bufs = sgd_update_torch_many(*map(list, zip(*untracked)), **hyper)
+                if hyper["momentum"] != 0:
+                    for (p, _, _), buf in zip(untracked, bufs):
+                        self.state[p]["momentum_buffer"] = buf
         for hyper, items in batches.values():
             self._fused_step_many(items, hyper)
         if tracked_now:

@@ -9,7 +9,12 @@ import itertools
 import pytest
 import torch
 
-from lowrank.fused_sgd_sketch import fused_sgd_sketch_torch, sgd_update_torch
+from lowrank.fused_sgd_sketch import (
+    foreach_applies,
+    fused_sgd_sketch_torch,
+    sgd_update_torch,
+    sgd_update_torch_many,
+)
 from lowrank.sketch import as_batched, init_bases, sketch_torch
 
 # --- tolerance table ---------------------------------------------------------------------------
@@ -76,6 +81,50 @@ def test_trajectory_bitwise_equal_to_torch_sgd(opts, lr_kind, dtype):
             assert torch.equal(getattr(sk, name), getattr(expect, name)), f"{name} at step {step}"
     # The gradients were passed without copies: the update must never write them.
     assert all(torch.equal(a, b) for a, b in zip(grads, _grads(dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts,lr_kind", [o for o in OPTIONS if o.values[1] == "float"])
+def test_list_update_bitwise_equal_to_torch_sgd(opts, lr_kind, dtype):
+    """sgd_update_torch_many (the foreach ops SpectralSGD uses for untracked parameters on the
+    CPU) against torch.optim.SGD(foreach=False), tensor by tensor, over STEPS steps: several
+    shapes, and a tensor whose gradient is missing for the first steps (its buffer starts
+    later, so a step mixes new and existing buffers, as a model with frozen layers does)."""
+    shapes = [(5,), (3, 4), (2, 3, 3), SHAPE]
+    g = torch.Generator().manual_seed(7)
+    W0 = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [_grads(dtype, seed=10 + i, shape=s) for i, s in enumerate(shapes)]
+    refs = [w.clone().requires_grad_(True) for w in W0]
+    opt = torch.optim.SGD(refs, lr=_lr(lr_kind), foreach=False, **opts)
+    Ws, bufs = [w.clone() for w in W0], [None] * len(shapes)
+    for step in range(STEPS):
+        live = [i for i in range(len(shapes)) if i != 2 or step >= 3]
+        for i, ref in enumerate(refs):
+            ref.grad = grads[i][step].clone() if i in live else None
+        opt.step()
+        assert all(foreach_applies(Ws[i], grads[i][step], bufs[i], _lr(lr_kind)) for i in live)
+        out = sgd_update_torch_many([Ws[i] for i in live], [grads[i][step] for i in live],
+                                    [bufs[i] for i in live], lr=_lr(lr_kind), **opts)
+        for i, b in zip(live, out):
+            bufs[i] = b
+        for i, ref in enumerate(refs):
+            assert torch.equal(Ws[i], ref.detach()), f"tensor {i} differs at step {step}"
+            ref_buf = opt.state[ref].get("momentum_buffer")
+            if opts["momentum"] == 0 or ref_buf is None:
+                assert ref_buf is None and (bufs[i] is None or opts["momentum"] == 0)
+            else:
+                assert torch.equal(bufs[i], ref_buf), f"buffer {i} differs at step {step}"
+    assert all(torch.equal(a, b) for i, s in enumerate(shapes)
+               for a, b in zip(grads[i], _grads(dtype, seed=10 + i, shape=s)))
+
+
+def test_list_update_applies_only_where_it_matches_the_single_tensor_ops():
+    W, G = torch.zeros(3), torch.ones(3)
+    assert foreach_applies(W, G, None, 0.1) and foreach_applies(W, G, torch.zeros(3), 0.1)
+    assert not foreach_applies(W, G, None, torch.tensor(0.1))  # tensor lr: the single path
+    assert not foreach_applies(W, G.double(), None, 0.1)  # mixed dtypes promote differently
+    assert not foreach_applies(W, G.to_sparse(), None, 0.1)
+    assert sgd_update_torch_many([], [], [], lr=0.1) == []
 
 
 def test_gradient_and_buffer_ownership():
