@@ -295,14 +295,13 @@ def _commit_group(trackers: list[MatrixTracker], sk: SketchOut, post: PostOut, U
         _commit_in_place(trackers, new, finite, all_finite, packed)
         return
     if not all_finite:
-        fb, f1 = finite.view(-1, 1, 1), finite.view(-1, 1)
         sigma_old = _cat([t.sigma for t in trackers])
         old = {"U": U, "V": V, "sigma": sigma_old}
-        mask = {"U": fb, "V": fb, "overlap_u": fb, "fro2": finite}
         for key in new:
             before = old[key] if key in old else _cat([getattr(t, key) for t in trackers])
-            new[key] = torch.where(mask.get(key, f1), new[key], before)
-        new["sigma_prev"] = torch.where(f1, sigma_old, _cat([t.sigma_prev for t in trackers]))
+            new[key] = torch.where(_field_mask(key, finite), new[key], before)
+        new["sigma_prev"] = torch.where(_field_mask("sigma_prev", finite), sigma_old,
+                                        _cat([t.sigma_prev for t in trackers]))
     nonfinite = ~finite
     for i, t in enumerate(trackers):
         part = slice(i, i + 1)
@@ -316,6 +315,14 @@ def _commit_group(trackers: list[MatrixTracker], sk: SketchOut, post: PostOut, U
 
 # Which entries of a field a matrix's finite flag selects: the whole (k x k or p x k) block.
 _BLOCK_FIELDS = ("U", "V", "overlap_u")
+
+
+def _field_mask(key: str, finite: torch.Tensor) -> torch.Tensor:
+    """The finite flags (b,) shaped to select each matrix's entries of state field ``key``:
+    a block (b, 1, 1), one flag per matrix for ``fro2`` (b,), else a row (b, 1)."""
+    if key in _BLOCK_FIELDS:
+        return finite.view(-1, 1, 1)
+    return finite if key == "fro2" else finite.view(-1, 1)
 
 
 def _commit_in_place(trackers: list[MatrixTracker], new: dict, finite: torch.Tensor,
@@ -340,8 +347,7 @@ def _commit_in_place(trackers: list[MatrixTracker], new: dict, finite: torch.Ten
             if all_finite:
                 out.copy_(value)
             else:
-                mask = ok.view(-1, 1, 1) if key in _BLOCK_FIELDS else (
-                    ok if key == "fro2" else ok.view(-1, 1))
+                mask = _field_mask(key, ok)
                 if value.dtype != out.dtype:
                     value = value.to(out.dtype)
                 torch.where(mask, value, out, out=out)
