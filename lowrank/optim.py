@@ -209,9 +209,8 @@ class SpectralSGD(torch.optim.Optimizer):
             raise RuntimeError("SpectralSGD cannot be captured in a CUDA graph: "
                                + "; ".join(problems))
         if self.tracked.trackers:
-            if not self.tracked.captured:  # from now on the steps are counted on the device
-                self._steps_offset = self._steps - self.tracked.host_steps()
-            self.tracked.capture("SpectralSGD")
+            self._steps_offset = self.tracked.capture_count("SpectralSGD", self._steps,
+                                                            self._steps_offset)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -75,9 +75,8 @@ class SpectrumTracker:
                 raise RuntimeError(f"SpectrumTracker cannot be captured in a CUDA graph: every="
                                    f"{self.every} (a replay cannot choose whether to track; "
                                    "capture with every=1)")
-            if not self.tracked.captured:  # from now on the calls are counted on the device
-                self._calls_offset = self._calls - self.tracked.host_steps()
-            self.tracked.capture("SpectrumTracker")
+            self._calls_offset = self.tracked.capture_count("SpectrumTracker", self._calls,
+                                                            self._calls_offset)
         if self.every == 1 or self._calls % self.every == 0:
             names = list(self.tracked.trackers)
             self.tracked.sketch_all(names)

@@ -299,6 +299,15 @@ class TrackedSet:
             tr.step_source = self.step_counters[self.params[name].device]
         self.captured = True
 
+    def capture_count(self, owner: str, host_count: int, offset: int) -> int:
+        """:meth:`capture` for a caller that keeps a count of its own (optimizer steps, tracker
+        calls; see :meth:`count`): returns the count's offset from the device counter, set at
+        the first capture from the Python counts (no host read: this runs inside the capture)."""
+        if not self.captured:  # from now on the count is read from the device counter
+            offset = host_count - self.host_steps()
+        self.capture(owner)
+        return offset
+
     def host_steps(self) -> int:
         """The trackers' common step count as Python counts it: no host sync, equal to the
         device counter until a capture, stale after replays (inside a capture, where reading
