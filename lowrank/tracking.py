@@ -423,13 +423,14 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
 
 def _sequential_on_kernel(trackers: list[MatrixTracker], sketches: list[SketchOut],
                           backends_used: list[str]) -> list[int]:
-    """Both sides of the sequential step in one C call (kernels/cpu/postprocess.c) for each
-    group of same-shape matrices on the "cpu" backend whose pass gave P = W^T Y: a step of this
-    schedule on the CPU otherwise pays ~40 small torch operations and two calls, which cost
-    more after a pass over a large W has evicted their code and data (0.7 ms of a 2048^2 step
-    against 0.35 ms in a tight loop). Commits those trackers; returns the indices of the
-    others (other backends, no P, wider sketches, or a group where some matrix is not finite or
-    needs a refill or a Cholesky-QR round), which take the general path.
+    """Both sides of the sequential step in one C call (kernels/cpu/postprocess.c) for every
+    matrix on the "cpu" backend whose pass gave P = W^T Y, whatever its shape: a step of this
+    schedule on the CPU otherwise pays ~40 small torch operations and two calls per matrix,
+    which cost more after a pass over a large W has evicted their code and data (0.7 ms of a
+    2048^2 step against 0.35 ms in a tight loop), and one call per shape would leave a thread
+    idle while a lone small matrix runs. Commits those trackers; returns the indices of the
+    others (other backends, no P, wider sketches, or a matrix that is not finite or needs a
+    refill or a Cholesky-QR round), which take the general path.
     """
     groups: dict[tuple, list[int]] = {}
     rest = []
@@ -441,21 +442,27 @@ def _sequential_on_kernel(trackers: list[MatrixTracker], sketches: list[SketchOu
     if not groups:
         return rest
     kernel = backends.kernel_module("cpu", "postprocess")
+    taken = []  # the groups the kernel takes, all in one call
     for idx in groups.values():
-        Y, P = _cat([sketches[i].Y for i in idx]), _cat([sketches[i].P for i in idx])
-        U, V = _cat([trackers[i].U for i in idx]), _cat([trackers[i].V for i in idx])
-        post = None
-        if (Y.dtype == P.dtype == torch.float32 and kernel.supported(Y, U)
-                and kernel.supported(P, V)):
-            post = kernel.postprocess_sequential_cpu(
-                Y, U, P, V, _cat([sketches[i].fro2 for i in idx]))
-        if post is None:
+        first, tr = sketches[idx[0]], trackers[idx[0]]
+        if (first.Y.dtype == first.P.dtype == torch.float32 and kernel.supported(first.Y, tr.U)
+                and kernel.supported(first.P, tr.V)):
+            taken.append(idx)
+        else:
             rest.extend(idx)
-            continue
-        true = torch.ones(1, dtype=torch.bool)
+    if not taken:
+        return sorted(rest)
+    done = kernel.postprocess_sequential_cpu_many(
+        [([sketches[i].Y for i in idx], [trackers[i].U for i in idx],
+          [sketches[i].P for i in idx], [trackers[i].V for i in idx],
+          [sketches[i].fro2 for i in idx]) for idx in taken])
+    true = torch.ones(1, dtype=torch.bool)
+    for idx, (post, ok) in zip(taken, done):
         for j, i in enumerate(idx):
-            one = _batch_item(post, j, len(idx))
-            trackers[i].commit(sketches[i], one, true, True)
+            if ok[j]:
+                trackers[i].commit(sketches[i], _batch_item(post, j, len(idx)), true, True)
+            else:  # not finite, or needs a refill or a Cholesky-QR round
+                rest.append(i)
     return sorted(rest)
 
 

@@ -271,12 +271,48 @@ def test_sequential_step_does_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+def test_sequential_many_shapes_in_one_call_equal_each_matrix_alone():
+    """One call for groups of several shapes and widths (a padded k = 13 sketch read through its
+    row stride, as the pass hands it over): every matrix gets the bits it gets alone; a matrix
+    that needs the reference is flagged by itself, its group's others still done; the sigmas
+    match float64 svdvals of P T_y's side and of Y."""
+    specs = [(2, 300, 200, 8), (1, 90, 2100, 13), (3, 64, 64, 32), (1, 1500, 40, 16)]
+    groups, operands = [], []
+    for b, m, n, k in specs:
+        W, Y, U, P, V = sequential_operands(b, m, n, k, seed=m + 3 * n)
+        if k % 8:  # the pass's layout: (1, m, kp)[..., :k]
+            kp = -(-k // 8) * 8
+            Y = torch.nn.functional.pad(Y, (0, kp - k))[..., :k]
+            P = torch.nn.functional.pad(P, (0, kp - k))[..., :k]
+            assert not Y.is_contiguous()
+        fro2 = (W.double() ** 2).sum((-2, -1))
+        if b == 2:
+            fro2[1] = float("nan")  # the second matrix of this group needs the reference
+        operands.append((W, Y, U, P, V, fro2))
+        groups.append(tuple([t[i:i + 1] for i in range(b)] for t in (Y, U, P, V, fro2)))
+    done = PP.postprocess_sequential_cpu_many(groups)
+    assert [ok for _, ok in done] == [[True, False], [True], [True] * 3, [True]]
+    for (post, ok), (W, Y, U, P, V, fro2) in zip(done, operands):
+        for i in range(len(ok)):
+            if not ok[i]:
+                continue
+            alone = PP.postprocess_sequential_cpu(Y[i:i + 1].contiguous(), U[i:i + 1],
+                                                  P[i:i + 1].contiguous(), V[i:i + 1],
+                                                  fro2[i:i + 1])
+            for name in post._fields:
+                assert torch.equal(getattr(post, name)[i:i + 1], getattr(alone, name)), name
+            truth = torch.linalg.svdvals(Y[i].double())
+            assert float(((post.sigma_y[i] - truth).abs() / truth[0]).max()) < 1e-13
+            truth = torch.linalg.svdvals(W[i].double().mT @ post.U[i].double())
+            assert float(((post.sigma_z[i] - truth).abs() / truth[0]).max()) < 1e-5
+
+
 @pytest.mark.parametrize("who", ["SpectralSGD", "SpectrumTracker"])
 def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
     """Three matrices of two shapes on the cpu backend, after the update (SpectralSGD) or
-    sketch-only (SpectrumTracker): one sequential call per shape and step, no single-side
-    calls; the estimates match float64 svdvals, and what a matrix gets does not depend on what
-    else is tracked (batched or not)."""
+    sketch-only (SpectrumTracker): one sequential call per step (a group per shape), no
+    single-side calls; the estimates match float64 svdvals, and what a matrix gets does not
+    depend on what else is tracked (batched or not)."""
     torch.manual_seed(2)
     sig = 0.8 ** torch.arange(40, dtype=torch.float32)
 
@@ -287,9 +323,10 @@ def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
     W0 = {name: weight(*shape) for name, shape in shapes.items()}
     calls = []  # (step, kind, batch)
     step_now = [0]
-    real_seq, real_side = PP.postprocess_sequential_cpu, PP.postprocess_side_cpu
-    monkeypatch.setattr(PP, "postprocess_sequential_cpu", lambda Y, *a: calls.append(
-        (step_now[0], "sequential", Y.shape[0])) or real_seq(Y, *a))
+    real_seq, real_side = PP.postprocess_sequential_cpu_many, PP.postprocess_side_cpu
+    monkeypatch.setattr(PP, "postprocess_sequential_cpu_many", lambda groups: calls.append(
+        (step_now[0], "sequential", tuple(sorted(len(g[0]) for g in groups))))
+        or real_seq(groups))
     monkeypatch.setattr(PP, "postprocess_side_cpu", lambda S, *a, **k: calls.append(
         (step_now[0], "side", S.shape[0])) or real_side(S, *a, **k))
 
@@ -311,7 +348,7 @@ def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
 
     opt, params = run(["a", "b", "c"])
     later = [c for c in calls if c[0] > 0]  # (the first step has no P = W^T Y to start from)
-    assert sorted(later) == sorted((s, "sequential", b) for s in range(1, 25) for b in (1, 2))
+    assert later == [(s, "sequential", (1, 2)) for s in range(1, 25)]
     for name, p in params.items():
         exact = torch.linalg.svdvals(p.detach().double())[:4]
         got = opt.spectra()[name].sigma

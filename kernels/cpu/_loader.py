@@ -121,8 +121,8 @@ def library() -> ctypes.CDLL:
         fn.argtypes = [i64, i64, i64, ptr, ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                        i64, ptr, ctypes.c_double, ptr, ctypes.c_int]
         fn.restype = ctypes.c_int
-        fn = lib.lowrank_postprocess_sequential
-        fn.argtypes = [i64, i64, i64, i64, *[ptr] * 12, ctypes.c_double, ptr, ctypes.c_int]
+        fn = lib.lowrank_postprocess_sequential_many
+        fn.argtypes = [i64, ptr, ctypes.c_double, ptr, ctypes.c_int]
         fn.restype = ctypes.c_int
         _library = lib
         return lib

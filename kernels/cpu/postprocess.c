@@ -7,6 +7,10 @@
  *   overlap = C M, signs s = sign(diag(overlap)), T = M diag(s), overlap <- overlap diag(s)
  *   Q = S T (float32 basis),  sigma = sqrt(l),  optionally PT = P T (P: n x k float32)
  *
+ * Entries: lowrank_postprocess_side (one side, a batch of same-shape sketches) and
+ * lowrank_postprocess_sequential_many (both sides of a sequential step, Y then Z = P T_y, for
+ * every matrix of a training step, whatever its shape, in one parallel region).
+ *
  * Status per matrix: 0 done; 1 S is not finite; 2 the fast path does not apply (a direction
  * below the floors, or lambda_k / lambda_1 under `well_above`: the Ritz vectors would need a
  * Cholesky-QR round). The caller runs the torch reference for a batch with any nonzero status,
@@ -318,59 +322,76 @@ static int64_t row_chunks(int64_t rows) { return (rows + CHUNK - 1) / CHUNK; }
 #define S_ROWS(j, i) ((const char *)(j)->S + (size_t)(i) * (j)->p * (j)->lds \
                       * ((j)->s_f64 ? sizeof(double) : sizeof(float)))
 
-/* The stages hold orphaned `omp for` loops: called inside a parallel region they share its
- * threads (each ends at a barrier), outside one they run on the calling thread. */
+/* A stage's work on one task: matrix i of job j, and for the row stages one chunk c of rows. */
+static void grams_task(const side_job *j, int64_t i, int64_t c)
+{
+    const int64_t chunks = row_chunks(j->p), k = j->k;
+    if (j->status[i] != PP_OK) return;
+    const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < j->p ? r0 + CHUNK : j->p;
+    double *G = j->partial + (i * chunks + c) * 2 * k * k;
+    GRAMS[(k - 1) / 8](S_ROWS(j, i), j->s_f64, j->lds, j->B + i * j->p * k, r0, r1, k, G,
+                       G + k * k);
+}
+
+static void factor_task(const side_job *j, int64_t i)
+{
+    const int64_t chunks = row_chunks(j->p), k = j->k;
+    if (j->status[i] != PP_OK) return;
+    double *G = j->partial + i * chunks * 2 * k * k, *C = G + k * k;
+    for (int64_t c = 1; c < chunks; c++) { /* fixed order: deterministic */
+        const double *Gc = G + c * 2 * k * k;
+        for (int64_t e = 0; e < 2 * k * k; e++) G[e] += Gc[e];
+    }
+    int st = factor(G, C, k, j->well_above, j->sigma + i * k, j->T + i * k * k,
+                    j->overlap + i * k * k);
+    if (st == PP_NONFINITE && all_finite(S_ROWS(j, i), j->s_f64, j->lds, j->p, k))
+        st = PP_GENERAL; /* finite entries whose squares overflow */
+    j->status[i] = st;
+}
+
+/* Chunks c < row_chunks(p) write Q = S T, the next row_chunks(n) ones PT = P T. */
+static int64_t apply_chunks(const side_job *j)
+{
+    return row_chunks(j->p) + (j->P ? row_chunks(j->n) : 0);
+}
+
+static void apply_task(const side_job *j, int64_t i, int64_t c)
+{
+    const int64_t k = j->k, qchunks = row_chunks(j->p);
+    const apply_fn apply = APPLY[(k - 1) / 8];
+    if (j->status[i] != PP_OK) return;
+    if (c < qchunks) {
+        const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < j->p ? r0 + CHUNK : j->p;
+        apply(S_ROWS(j, i), j->s_f64, j->lds, j->T + i * k * k, k, r0, r1, j->Q + i * j->p * k,
+              0);
+    } else {
+        const int64_t r0 = (c - qchunks) * CHUNK, r1 = r0 + CHUNK < j->n ? r0 + CHUNK : j->n;
+        apply(j->P + i * j->n * j->ldp, 0, j->ldp, j->T + i * k * k, k, r0, r1,
+              j->PT + i * j->n * k, 1);
+    }
+}
+
+/* The stages over the matrices of one batch hold orphaned `omp for` loops: called inside a
+ * parallel region they share its threads (each ends at a barrier), outside one they run on the
+ * calling thread. */
 static void side_grams(const side_job *j)
 {
-    const grams_fn grams = GRAMS[(j->k - 1) / 8];
-    const int64_t chunks = row_chunks(j->p), k = j->k;
+    const int64_t chunks = row_chunks(j->p);
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < j->b * chunks; t++) {
-        const int64_t i = t / chunks, c = t % chunks;
-        if (j->status[i] != PP_OK) continue;
-        const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < j->p ? r0 + CHUNK : j->p;
-        double *G = j->partial + (i * chunks + c) * 2 * k * k;
-        grams(S_ROWS(j, i), j->s_f64, j->lds, j->B + i * j->p * k, r0, r1, k, G, G + k * k);
-    }
+    for (int64_t t = 0; t < j->b * chunks; t++) grams_task(j, t / chunks, t % chunks);
 }
 
 static void side_factor(const side_job *j)
 {
-    const int64_t chunks = row_chunks(j->p), k = j->k;
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < j->b; i++) {
-        if (j->status[i] != PP_OK) continue;
-        double *G = j->partial + i * chunks * 2 * k * k, *C = G + k * k;
-        for (int64_t c = 1; c < chunks; c++) { /* fixed order: deterministic */
-            const double *Gc = G + c * 2 * k * k;
-            for (int64_t e = 0; e < 2 * k * k; e++) G[e] += Gc[e];
-        }
-        int st = factor(G, C, k, j->well_above, j->sigma + i * k, j->T + i * k * k,
-                        j->overlap + i * k * k);
-        if (st == PP_NONFINITE && all_finite(S_ROWS(j, i), j->s_f64, j->lds, j->p, k))
-            st = PP_GENERAL; /* finite entries whose squares overflow */
-        j->status[i] = st;
-    }
+    for (int64_t i = 0; i < j->b; i++) factor_task(j, i);
 }
 
 static void side_apply(const side_job *j)
 {
-    const apply_fn apply = APPLY[(j->k - 1) / 8];
-    const int64_t k = j->k, qchunks = row_chunks(j->p), pchunks = j->P ? row_chunks(j->n) : 0;
+    const int64_t chunks = apply_chunks(j);
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < j->b * (qchunks + pchunks); t++) {
-        const int64_t i = t / (qchunks + pchunks), c = t % (qchunks + pchunks);
-        if (j->status[i] != PP_OK) continue;
-        if (c < qchunks) {
-            const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < j->p ? r0 + CHUNK : j->p;
-            apply(S_ROWS(j, i), j->s_f64, j->lds, j->T + i * k * k, k, r0, r1,
-                  j->Q + i * j->p * k, 0);
-        } else {
-            const int64_t r0 = (c - qchunks) * CHUNK, r1 = r0 + CHUNK < j->n ? r0 + CHUNK : j->n;
-            apply(j->P + i * j->n * j->ldp, 0, j->ldp, j->T + i * k * k, k, r0, r1,
-                  j->PT + i * j->n * k, 1);
-        }
-    }
+    for (int64_t t = 0; t < j->b * chunks; t++) apply_task(j, t / chunks, t % chunks);
 }
 
 static int count_failed(int64_t b, const int *status)
@@ -404,51 +425,116 @@ int lowrank_postprocess_side(int64_t b, int64_t p, int64_t k, const void *S, int
     return count_failed(b, status);
 }
 
-/* Both sides of a step of the sequential schedule for a batch of b matrices (m x n), in one
+/* One matrix of a sequential step (m x n, sketch width k), as the caller lays it out: an array
+ * of int64 fields (pointers as addresses; NULL fro2: not checked).
+ *   Y (m, k) float32, row stride ldy: Y = W V;  U_old (m, k) float32 contiguous;
+ *   P (n, k) float32, row stride ldp: P = W^T Y;  V_old (n, k) float32 contiguous;
+ *   fro2: ||W||_F^2 (float64), a matrix whose value is not finite has status 1;
+ *   outputs U_next (m, k), V_next (n, k) float32; sigma, sigma_y, sigma_z (k) and overlap_u,
+ *   overlap_v (k x k) float64. */
+typedef struct {
+    int64_t m, n, k;
+    const float *Y;
+    int64_t ldy;
+    const float *U_old;
+    const float *P;
+    int64_t ldp;
+    const float *V_old;
+    const double *fro2;
+    float *U_next, *V_next;
+    double *sigma, *sigma_y, *sigma_z, *overlap_u, *overlap_v;
+} sequential_entry;
+_Static_assert(sizeof(sequential_entry) == 17 * sizeof(int64_t), "one int64 per field");
+
+/* The job of the task t of a stage whose jobs have prefix[i] .. prefix[i + 1] - 1 (binary
+ * search; a step has tens of matrices). */
+static int64_t job_of(const int64_t *prefix, int64_t count, int64_t t)
+{
+    int64_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (prefix[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* The three stages of one side for every matrix of the step: each stage's tasks (row chunks, or
+ * one eigenproblem per matrix) over all matrices are shared by the threads, so that the small
+ * matrices of a model (one row chunk each) run side by side instead of one at a time. */
+static void sides_all(const side_job *jobs, int64_t count, const int64_t *grams_prefix,
+                      const int64_t *apply_prefix)
+{
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < grams_prefix[count]; t++) {
+        const int64_t i = job_of(grams_prefix, count, t);
+        grams_task(&jobs[i], 0, t - grams_prefix[i]);
+    }
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < count; i++) factor_task(&jobs[i], 0);
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < apply_prefix[count]; t++) {
+        const int64_t i = job_of(apply_prefix, count, t);
+        apply_task(&jobs[i], 0, t - apply_prefix[i]);
+    }
+}
+
+/* Both sides of a step of the sequential schedule for `count` matrices of any shapes, in one
  * parallel region (one wake-up of the threads, no return to Python in between):
- *   Y side: Y (b, m, k) against U_old -> U_next = Y T_y, sigma_y, overlap_u, and Z = P T_y
- *           (float64; = W^T U_next up to U_next's float32 rounding), P = W^T Y (b, n, k);
+ *   Y side: Y against U_old -> U_next = Y T_y, sigma_y, overlap_u, and Z = P T_y (float64;
+ *           = W^T U_next up to U_next's float32 rounding);
  *   Z side: Z against V_old -> V_next, sigma_z, overlap_v;
  *   sigma = max(sigma_y, sigma_z).
- * fro2 (b) float64 (or NULL): a matrix whose ||W||_F^2 is not finite has status 1. Returns the
- * number of matrices whose status is not 0 (their outputs are not all written; the caller runs
- * the reference), or -1 for k > KMAX or no memory. */
-int lowrank_postprocess_sequential(int64_t b, int64_t m, int64_t n, int64_t k, const float *Y,
-                                   const float *U_old, const float *P, const float *V_old,
-                                   const double *fro2, float *U_next, float *V_next,
-                                   double *sigma, double *sigma_y, double *sigma_z,
-                                   double *overlap_u, double *overlap_v, double well_above,
-                                   int *status, int nthreads)
+ * A matrix's results do not depend on the others, nor on the number of threads. status
+ * (count): 0 done, else the matrix's outputs are not all written (the caller runs the
+ * reference for it). Returns the number of nonzero statuses, or -1 for a k outside 1..KMAX or
+ * no memory (nothing written). */
+int lowrank_postprocess_sequential_many(int64_t count, const sequential_entry *e,
+                                        double well_above, int *status, int nthreads)
 {
-    if (k < 1 || k > KMAX) return -1;
-    const int64_t rows = m > n ? m : n;
-    double *partial = malloc(sizeof(double) * 2 * k * k * row_chunks(rows) * b);
-    double *Z = malloc(sizeof(double) * b * n * k);
-    double *T = malloc(sizeof(double) * 2 * b * k * k);
-    if (!partial || !Z || !T) {
-        free(partial); free(Z); free(T);
+    int64_t scratch = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t k = e[i].k, rows = e[i].m > e[i].n ? e[i].m : e[i].n;
+        if (k < 1 || k > KMAX) return -1;
+        scratch += 2 * k * k * row_chunks(rows) + e[i].n * k + 2 * k * k;
+    }
+    double *work = malloc(sizeof(double) * (scratch > 0 ? scratch : 1));
+    side_job *jobs = malloc(sizeof(side_job) * 2 * (count > 0 ? count : 1));
+    int64_t *prefix = malloc(sizeof(int64_t) * 4 * (count + 1));
+    if (!work || !jobs || !prefix) {
+        free(work); free(jobs); free(prefix);
         return -1;
     }
-    const side_job ys = {b, m, k, Y, 0, k, U_old, U_next, sigma_y, overlap_u, T, P, n, k, Z,
-                         well_above, status, partial};
-    const side_job zs = {b, n, k, Z, 1, k, V_old, V_next, sigma_z, overlap_v, T + b * k * k,
-                         NULL, 0, 0, NULL, well_above, status, partial};
-    for (int64_t i = 0; i < b; i++)
-        status[i] = fro2 && !isfinite(fro2[i]) ? PP_NONFINITE : PP_OK;
+    side_job *ys = jobs, *zs = jobs + count;
+    int64_t *gy = prefix, *ay = gy + count + 1, *gz = ay + count + 1, *az = gz + count + 1;
+    gy[0] = ay[0] = gz[0] = az[0] = 0;
+    double *next = work;
+    for (int64_t i = 0; i < count; i++) {
+        const sequential_entry *x = &e[i];
+        const int64_t k = x->k, rows = x->m > x->n ? x->m : x->n;
+        double *partial = next, *Z = partial + 2 * k * k * row_chunks(rows), *T = Z + x->n * k;
+        next = T + 2 * k * k;
+        status[i] = x->fro2 && !isfinite(*x->fro2) ? PP_NONFINITE : PP_OK;
+        ys[i] = (side_job){1, x->m, k, x->Y, 0, x->ldy, x->U_old, x->U_next, x->sigma_y,
+                           x->overlap_u, T, x->P, x->n, x->ldp, Z, well_above, status + i,
+                           partial};
+        zs[i] = (side_job){1, x->n, k, Z, 1, k, x->V_old, x->V_next, x->sigma_z, x->overlap_v,
+                           T + k * k, NULL, 0, 0, NULL, well_above, status + i, partial};
+        gy[i + 1] = gy[i] + row_chunks(x->m);
+        ay[i + 1] = ay[i] + apply_chunks(&ys[i]);
+        gz[i + 1] = gz[i] + row_chunks(x->n);
+        az[i + 1] = az[i] + apply_chunks(&zs[i]);
+    }
     if (nthreads < 1) nthreads = 1;
     #pragma omp parallel num_threads(nthreads)
     {
-        side_grams(&ys);
-        side_factor(&ys);
-        side_apply(&ys);
-        side_grams(&zs);
-        side_factor(&zs);
-        side_apply(&zs);
+        sides_all(ys, count, gy, ay);
+        sides_all(zs, count, gz, az);
     }
-    for (int64_t i = 0; i < b; i++)
+    for (int64_t i = 0; i < count; i++)
         if (status[i] == PP_OK)
-            for (int64_t j = i * k; j < (i + 1) * k; j++)
-                sigma[j] = sigma_y[j] > sigma_z[j] ? sigma_y[j] : sigma_z[j];
-    free(partial); free(Z); free(T);
-    return count_failed(b, status);
+            for (int64_t j = 0; j < e[i].k; j++)
+                e[i].sigma[j] = e[i].sigma_y[j] > e[i].sigma_z[j] ? e[i].sigma_y[j]
+                                                                  : e[i].sigma_z[j];
+    free(work); free(jobs); free(prefix);
+    return count_failed(count, status);
 }

@@ -9,6 +9,8 @@ a rotation). The torch path costs ~20 small torch operations per side (0.3-0.8 m
 
 from __future__ import annotations
 
+import array
+
 import torch
 
 from lowrank import _checks
@@ -86,34 +88,86 @@ def postprocess_cpu(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old
     return postprocess_torch(Y, Z, U_old, V_old, seed=seed, step=step, refill=refill)
 
 
-def postprocess_sequential_cpu(Y: torch.Tensor, U_old: torch.Tensor, P: torch.Tensor,
-                               V_old: torch.Tensor, fro2: torch.Tensor | None = None):
-    """Both sides of a sequential-schedule step for a batch of m x n matrices, in one call:
-    Y = W V (b, m, k) against U_old, then Z = P T_y (P = W^T Y, (b, n, k)) against V_old; the
-    fast path of :func:`lowrank.tracking.absorb_sequential` for each side (float64 math).
+def postprocess_sequential_cpu_many(groups) -> list[tuple[PostOut, list[bool]]]:
+    """Both sides of a sequential-schedule step for the matrices of a whole step, whatever their
+    shapes, in one call (one parallel region: the threads share the small matrices' work
+    instead of each matrix waiting for the one before): per matrix, Y = W V against U_old, then
+    Z = P T_y (P = W^T Y) against V_old; the fast path of
+    :func:`lowrank.tracking.absorb_sequential` for each side (float64 math).
 
-    Returns a :class:`PostOut` (U_next and V_next float32; sigma the larger of the two sides'
-    estimates), or None when any matrix of the batch is not finite (its ``fro2`` (b,) included)
-    or needs the general path: the caller then runs the reference on the batch. Call only where
-    :func:`supported` holds for (Y, U_old) and (P, V_old), all float32 and contiguous.
+    ``groups``: (Ys, Us, Ps, Vs, fro2s), lists of one group of same-shape m x n matrices: Y
+    (1, m, k) and P (1, n, k) float32 with unit column stride, U_old (1, m, k) and V_old
+    (1, n, k) float32 contiguous, fro2 None or ||W||_F^2 (one float64). Call only where
+    :func:`supported` holds for each (Y, U_old) and (P, V_old).
+
+    Returns per group (post, ok): ``post`` a :class:`PostOut` batched over the group (U_next
+    and V_next float32; sigma the larger of the two sides' estimates) and ``ok`` per matrix:
+    False where its sketch or fro2 is not finite or it needs the general path (refill,
+    Cholesky-QR round), whose outputs are then not written: the caller runs the reference for
+    it. A matrix's results do not depend on the others of the call.
     """
-    b, m, k = Y.shape
-    n = P.shape[1]
     lib = _loader.library()
     f64 = dict(dtype=torch.float64)
-    Y, P, U_old, V_old = (t.contiguous() for t in (Y, P, U_old, V_old))
-    U_next, V_next = (torch.empty(b, d, k, dtype=torch.float32) for d in (m, n))
-    sigma, sigma_y, sigma_z = (torch.empty(b, k, **f64) for _ in range(3))
-    overlap_u, overlap_v = torch.empty(b, k, k, **f64), torch.empty(b, k, k, **f64)
-    status = torch.empty(b, dtype=torch.int32)
-    fro2 = None if fro2 is None else fro2.to(torch.float64).contiguous()
-    threads = min(torch.get_num_threads(), b * -(-max(m, n) // _CHUNK))
-    rc = lib.lowrank_postprocess_sequential(
-        b, m, n, k, ptr(Y), ptr(U_old), ptr(P), ptr(V_old), ptr(fro2), ptr(U_next), ptr(V_next),
-        ptr(sigma), ptr(sigma_y), ptr(sigma_z), ptr(overlap_u), ptr(overlap_v),
-        _WELL_CONDITIONED[torch.float32], ptr(status), threads)
+    table, outs, keep = [], [], []  # keep: operands copied here live until the call returns
+    tasks = 0
+    for Ys, Us, Ps, Vs, fro2s in groups:
+        b = len(Ys)
+        _, m, k = Ys[0].shape
+        n = Ps[0].shape[-2]
+        post = PostOut(torch.empty(b, k, **f64), torch.empty(b, k, **f64),
+                       torch.empty(b, k, **f64), torch.empty(b, m, k, dtype=torch.float32),
+                       torch.empty(b, n, k, dtype=torch.float32), torch.empty(b, k, k, **f64),
+                       torch.empty(b, k, k, **f64))
+        outs.append(post)
+        addr = [t.data_ptr() for t in post]
+        size = [t.numel() // b * t.element_size() for t in post]
+        for j, (Y, U, P, V, fro2) in enumerate(zip(Ys, Us, Ps, Vs, fro2s)):
+            Y, ldy = _unit_columns(Y)
+            P, ldp = _unit_columns(P)
+            U, V = U.contiguous(), V.contiguous()
+            if fro2 is not None and fro2.dtype != torch.float64:
+                fro2 = fro2.to(torch.float64)
+            keep += [Y, P, U, V, fro2]
+            o = [a + j * z for a, z in zip(addr, size)]  # sigma, sigma_y, sigma_z, U, V, ou, ov
+            table += [m, n, k, Y.data_ptr(), ldy, U.data_ptr(), P.data_ptr(), ldp, V.data_ptr(),
+                      0 if fro2 is None else fro2.data_ptr(), o[3], o[4], o[0], o[1], o[2], o[5],
+                      o[6]]
+            tasks += -(-max(m, n) // _CHUNK)
+    count = len(table) // _ENTRY_FIELDS
+    entries = array.array("q", table)
+    status = torch.empty(count, dtype=torch.int32)
+    threads = min(torch.get_num_threads(), max(tasks, 1))
+    rc = lib.lowrank_postprocess_sequential_many(count, entries.buffer_info()[0],
+                                                 _WELL_CONDITIONED[torch.float32], ptr(status),
+                                                 threads)
     if rc < 0:
-        raise MemoryError(f"postprocess_sequential_cpu: the kernel could not run (k={k}, b={b})")
-    if rc > 0:
-        return None
-    return PostOut(sigma, sigma_y, sigma_z, U_next, V_next, overlap_u, overlap_v)
+        raise MemoryError(f"postprocess_sequential_cpu_many: the kernel could not run "
+                          f"({count} matrices)")
+    ok = (status == 0).tolist()
+    result, start = [], 0
+    for post, (Ys, *_) in zip(outs, groups):
+        result.append((post, ok[start:start + len(Ys)]))
+        start += len(Ys)
+    return result
+
+
+_ENTRY_FIELDS = 17  # int64 fields of sequential_entry (postprocess.c)
+
+
+def _unit_columns(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t (1, p, k) with unit column stride (a copy where it has not), and its row stride."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(-2)
+
+
+def postprocess_sequential_cpu(Y: torch.Tensor, U_old: torch.Tensor, P: torch.Tensor,
+                               V_old: torch.Tensor, fro2: torch.Tensor | None = None):
+    """:func:`postprocess_sequential_cpu_many` for one batch of same-shape matrices: Y
+    (b, m, k), U_old (b, m, k), P (b, n, k), V_old (b, n, k), fro2 (b,) or None. Returns the
+    batched :class:`PostOut`, or None when any matrix needs the reference path."""
+    b = Y.shape[0]
+    one = [[t[i:i + 1] for i in range(b)] for t in (Y, U_old, P, V_old)]
+    fro2s = [None] * b if fro2 is None else [fro2[i:i + 1] for i in range(b)]
+    (post, ok), = postprocess_sequential_cpu_many([(*one, fro2s)])
+    return post if all(ok) else None
