@@ -122,14 +122,16 @@ ALWAYS_INLINE void partial_grams_kp(const void *S, int s_f64, int64_t lds, const
 }
 
 /* out rows [r0, r1) = A rows times T (k x k); A float32 or float64 (row stride lda), out
- * float32 (out_f64 = 0) or float64, contiguous (p, k). Four rows at a time, so that each
- * vector of T loaded feeds four FMAs. */
+ * float32 (out_f64 = 0) or float64, contiguous (p, k). RQ rows at a time (8 up to kp = 16,
+ * RQ * kp / 8 accumulators), so that each vector of T loaded feeds RQ FMAs; T stays in L1
+ * (its kp * kp doubles do not fit in registers). Each output element is the sum over i in
+ * order, whatever RQ. */
 ALWAYS_INLINE void apply_factor_kp(const void *A, int a_f64, int64_t lda, const double *T,
                                    int64_t k, int64_t r0, int64_t r1, void *out, int out_f64,
                                    const int kp)
 {
-    enum { RQ = 4 };
-    const int nv = kp / 8;
+    enum { RQ_MAX = 8 };
+    const int nv = kp / 8, RQ = kp <= 16 ? 8 : 4;
     d8v t[KMAX][KMAX / 8];
     for (int i = 0; i < kp; i++)
         for (int v = 0; v < nv; v++)
@@ -137,28 +139,36 @@ ALWAYS_INLINE void apply_factor_kp(const void *A, int a_f64, int64_t lda, const 
                 const int64_t col = 8 * v + j;
                 t[i][v][j] = i < k && col < k ? T[i * k + col] : 0.0;
             }
-    double abuf[RB * KMAX] __attribute__((aligned(64)));
+    double abuf[(RB + RQ_MAX) * KMAX] __attribute__((aligned(64)));
     for (int64_t rb = r0; rb < r1; rb += RB) {
         const int64_t nr = r1 - rb < RB ? r1 - rb : RB;
         load_rows(A, a_f64, lda, rb, nr, k, abuf, kp);
+        /* zero rows up to a multiple of RQ: the last block reads them, writes none */
+        memset(abuf + nr * kp, 0, sizeof(double) * kp * ((RQ - nr % RQ) % RQ));
         for (int64_t r = 0; r < nr; r += RQ) {
             const int rows = nr - r < RQ ? (int)(nr - r) : RQ;
-            d8v acc[RQ][KMAX / 8];
+            d8v acc[RQ_MAX][KMAX / 8];
             for (int q = 0; q < RQ; q++)
                 for (int v = 0; v < nv; v++) acc[q][v] = (d8v){0};
+            const double *a = abuf + r * kp;
             for (int i = 0; i < kp; i++)
-                for (int q = 0; q < RQ; q++) {
-                    const double a = q < rows ? abuf[(r + q) * kp + i] : 0.0;
-                    for (int v = 0; v < nv; v++) acc[q][v] += a * t[i][v];
-                }
+                for (int q = 0; q < RQ; q++)
+                    for (int v = 0; v < nv; v++) acc[q][v] += a[q * kp + i] * t[i][v];
             for (int q = 0; q < rows; q++) {
                 const int64_t row = rb + r + q;
-                if (out_f64) {
-                    double *o = (double *)out + row * k;
-                    for (int64_t j = 0; j < k; j++) o[j] = acc[q][j / 8][j % 8];
+                /* a copy of kp elements compiles to vector moves, of k to a call */
+                if (out_f64 && k == kp) {
+                    memcpy((double *)out + row * k, acc[q], sizeof(double) * kp);
+                } else if (out_f64) {
+                    memcpy((double *)out + row * k, acc[q], sizeof(double) * k);
                 } else {
-                    float *o = (float *)out + row * k;
-                    for (int64_t j = 0; j < k; j++) o[j] = (float)acc[q][j / 8][j % 8];
+                    float o[KMAX];
+                    for (int v = 0; v < nv; v++)
+                        for (int j = 0; j < 8; j++) o[8 * v + j] = (float)acc[q][v][j];
+                    if (k == kp)
+                        memcpy((float *)out + row * k, o, sizeof(float) * kp);
+                    else
+                        memcpy((float *)out + row * k, o, sizeof(float) * k);
                 }
             }
         }
