@@ -276,6 +276,18 @@ def fused_sgd_sketch_many(Ws, Gs, bufs, U, V, *, backend: str = "torch", options
     return (outs[0] if len(outs) == 1 else _cat_sketches(outs)), new_bufs
 
 
+def fused_sgd_sketch_list(Ws, Gs, bufs, Us, Vs, sides, *, backend: str = "cpu", **hyper):
+    """Op ``fused_sgd_sketch`` over matrices of any shapes (one param group's tracked
+    parameters), each with its own bases U (1, m, k), V (1, n, k) and ``sides``, in one call of
+    the cpu kernel (the GPU backends batch same-shape matrices instead:
+    :func:`fused_sgd_sketch_many`). Returns (list of SketchOut, list of buffers, None entries
+    without momentum)."""
+    if backend != "cpu":
+        raise ValueError(f"fused_sgd_sketch_list runs on the cpu backend, not {backend!r}")
+    return kernel_module("cpu", "fused_sgd_sketch").fused_sgd_sketch_cpu_list(
+        Ws, Gs, bufs, Us, Vs, sides, **hyper)
+
+
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):
     """Op ``postprocess``. CuPy and cpu have kernels (the cpu one for the common case only,
     falling back to the torch reference); Triton uses the CuPy kernel where CuPy runs on the

@@ -236,6 +236,7 @@ class SpectralSGD(torch.optim.Optimizer):
             hyper = {k: group[k] for k in ("lr", "weight_decay", "momentum", "dampening",
                                            "nesterov", "maximize")}
             untracked = []  # (p, grad, buf) of the untracked parameters, one update for all
+            on_cpu = []  # (name, p, grad, buf) of tracked matrices on the C kernel, one call
             for p in group["params"]:
                 name = self._names.get(id(p))  # None: added by add_param_group, not tracked
                 tracked = track and name in self.tracked.trackers
@@ -258,6 +259,9 @@ class SpectralSGD(torch.optim.Optimizer):
                     if key is not None:  # updated after the loop, with its group
                         batches.setdefault(key, (hyper, []))[1].append((name, p, grad, buf))
                         continue
+                    if self._in_cpu_list(name, p, grad, buf, capturing):
+                        on_cpu.append((name, p, grad, buf))  # after the group's loop
+                        continue
                     buf = self._fused_step(name, p, grad, buf, hyper)
                 elif not capturing and foreach_applies(p, grad, buf, hyper["lr"]):
                     untracked.append((p, grad, buf))  # updated after the group's loop
@@ -266,6 +270,8 @@ class SpectralSGD(torch.optim.Optimizer):
                     buf = sgd_update_torch(p, grad, buf, lr_on_device=capturing, **hyper)
                 if hyper["momentum"] != 0:
                     self.state[p]["momentum_buffer"] = buf
+            if on_cpu:
+                self._fused_step_list(on_cpu, hyper)
             if untracked:
                 bufs = sgd_update_torch_many(*map(list, zip(*untracked)), **hyper)
                 if hyper["momentum"] != 0:
@@ -296,6 +302,32 @@ class SpectralSGD(torch.optim.Optimizer):
                                           sides=self.tracked.sides(name), **hyper)
         self.tracked.absorb(name, sk)
         return B.view(p.shape) if B is not None else None
+
+    def _in_cpu_list(self, name, p, grad, buf, capturing) -> bool:
+        """Whether ``p`` is updated and sketched with the other tracked matrices of its param
+        group in one call of the C kernel (:meth:`_fused_step_list`): the "cpu" backend, a
+        dense gradient, contiguous operands."""
+        return (self.tracked.backend[name] == "cpu" and not capturing and not grad.is_sparse
+                and p.is_contiguous() and grad.is_contiguous()
+                and (buf is None or buf.is_contiguous()))
+
+    def _fused_step_list(self, items, hyper):
+        """Update and sketch the tracked matrices ``items`` (name, p, grad, buf) of one param
+        group, whatever their shapes, in one kernel call; sets each momentum buffer and queues
+        each sketch for the post-processing."""
+        tracked = self.tracked
+        shapes = [tracked.trackers[name].shape for name, _, _, _ in items]
+        sketches, bufs = backends.fused_sgd_sketch_list(
+            [p.view(shape) for (_, p, _, _), shape in zip(items, shapes)],
+            [grad.view(shape) for (_, _, grad, _), shape in zip(items, shapes)],
+            [None if buf is None else buf.view(shape) for (_, _, _, buf), shape in zip(items, shapes)],
+            [tracked.trackers[name].U for name, _, _, _ in items],
+            [tracked.trackers[name].V for name, _, _, _ in items],
+            [tracked.sides(name) for name, _, _, _ in items], backend="cpu", **hyper)
+        for (name, p, _, _), sk, buf in zip(items, sketches, bufs):
+            tracked.absorb(name, sk)
+            if hyper["momentum"] != 0:
+                self.state[p]["momentum_buffer"] = buf.view(p.shape)
 
     def _batch_key(self, name, p, grad, buf, group_index):
         """The key of the batch that updates and sketches ``p`` together with the other

@@ -4,6 +4,8 @@ torch.optim.SGD, layouts, errors, and whole tracked runs."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -218,6 +220,83 @@ def test_auto_picks_the_kernel_for_float32_only():
     assert backends.resolve_backend("auto", "cpu", torch.float32) == "cpu"
     assert backends.resolve_backend("auto", "cpu", torch.bfloat16) == "torch"
     assert backends.resolve_backend("auto", "cpu", torch.float64) == "torch"
+
+
+@pytest.mark.parametrize("hyper", HYPER[:5])
+def test_list_call_gives_each_matrix_what_its_own_call_gives(hyper):
+    """One call for matrices of several shapes and widths (k = 13 padded), each with its own
+    sides, a buffer that exists and one that this step creates: the same bits as one call per
+    matrix, for the update, the buffers and every sketch."""
+    shapes = [(64, 32, 16, "power"), (300, 200, 13, "both"), (1030, 256, 16, "y"),
+              (40, 2100, 8, "z"), (33, 70, 8, "power")]
+    Ws = [rand(m, n, seed=i) for i, (m, n, _, _) in enumerate(shapes)]
+    Gs = [rand(m, n, seed=20 + i) for i, (m, n, _, _) in enumerate(shapes)]
+    bufs = [None if i % 2 else rand(m, n, seed=40 + i) for i, (m, n, _, _) in enumerate(shapes)]
+    bases = [init_bases(m, n, k, seed=60 + i) for i, (m, n, k, _) in enumerate(shapes)]
+    alone_W = [W.clone() for W in Ws]
+    alone_buf = [None if b is None else b.clone() for b in bufs]
+    got, got_bufs = FS.fused_sgd_sketch_cpu_list(
+        Ws, Gs, bufs, [U for U, _ in bases], [V for _, V in bases], [s for *_, s in shapes],
+        lr=0.05, **hyper)
+    for i, (_, _, _, sides) in enumerate(shapes):
+        want, want_buf = FS.fused_sgd_sketch_cpu(alone_W[i], Gs[i], alone_buf[i], *bases[i],
+                                                 lr=0.05, sides=sides, **hyper)
+        assert torch.equal(Ws[i], alone_W[i]), i
+        if hyper.get("momentum"):
+            assert torch.equal(got_bufs[i], want_buf), i
+        for field in ("Y", "Z", "P", "fro2", "row_sq"):
+            a, b = getattr(got[i], field), getattr(want, field)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (i, field)
+
+
+def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch):
+    """Two param groups (a linear and a conv weight of different shapes in one, a linear
+    weight in the other, biases untracked): one kernel call per group and step; the weights
+    and buffers stay torch.optim.SGD's bit for bit and the estimates match float64 svdvals."""
+    torch.manual_seed(3)
+    shapes = {"a": (48, 80), "conv": (32, 8, 3, 3), "b": (64, 40)}
+
+    def decaying(shape):  # a spectrum the tracker converges on within the steps below
+        m, n = shape[0], math.prod(shape[1:])
+        left, right = torch.linalg.qr(torch.randn(m, 30)).Q, torch.linalg.qr(torch.randn(n, 30)).Q
+        return ((left * 0.7 ** torch.arange(30.0)) @ right.T).reshape(shape)
+
+    W0 = {name: decaying(shape) for name, shape in shapes.items()}
+    params = {name: torch.nn.Parameter(w.clone()) for name, w in W0.items()}
+    bias = torch.nn.Parameter(torch.zeros(48))
+    copies = {name: torch.nn.Parameter(w.clone()) for name, w in W0.items()}
+    bias_copy = torch.nn.Parameter(torch.zeros(48))
+    named = [("a", params["a"]), ("conv", params["conv"]), ("bias", bias), ("b", params["b"])]
+    opt = lowrank.SpectralSGD(named, rank=4, sketch_rank=8, lr=0.05, momentum=0.9,
+                              weight_decay=1e-3, backend="cpu")
+    ref = torch.optim.SGD([{"params": [copies["a"], copies["conv"], bias_copy]},
+                           {"params": [copies["b"]], "lr": 0.02}], lr=0.05, momentum=0.9,
+                          weight_decay=1e-3, foreach=False)
+    group = opt.param_groups[0]  # split in two: the ref's groups
+    group["params"] = [params["a"], params["conv"], bias]
+    opt.param_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                             "params": [params["b"]], "lr": 0.02})
+    calls = []
+    real = FS.fused_sgd_sketch_cpu_list
+    monkeypatch.setattr(FS, "fused_sgd_sketch_cpu_list", lambda Ws, *a, **kw: calls.append(
+        len(Ws)) or real(Ws, *a, **kw))
+    for step in range(40):
+        for name, p in [*params.items(), ("bias", bias)]:
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step
+                                                                              + len(name)))
+            p.grad = g * 1e-3
+            (copies.get(name, bias_copy)).grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert calls == [2, 1] * 40
+    for name, p in params.items():
+        assert torch.equal(p.detach(), copies[name].detach()), name
+        assert torch.equal(opt.state[p]["momentum_buffer"],
+                           ref.state[copies[name]]["momentum_buffer"]), name
+        exact = torch.linalg.svdvals(p.detach().reshape(shapes[name][0], -1).double())[:4]
+        est = opt.spectra()[name].sigma
+        assert float(((est - exact) / exact[0]).abs().max()) < 1e-5, name
+    assert torch.equal(bias.detach(), bias_copy.detach())
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "both", "alternate"])

@@ -117,6 +117,9 @@ def library() -> ctypes.CDLL:
         fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.POINTER(SgdHyper), ptr, ptr, ptr,
                        ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ctypes.c_int]
         fn.restype = None
+        fn = lib.lowrank_sgd_sketch_many_f32
+        fn.argtypes = [i64, ptr, ctypes.POINTER(SgdHyper)]
+        fn.restype = ctypes.c_int
         fn = lib.lowrank_postprocess_side
         fn.argtypes = [i64, i64, i64, ptr, ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                        i64, ptr, ctypes.c_double, ptr, ctypes.c_int]

@@ -8,6 +8,7 @@ they agree to float32 rounding, not bit for bit). float32 weights on the CPU onl
 
 from __future__ import annotations
 
+import array
 import ctypes
 
 import torch
@@ -144,3 +145,79 @@ def fused_sgd_sketch_cpu(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | N
             buf.copy_(bufc)
         return out, buf
     return out, None if new_buf is None else new_buf.view(W.shape)
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    """A tensor's address in a kernel's int64 table (0: NULL)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr, weight_decay: float = 0.0,
+                              momentum: float = 0.0, dampening: float = 0.0,
+                              nesterov: bool = False, maximize: bool = False):
+    """:func:`fused_sgd_sketch_cpu` for several parameters of one param group, whatever their
+    shapes, in one call of the kernel (a model's step otherwise returns to Python between
+    matrices: 25-35 us of checks and allocations each, more than the pass of a small matrix).
+
+    ``Ws``, ``Gs``, ``bufs``: contiguous (m, n) views of each parameter, its gradient and its
+    momentum buffer (None: none yet; with momentum a new one is returned); ``Us`` (1, m, k),
+    ``Vs`` (1, n, k); ``sides`` each matrix's sketch ("both", "y", "z" or "power"). Each matrix
+    gets the bits that :func:`fused_sgd_sketch_cpu` gives it. Returns (list of SketchOut,
+    list of buffers).
+    """
+    op = "fused_sgd_sketch_cpu_list"
+    if isinstance(lr, torch.Tensor):
+        if lr.requires_grad:
+            raise ValueError(f"{op} takes a plain learning rate; a tensor lr that requires "
+                             "grad needs backend='torch'")
+        lr = lr.item()
+    lib = _loader.library()
+    f32 = {"dtype": torch.float32}
+    hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum),
+                             float(1 - dampening), int(bool(nesterov)), int(bool(maximize)), 0)
+    table, outs, new_bufs = [], [], []
+    threads_all = torch.get_num_threads()
+    for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
+        for name, t in (("W", W), ("G", G), ("buf", buf), ("U", U), ("V", V)):
+            _check(name, t, op)
+        m, n = W.shape
+        k = U.shape[-1]
+        if U.shape != (1, m, k) or V.shape != (1, n, k) or G.shape != W.shape:
+            raise ValueError(f"{op}: W {tuple(W.shape)}, G {tuple(G.shape)}, U "
+                             f"{tuple(U.shape)}, V {tuple(V.shape)} do not fit together")
+        if not (W.is_contiguous() and G.is_contiguous()
+                and (buf is None or buf.is_contiguous())):
+            raise ValueError(f"{op}: W, G and buf must be contiguous")
+        kp = -(-k // 8) * 8
+        if kp != k:
+            U, V = (torch.nn.functional.pad(B, (0, kp - k)) for B in (U, V))
+        else:
+            U, V = U.contiguous(), V.contiguous()
+        mode = _MODES[side]
+        Y = torch.empty(1, m, kp, **f32) if mode & (MODE_Y | MODE_POWER) else None
+        Z = torch.empty(1, n, kp, **f32) if mode & (MODE_Z | MODE_POWER) else None
+        row_sq = torch.empty(1, m, dtype=torch.float64)
+        threads = threads_all if m * n >= _PARALLEL_MIN else 1
+        chunks = min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))
+        buf_init = momentum != 0 and buf is None
+        if buf_init:
+            buf = torch.empty_like(W)
+        new_bufs.append(buf)
+        # torch.optim.SGD ignores the buffer without momentum; the kernel uses one where passed
+        table += [m, n, kp, W.data_ptr(), G.data_ptr(), _addr(buf if momentum != 0 else None),
+                  U.data_ptr(), V.data_ptr(), _addr(Y), _addr(Z), row_sq.data_ptr(), mode,
+                  int(buf_init), chunks, threads]
+        outs.append((Y, Z, row_sq, k, kp, side, U, V))  # U, V: padded copies live until the call
+    entries = array.array("q", table)
+    if lib.lowrank_sgd_sketch_many_f32(len(outs), entries.buffer_info()[0],
+                                       ctypes.byref(hyper)) != 0:
+        raise MemoryError(f"{op}: no memory for the Z partials of {len(outs)} matrices")
+    sketches = []
+    for Y, Z, row_sq, k, kp, side, _, _ in outs:
+        if kp != k:
+            Y = None if Y is None else Y[..., :k]
+            Z = None if Z is None else Z[..., :k]
+        fro2 = row_sq.sum(dim=-1)
+        sketches.append(SketchOut(Y, None, fro2, row_sq, P=Z) if side == "power"
+                        else SketchOut(Y, Z, fro2, row_sq))
+    return sketches, new_bufs

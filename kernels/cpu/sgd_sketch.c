@@ -22,6 +22,7 @@
  * streams from cache.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -440,4 +441,48 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
             }
         }
     }
+}
+
+/* One matrix of lowrank_sgd_sketch_many_f32, as the caller lays it out: an array of int64
+ * fields (pointers as addresses; G NULL: sketch only; buf NULL without momentum). The
+ * arguments of lowrank_sgd_sketch_f32, with the hyperparameters' buf_init per matrix (a
+ * momentum buffer that this step creates) and no zwork (shared, allocated here). */
+typedef struct {
+    int64_t m, n, kp;
+    float *W;
+    const float *G;
+    float *buf;
+    const float *U, *V;
+    float *Y, *Z;
+    double *row_sq;
+    int64_t mode, buf_init, chunks, threads;
+} sketch_entry;
+_Static_assert(sizeof(sketch_entry) == 15 * sizeof(int64_t), "one int64 per field");
+
+/* The passes of `count` matrices of any shapes, one after the other, from one call: a model's
+ * step otherwise returns to Python between matrices, whose work there (checks, allocations)
+ * cost more than the pass of a small matrix, and more again after a large pass evicted it from
+ * the caches. Each matrix gets the bits lowrank_sgd_sketch_f32 gives it alone. Returns 0, or
+ * -1 (nothing run) without memory for the Z partials. */
+int lowrank_sgd_sketch_many_f32(int64_t count, const sketch_entry *e, const sgd_hyper *h)
+{
+    int64_t most = 0; /* the largest Z partials of one matrix, reused by each */
+    for (int64_t i = 0; i < count; i++) {
+        int64_t chunks = e[i].chunks < 1 ? 1 : e[i].chunks;
+        const int64_t nblocks = (e[i].m + ROWS - 1) / ROWS;
+        if (chunks > nblocks) chunks = nblocks;
+        const int64_t need = e[i].mode & (MODE_Z | MODE_POWER) ? chunks * e[i].n * e[i].kp : 0;
+        if (need > most) most = need;
+    }
+    float *zwork = most ? malloc(sizeof(float) * most) : NULL;
+    if (most && !zwork) return -1;
+    for (int64_t i = 0; i < count; i++) {
+        sgd_hyper hi = *h;
+        hi.buf_init = (int)e[i].buf_init;
+        lowrank_sgd_sketch_f32(e[i].m, e[i].n, e[i].kp, e[i].W, e[i].G, e[i].buf, &hi, e[i].U,
+                               e[i].V, e[i].Y, e[i].Z, e[i].row_sq, (int)e[i].mode, zwork,
+                               (int)e[i].chunks, (int)e[i].threads);
+    }
+    free(zwork);
+    return 0;
 }
