@@ -393,14 +393,25 @@ class TrackedSet:
     def sketch_all(self, names) -> None:
         """The sketch-only pass of ``names``: under the "both" schedule the contiguous matrices
         of one shape, dtype, device and backend are sketched as one batch (one launch on CuPy)
-        and post-processed without concatenation; the others one by one."""
+        and post-processed without concatenation; the other contiguous ones on the "cpu"
+        backend, whatever their shapes, in one call of the C kernel; the rest one by one."""
         groups: dict[tuple, list[str]] = {}
+        on_cpu = []  # one call of the C kernel for all of them
         for name in names:
             key = self.batch_key(name)
-            if key is None:
-                self.sketch_only(name)
-            else:
+            if key is not None:
                 groups.setdefault(key, []).append(name)
+            elif self.backend[name] == "cpu" and self.params[name].is_contiguous():
+                on_cpu.append(name)
+            else:
+                self.sketch_only(name)
+        if on_cpu:
+            trs = [self.trackers[n] for n in on_cpu]
+            sketches, _ = backends.fused_sgd_sketch_list(
+                [self.matrix(n) for n in on_cpu], None, None, [t.U for t in trs],
+                [t.V for t in trs], [self.sides(n) for n in on_cpu], backend="cpu")
+            for name, sk in zip(on_cpu, sketches):
+                self.absorb(name, sk)
         for group in groups.values():
             U, V = self.bases(group)
             sk = backends.sketch_many([self.matrix(n) for n in group], U, V,

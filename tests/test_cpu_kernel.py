@@ -249,6 +249,35 @@ def test_list_call_gives_each_matrix_what_its_own_call_gives(hyper):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (i, field)
 
 
+def test_sketch_only_list_call_gives_each_matrix_what_sketch_cpu_gives():
+    shapes = [(64, 32, 16, "power"), (300, 200, 13, "both"), (40, 2100, 8, "z")]
+    Ws = [rand(m, n, seed=i) for i, (m, n, _, _) in enumerate(shapes)]
+    before = [W.clone() for W in Ws]
+    bases = [init_bases(m, n, k, seed=60 + i) for i, (m, n, k, _) in enumerate(shapes)]
+    got, _ = FS.fused_sgd_sketch_cpu_list(Ws, None, None, [U for U, _ in bases],
+                                          [V for _, V in bases], [s for *_, s in shapes])
+    for i, (_, _, _, sides) in enumerate(shapes):
+        assert torch.equal(Ws[i], before[i])  # W is not written
+        want = SK.sketch_cpu(Ws[i], *bases[i], sides=sides)
+        for field in ("Y", "Z", "P", "fro2", "row_sq"):
+            a, b = getattr(got[i], field), getattr(want, field)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (i, field)
+
+
+def test_spectrum_tracker_sketches_every_matrix_in_one_kernel_call(monkeypatch):
+    calls = []
+    real = FS.fused_sgd_sketch_cpu_list
+    monkeypatch.setattr(FS, "fused_sgd_sketch_cpu_list", lambda Ws, Gs, *a, **kw: calls.append(
+        (len(Ws), Gs)) or real(Ws, Gs, *a, **kw))
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Linear(40, 20),
+                              torch.nn.Conv2d(4, 12, 3))
+    tracker = lowrank.SpectrumTracker(net, rank=4, sketch_rank=8, backend="cpu")
+    for _ in range(3):
+        tracker.step()
+    assert calls == [(3, None)] * 3
+
+
 def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch):
     """Two param groups (a linear and a conv weight of different shapes in one, a linear
     weight in the other, biases untracked): one kernel call per group and step; the weights

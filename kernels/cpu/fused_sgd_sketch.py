@@ -152,7 +152,7 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr, weight_decay: float = 0.0,
+def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_decay: float = 0.0,
                               momentum: float = 0.0, dampening: float = 0.0,
                               nesterov: bool = False, maximize: bool = False):
     """:func:`fused_sgd_sketch_cpu` for several parameters of one param group, whatever their
@@ -160,10 +160,11 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr, weight_decay: 
     matrices: 25-35 us of checks and allocations each, more than the pass of a small matrix).
 
     ``Ws``, ``Gs``, ``bufs``: contiguous (m, n) views of each parameter, its gradient and its
-    momentum buffer (None: none yet; with momentum a new one is returned); ``Us`` (1, m, k),
-    ``Vs`` (1, n, k); ``sides`` each matrix's sketch ("both", "y", "z" or "power"). Each matrix
-    gets the bits that :func:`fused_sgd_sketch_cpu` gives it. Returns (list of SketchOut,
-    list of buffers).
+    momentum buffer (None: none yet; with momentum a new one is returned); ``Gs`` None: the
+    sketch-only pass of every matrix (W not written, as :func:`lowrank.kernels.cpu.sketch.
+    sketch_cpu`); ``Us`` (1, m, k), ``Vs`` (1, n, k); ``sides`` each matrix's sketch ("both",
+    "y", "z" or "power"). Each matrix gets the bits that its own call gives it. Returns (list of
+    SketchOut, list of buffers).
     """
     op = "fused_sgd_sketch_cpu_list"
     if isinstance(lr, torch.Tensor):
@@ -177,15 +178,19 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr, weight_decay: 
                              float(1 - dampening), int(bool(nesterov)), int(bool(maximize)), 0)
     table, outs, new_bufs = [], [], []
     threads_all = torch.get_num_threads()
+    update = Gs is not None
+    if not update:
+        Gs = bufs = [None] * len(Ws)
     for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
         for name, t in (("W", W), ("G", G), ("buf", buf), ("U", U), ("V", V)):
             _check(name, t, op)
         m, n = W.shape
         k = U.shape[-1]
-        if U.shape != (1, m, k) or V.shape != (1, n, k) or G.shape != W.shape:
-            raise ValueError(f"{op}: W {tuple(W.shape)}, G {tuple(G.shape)}, U "
-                             f"{tuple(U.shape)}, V {tuple(V.shape)} do not fit together")
-        if not (W.is_contiguous() and G.is_contiguous()
+        if U.shape != (1, m, k) or V.shape != (1, n, k) or (update and G.shape != W.shape):
+            raise ValueError(f"{op}: W {tuple(W.shape)}, G "
+                             f"{None if G is None else tuple(G.shape)}, U {tuple(U.shape)}, "
+                             f"V {tuple(V.shape)} do not fit together")
+        if not (W.is_contiguous() and (G is None or G.is_contiguous())
                 and (buf is None or buf.is_contiguous())):
             raise ValueError(f"{op}: W, G and buf must be contiguous")
         kp = -(-k // 8) * 8
@@ -199,12 +204,12 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr, weight_decay: 
         row_sq = torch.empty(1, m, dtype=torch.float64)
         threads = threads_all if m * n >= _PARALLEL_MIN else 1
         chunks = min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))
-        buf_init = momentum != 0 and buf is None
+        buf_init = update and momentum != 0 and buf is None
         if buf_init:
             buf = torch.empty_like(W)
         new_bufs.append(buf)
         # torch.optim.SGD ignores the buffer without momentum; the kernel uses one where passed
-        table += [m, n, kp, W.data_ptr(), G.data_ptr(), _addr(buf if momentum != 0 else None),
+        table += [m, n, kp, W.data_ptr(), _addr(G), _addr(buf if momentum != 0 else None),
                   U.data_ptr(), V.data_ptr(), _addr(Y), _addr(Z), row_sq.data_ptr(), mode,
                   int(buf_init), chunks, threads]
         outs.append((Y, Z, row_sq, k, kp, side, U, V))  # U, V: padded copies live until the call
