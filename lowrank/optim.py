@@ -259,7 +259,7 @@ class SpectralSGD(torch.optim.Optimizer):
                     if key is not None:  # updated after the loop, with its group
                         batches.setdefault(key, (hyper, []))[1].append((name, p, grad, buf))
                         continue
-                    if self._in_cpu_list(name, p, grad, buf, capturing):
+                    if self._in_cpu_list(name, grad, buf, capturing):
                         on_cpu.append((name, p, grad, buf))  # after the group's loop
                         continue
                     buf = self._fused_step(name, p, grad, buf, hyper)
@@ -288,8 +288,7 @@ class SpectralSGD(torch.optim.Optimizer):
     def _fused_step(self, name, p, grad, buf, hyper):
         """Update p in place and sketch the updated matrix; returns the momentum buffer."""
         tr = self.tracked.trackers[name]
-        if grad.is_sparse or not (p.is_contiguous() and grad.is_contiguous()
-                                  and (buf is None or buf.is_contiguous())):
+        if grad.is_sparse or not self.tracked.contiguous(name, grad, buf):
             # No (m, n) view to update in place: torch's update, then the sketch-only pass.
             buf = sgd_update_torch(p, grad, buf, **hyper)
             self.tracked.sketch_only(name)
@@ -303,26 +302,23 @@ class SpectralSGD(torch.optim.Optimizer):
         self.tracked.absorb(name, sk)
         return B.view(p.shape) if B is not None else None
 
-    def _in_cpu_list(self, name, p, grad, buf, capturing) -> bool:
+    def _in_cpu_list(self, name, grad, buf, capturing) -> bool:
         """Whether ``p`` is updated and sketched with the other tracked matrices of its param
         group in one call of the C kernel (:meth:`_fused_step_list`): the "cpu" backend, a
         dense gradient, contiguous operands."""
-        return (self.tracked.backend[name] == "cpu" and not capturing and not grad.is_sparse
-                and p.is_contiguous() and grad.is_contiguous()
-                and (buf is None or buf.is_contiguous()))
+        return not capturing and not grad.is_sparse and self.tracked.in_cpu_list(name, grad, buf)
 
     def _fused_step_list(self, items, hyper):
         """Update and sketch the tracked matrices ``items`` (name, p, grad, buf) of one param
         group, whatever their shapes, in one kernel call; sets each momentum buffer and queues
         each sketch for the post-processing."""
         tracked = self.tracked
-        shapes = [tracked.trackers[name].shape for name, _, _, _ in items]
+        trs = [tracked.trackers[name] for name, _, _, _ in items]
         sketches, bufs = backends.fused_sgd_sketch_list(
-            [p.view(shape) for (_, p, _, _), shape in zip(items, shapes)],
-            [grad.view(shape) for (_, _, grad, _), shape in zip(items, shapes)],
-            [None if buf is None else buf.view(shape) for (_, _, _, buf), shape in zip(items, shapes)],
-            [tracked.trackers[name].U for name, _, _, _ in items],
-            [tracked.trackers[name].V for name, _, _, _ in items],
+            [p.view(tr.shape) for (_, p, _, _), tr in zip(items, trs)],
+            [grad.view(tr.shape) for (_, _, grad, _), tr in zip(items, trs)],
+            [None if buf is None else buf.view(tr.shape) for (_, _, _, buf), tr in zip(items, trs)],
+            [tr.U for tr in trs], [tr.V for tr in trs],
             [tracked.sides(name) for name, _, _, _ in items], backend="cpu", **hyper)
         for (name, p, _, _), sk, buf in zip(items, sketches, bufs):
             tracked.absorb(name, sk)

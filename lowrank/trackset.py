@@ -253,10 +253,21 @@ class TrackedSet:
         dtype, device, backend); None where ``name`` takes its own call: schedules other than
         "both" (the CPU's), or an operand (weight, gradient, buffer; None skipped) that is not
         contiguous."""
-        if self.schedule[name] != "both" or not all(x is None or x.is_contiguous()
-                                                    for x in (self.params[name], *operands)):
+        if self.schedule[name] != "both" or not self.contiguous(name, *operands):
             return None
         return self._pack_key(name)
+
+    def in_cpu_list(self, name: str, *operands) -> bool:
+        """Whether ``name`` joins the one C-kernel call that passes over all such matrices of a
+        step or param group, whatever their shapes (:func:`lowrank.backends.
+        fused_sgd_sketch_list`): the "cpu" backend, and the weight and ``operands`` (gradient,
+        buffer; None skipped) contiguous."""
+        return self.backend[name] == "cpu" and self.contiguous(name, *operands)
+
+    def contiguous(self, name: str, *operands) -> bool:
+        """Whether ``name``'s weight and ``operands`` (None skipped) are contiguous: a kernel
+        then updates the (m, n) views in place."""
+        return all(x is None or x.is_contiguous() for x in (self.params[name], *operands))
 
     def _pack_key(self, name: str) -> tuple:
         """Shape, sketch width, basis dtype, weight dtype, device, backend: what the matrices
@@ -401,7 +412,7 @@ class TrackedSet:
             key = self.batch_key(name)
             if key is not None:
                 groups.setdefault(key, []).append(name)
-            elif self.backend[name] == "cpu" and self.params[name].is_contiguous():
+            elif self.in_cpu_list(name):
                 on_cpu.append(name)
             else:
                 self.sketch_only(name)

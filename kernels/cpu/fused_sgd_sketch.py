@@ -48,6 +48,32 @@ def _item(t: torch.Tensor | None, i: int) -> int | None:
     return t.data_ptr() + (i * t.stride(0) * t.element_size() if t.shape[0] > 1 else 0)
 
 
+def _threads_and_chunks(m: int, n: int) -> tuple[int, int]:
+    """Threads for an m x n pass and its row chunks (as the kernel clamps them)."""
+    threads = torch.get_num_threads() if m * n >= _PARALLEL_MIN else 1
+    return threads, min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))
+
+
+def _sketch_out(Y, Z, row_sq: torch.Tensor, k: int, kp: int, sides: str) -> SketchOut:
+    """The kernel's outputs (widths padded to kp) as the SketchOut of a k-wide sketch."""
+    if kp != k:
+        Y = None if Y is None else Y[..., :k]
+        Z = None if Z is None else Z[..., :k]
+    if sides == "power":
+        return SketchOut(Y, None, row_sq.sum(dim=-1), row_sq, P=Z)
+    return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq)
+
+
+def _plain_lr(lr, op: str):
+    """torch.optim.SGD reads a tensor lr as a scalar too; one that requires grad cannot be."""
+    if isinstance(lr, torch.Tensor):
+        if lr.requires_grad:
+            raise ValueError(f"{op} takes a plain learning rate; a tensor lr that requires grad "
+                             "needs backend='torch'")
+        lr = lr.item()
+    return lr
+
+
 def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U: torch.Tensor,
            V: torch.Tensor, *, sides: str, op: str, lr: float = 0.0, weight_decay: float = 0.0,
            momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -79,8 +105,7 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     Y = torch.empty(b, m, kp, **f32) if want_y else None
     Z = torch.empty(b, n, kp, **f32) if want_z else None
     row_sq = torch.empty(b, m, dtype=torch.float64)
-    threads = torch.get_num_threads() if m * n >= _PARALLEL_MIN else 1
-    chunks = min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))  # as the kernel clamps it
+    threads, chunks = _threads_and_chunks(m, n)
     zwork = torch.empty(chunks, n, kp, **f32) if want_z else None
     update = G is not None
     if update and not (W.is_contiguous() and (buf is None or buf.is_contiguous())):
@@ -102,12 +127,7 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
             m, n, kp, _item(Wc, i), _item(Gc, i), _item(bufc, i), ctypes.byref(hyper),
             _item(Up, i), _item(Vp, i), _item(Y, i), _item(Z, i), _item(row_sq, i), mode,
             ptr(zwork), chunks, threads)
-    if kp != k:
-        Y = None if Y is None else Y[..., :k]
-        Z = None if Z is None else Z[..., :k]
-    if sides == "power":
-        return SketchOut(Y, None, row_sq.sum(dim=-1), row_sq, P=Z), buf
-    return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq), buf
+    return _sketch_out(Y, Z, row_sq, k, kp, sides), buf
 
 
 def fused_sgd_sketch_cpu(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | None,
@@ -122,11 +142,7 @@ def fused_sgd_sketch_cpu(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | N
     :class:`lowrank.sketch.SketchOut`). ``buf`` None with momentum: a new buffer is returned
     (torch.optim.SGD's first step). Returns (SketchOut, buf).
     """
-    if isinstance(lr, torch.Tensor):
-        if lr.requires_grad:
-            raise ValueError("fused_sgd_sketch_cpu takes a plain learning rate; a tensor lr that "
-                             "requires grad needs backend='torch'")
-        lr = lr.item()  # torch.optim.SGD reads a tensor lr as a scalar too
+    lr = _plain_lr(lr, "fused_sgd_sketch_cpu")
     m = W.shape[0]
     shape = (1, m, W.numel() // m)
     W = W.detach()
@@ -167,17 +183,12 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
     SketchOut, list of buffers).
     """
     op = "fused_sgd_sketch_cpu_list"
-    if isinstance(lr, torch.Tensor):
-        if lr.requires_grad:
-            raise ValueError(f"{op} takes a plain learning rate; a tensor lr that requires "
-                             "grad needs backend='torch'")
-        lr = lr.item()
+    lr = _plain_lr(lr, op)
     lib = _loader.library()
     f32 = {"dtype": torch.float32}
     hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum),
                              float(1 - dampening), int(bool(nesterov)), int(bool(maximize)), 0)
     table, outs, new_bufs = [], [], []
-    threads_all = torch.get_num_threads()
     update = Gs is not None
     if not update:
         Gs = bufs = [None] * len(Ws)
@@ -202,8 +213,7 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
         Y = torch.empty(1, m, kp, **f32) if mode & (MODE_Y | MODE_POWER) else None
         Z = torch.empty(1, n, kp, **f32) if mode & (MODE_Z | MODE_POWER) else None
         row_sq = torch.empty(1, m, dtype=torch.float64)
-        threads = threads_all if m * n >= _PARALLEL_MIN else 1
-        chunks = min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))
+        threads, chunks = _threads_and_chunks(m, n)
         buf_init = update and momentum != 0 and buf is None
         if buf_init:
             buf = torch.empty_like(W)
@@ -217,12 +227,5 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
     if lib.lowrank_sgd_sketch_many_f32(len(outs), entries.buffer_info()[0],
                                        ctypes.byref(hyper)) != 0:
         raise MemoryError(f"{op}: no memory for the Z partials of {len(outs)} matrices")
-    sketches = []
-    for Y, Z, row_sq, k, kp, side, _, _ in outs:
-        if kp != k:
-            Y = None if Y is None else Y[..., :k]
-            Z = None if Z is None else Z[..., :k]
-        fro2 = row_sq.sum(dim=-1)
-        sketches.append(SketchOut(Y, None, fro2, row_sq, P=Z) if side == "power"
-                        else SketchOut(Y, Z, fro2, row_sq))
+    sketches = [_sketch_out(Y, Z, row_sq, k, kp, side) for Y, Z, row_sq, k, kp, side, _, _ in outs]
     return sketches, new_bufs

@@ -122,8 +122,8 @@ def postprocess_sequential_cpu_many(groups) -> list[tuple[PostOut, list[bool]]]:
         addr = [t.data_ptr() for t in post]
         size = [t.numel() // b * t.element_size() for t in post]
         for j, (Y, U, P, V, fro2) in enumerate(zip(Ys, Us, Ps, Vs, fro2s)):
-            Y, ldy = _unit_columns(Y)
-            P, ldp = _unit_columns(P)
+            Y, ldy = _rows(Y)
+            P, ldp = _rows(P)
             U, V = U.contiguous(), V.contiguous()
             if fro2 is not None and fro2.dtype != torch.float64:
                 fro2 = fro2.to(torch.float64)
@@ -152,13 +152,6 @@ def postprocess_sequential_cpu_many(groups) -> list[tuple[PostOut, list[bool]]]:
 
 
 _ENTRY_FIELDS = 17  # int64 fields of sequential_entry (postprocess.c)
-
-
-def _unit_columns(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """t (1, p, k) with unit column stride (a copy where it has not), and its row stride."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(-2)
 
 
 def postprocess_sequential_cpu(Y: torch.Tensor, U_old: torch.Tensor, P: torch.Tensor,
