@@ -297,8 +297,8 @@ def make_provider(provider: str, named, tracked, *, k, rank, hp) -> Provider:
 def lowrank_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """Backends of lowrank that run here: (available, {unavailable: reason}).
 
-    On the CPU the library's default backend ("auto": the C kernel for float32 weights where it
-    builds, else torch) with each schedule and the pure torch backend with its default one are
+    On the CPU the library's default backend ("auto": the C kernel for float32 and 16-bit
+    weights where it builds, else torch) with each schedule and the pure torch backend with its default one are
     timed (the Triton interpreter is a correctness tool,
     not a backend to benchmark). On CUDA each of "triton" and "cupy" is probed with one tracked step of
     SpectralSGD and of SpectrumTracker on a small matrix; a backend that fails is reported, not
@@ -313,7 +313,7 @@ def lowrank_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
         except lowrank.backends.BackendUnavailable as e:
             skipped["cpu"] = str(e)
             return ["torch", "torch-both", "torch-alternate"], skipped
-        # "auto" is what users get: the C kernel for float32 weights, torch for bfloat16.
+        # "auto" is what users get: the C kernel (float32 and 16-bit weights), where it builds.
         return ["auto", "auto-both", "auto-alternate", "torch"], skipped
     ok, skipped = ["torch"], {}
     for backend in ("triton", "cupy"):

@@ -38,6 +38,7 @@ from . import timing
 # CuPy; on other backends it contains their "pass" calls, one per matrix).
 PARTS = (
     ("batched pass", backends, "fused_sgd_sketch_many"),
+    ("list pass", backends, "fused_sgd_sketch_list"),
     ("pass", backends, "fused_sgd_sketch"),
     ("postprocess", backends, "postprocess"),
     ("finite checks", tracking, "finite_each"),

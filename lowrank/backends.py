@@ -3,7 +3,7 @@
 ``backend`` is one of "auto", "torch", "triton", "cupy", "cpu". "auto" picks the fastest available
 for the tensor's device and dtype: on CUDA, CuPy where it runs (Triton for its TF32 and
 deterministic modes, or without CuPy); on the CPU, the C kernel ("cpu", compiled on first use)
-for float32 weights when a C compiler is found; else torch.
+for float32, bfloat16 and float16 weights when a C compiler is found; else torch.
 Asking explicitly for a backend that is not available raises :class:`BackendUnavailable`;
 nothing falls back silently.
 
@@ -27,6 +27,9 @@ from .postprocess import postprocess_torch
 from .sketch import SketchOut, sketch_torch
 
 BACKENDS = ("auto", "torch", "triton", "cupy", "cpu")
+# Weight dtypes of the "cpu" backend (kernels/cpu: float32 updated in the pass; the 16-bit ones
+# updated by torch's ops, then sketched by the kernel). float64 weights stay on torch.
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Precision of the sketch products (``precision=``): exact fp32, or TF32 tensor cores with three
 # (~fp32 accuracy) or one (~1e-3 relative error per product) term. Only the Triton kernels offer
 # the TF32 modes; the torch and CuPy products are always exact fp32 (fp64 for fp64 weights).
@@ -149,7 +152,7 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     device = torch.device(device)
     if backend == "auto":
         if device.type == "cpu":
-            return "cpu" if dtype == torch.float32 and cpu_kernel_available() else "torch"
+            return "cpu" if dtype in CPU_KERNEL_DTYPES and cpu_kernel_available() else "torch"
         if device.type != "cuda" or dtype == torch.float64:
             return "torch"
         if (precision == "fp32" and not deterministic and cupy_runs(device)
@@ -161,9 +164,9 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     if backend == "cpu":
         if device.type != "cpu":
             raise BackendUnavailable(f"backend='cpu' runs on CPU tensors; this one is on {device}")
-        if dtype is not None and dtype != torch.float32:
-            raise TypeError(f"backend='cpu' takes float32 weights, got {dtype}; "
-                            "use backend='torch' or 'auto'")
+        if dtype is not None and dtype not in CPU_KERNEL_DTYPES:
+            raise TypeError(f"backend='cpu' takes float32, bfloat16 or float16 weights, got "
+                            f"{dtype}; use backend='torch' or 'auto'")
         kernel_module("cpu", "_loader").library()  # raises BackendUnavailable with the reason
         return backend
     if backend == "triton":

@@ -199,8 +199,8 @@ def test_bad_inputs_raise_clear_errors():
         SK.sketch_cpu(torch.ones(6, 8), U, V)
     with pytest.raises(ValueError, match="sides must be one of"):
         SK.sketch_cpu(torch.ones(8, 6), U, V, sides="x")
-    with pytest.raises(TypeError, match="float32 weights"):
-        backends.resolve_backend("cpu", "cpu", torch.bfloat16)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 weights"):
+        backends.resolve_backend("cpu", "cpu", torch.float64)
     with pytest.raises(ValueError, match="plain learning rate"):
         FS.fused_sgd_sketch_cpu(torch.ones(8, 6), torch.ones(8, 6), None, U, V,
                                 lr=torch.tensor(0.1, requires_grad=True))
@@ -216,9 +216,9 @@ def test_missing_compiler_is_reported_not_hidden(monkeypatch, tmp_path):
     assert backends.resolve_backend("auto", "cpu", torch.float32) == "torch"
 
 
-def test_auto_picks_the_kernel_for_float32_only():
-    assert backends.resolve_backend("auto", "cpu", torch.float32) == "cpu"
-    assert backends.resolve_backend("auto", "cpu", torch.bfloat16) == "torch"
+def test_auto_picks_the_kernel_for_32_and_16_bit_weights():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert backends.resolve_backend("auto", "cpu", dtype) == "cpu"
     assert backends.resolve_backend("auto", "cpu", torch.float64) == "torch"
 
 

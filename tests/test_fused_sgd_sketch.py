@@ -124,6 +124,9 @@ def test_list_update_applies_only_where_it_matches_the_single_tensor_ops():
     assert not foreach_applies(W, G, None, torch.tensor(0.1))  # tensor lr: the single path
     assert not foreach_applies(W, G.double(), None, 0.1)  # mixed dtypes promote differently
     assert not foreach_applies(W, G.to_sparse(), None, 0.1)
+    # 16-bit: torch's _foreach_mul_ rounds a buffer times the momentum otherwise than mul_
+    assert not foreach_applies(W.bfloat16(), G.bfloat16(), None, 0.1)
+    assert not foreach_applies(W.half(), G.half(), None, 0.1)
     assert sgd_update_torch_many([], [], [], lr=0.1) == []
 
 

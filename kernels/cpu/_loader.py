@@ -115,8 +115,8 @@ def library() -> ctypes.CDLL:
         fn = lib.lowrank_sgd_sketch_f32
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.POINTER(SgdHyper), ptr, ptr, ptr,
-                       ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ctypes.c_int]
-        fn.restype = None
+                       ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
         fn = lib.lowrank_sgd_sketch_many_f32
         fn.argtypes = [i64, ptr, ctypes.POINTER(SgdHyper)]
         fn.restype = ctypes.c_int

@@ -3,7 +3,10 @@ updated W in one pass over memory (kernel: ``sgd_sketch.c``).
 
 Reference and contract: :func:`lowrank.fused_sgd_sketch.fused_sgd_sketch_torch` (same update,
 same operation order; the sketch products are summed in another order than torch's matmul, so
-they agree to float32 rounding, not bit for bit). float32 weights on the CPU only.
+they agree to float32 rounding, not bit for bit). CPU weights in float32, bfloat16 or float16:
+16-bit weights are updated by the reference's own torch ops (torch.optim.SGD's 16-bit rounding,
+bit for bit by construction) and then sketched by the kernel, which widens each block of rows to
+float32 (exactly) on the way; float32 weights are updated inside the pass.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ctypes
 
 import torch
 
+from lowrank.fused_sgd_sketch import sgd_update_torch
 from lowrank.sketch import SIDES, SketchOut
 
 from . import _loader
@@ -27,18 +31,40 @@ _PARALLEL_MIN = 1 << 15
 # sgd_sketch.c); Z partials per chunk make the result independent of the scheduling.
 _CHUNKS_PER_THREAD = 4
 _ROWS = 8  # ROWS of sgd_sketch.c
+# Weight dtypes the kernel reads (wtype of sgd_sketch.c); the 16-bit ones are sketched only.
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERRORS = {-1: "no memory for the kernel's scratch",
+           -2: "the kernel updates float32 weights only (16-bit ones: torch, then a sketch)"}
 
 
-def _check(name: str, t: torch.Tensor | None, op: str) -> None:
+def _check(name: str, t: torch.Tensor | None, op: str, dtype=torch.float32) -> None:
+    """A CPU tensor of ``dtype`` (the weights' dtype for G and buf, float32 for the bases)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
         raise ValueError(f"{op} (backend='cpu') needs CPU tensors; {name} is on {t.device}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{op} (backend='cpu') takes float32 tensors; {name} is {t.dtype} "
-                        "(use backend='torch' for other dtypes)")
+    if name == "W" and t.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{op} (backend='cpu') takes float32, bfloat16 or float16 weights; W is "
+                        f"{t.dtype} (use backend='torch' for other dtypes)")
+    if name != "W" and t.dtype != dtype:
+        raise TypeError(f"{op} (backend='cpu'): {name} must be {dtype} "
+                        f"({'float32 bases' if dtype == torch.float32 else 'the dtype of W'}), "
+                        f"got {t.dtype}")
+
+
+def _check_all(op: str, W, G, buf, U, V) -> None:
+    _check("W", W, op)
+    for name, t in (("G", G), ("buf", buf)):
+        _check(name, t, op, W.dtype)
+    for name, t in (("U", U), ("V", V)):
+        _check(name, t, op)
+
+
+def _raise_on(rc: int, op: str) -> None:
+    if rc != 0:
+        raise (MemoryError if rc == -1 else RuntimeError)(f"{op}: {_ERRORS.get(rc, rc)}")
 
 
 def _item(t: torch.Tensor | None, i: int) -> int | None:
@@ -81,8 +107,7 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     """Run the kernel over W (b, m, n), in place when G is given. Returns (SketchOut, buf)."""
     if sides not in _MODES:
         raise ValueError(f"sides must be one of {', '.join(SIDES)}; got {sides!r}")
-    for name, t in (("W", W), ("G", G), ("buf", buf), ("U", U), ("V", V)):
-        _check(name, t, op)
+    _check_all(op, W, G, buf, U, V)
     if W.dim() == 2:
         W = W.unsqueeze(0)
     b, m, n = W.shape
@@ -110,6 +135,12 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     update = G is not None
     if update and not (W.is_contiguous() and (buf is None or buf.is_contiguous())):
         raise ValueError(f"{op}: the in-place update needs contiguous W and buf")
+    wtype = WEIGHT_DTYPES[W.dtype]
+    if update and wtype:  # 16-bit weights: torch's update, then the kernel's sketch of them
+        buf = sgd_update_torch(W, G.reshape(W.shape), buf, lr=lr, weight_decay=weight_decay,
+                               momentum=momentum, dampening=dampening, nesterov=nesterov,
+                               maximize=maximize)
+        G, update = None, False
     Wc = W.contiguous()  # sketch only: a copy where the layout needs one
     Gc = None if G is None else G.reshape(W.shape).contiguous()
     new_buf = update and momentum != 0 and buf is None
@@ -123,10 +154,10 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     # matrix i's pointers by offset: indexing each tensor costs more than the kernel of a small
     # matrix (a model's step calls this once per matrix)
     for i in range(b):
-        lib.lowrank_sgd_sketch_f32(
+        _raise_on(lib.lowrank_sgd_sketch_f32(
             m, n, kp, _item(Wc, i), _item(Gc, i), _item(bufc, i), ctypes.byref(hyper),
             _item(Up, i), _item(Vp, i), _item(Y, i), _item(Z, i), _item(row_sq, i), mode,
-            ptr(zwork), chunks, threads)
+            ptr(zwork), chunks, threads, wtype), op)
     return _sketch_out(Y, Z, row_sq, k, kp, sides), buf
 
 
@@ -163,6 +194,21 @@ def fused_sgd_sketch_cpu(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor | N
     return out, None if new_buf is None else new_buf.view(W.shape)
 
 
+def _update_16_bit(Ws, Gs, bufs, **hyper):
+    """torch's SGD update of the 16-bit weights among Ws, tensor by tensor (torch.optim.SGD's
+    single-tensor ops: its ``_foreach_*`` ops round 16-bit buffers otherwise). Returns (Gs,
+    bufs) for the kernel: None gradients for the weights now updated (sketch only), and their
+    buffers (new ones on the first step with momentum)."""
+    if not any(WEIGHT_DTYPES[W.dtype] for W in Ws):
+        return Gs, bufs
+    Gs, bufs = list(Gs), list(bufs)
+    for i, W in enumerate(Ws):
+        if WEIGHT_DTYPES[W.dtype]:
+            bufs[i] = sgd_update_torch(W, Gs[i], bufs[i], **hyper)
+            Gs[i] = None
+    return Gs, bufs
+
+
 def _addr(t: torch.Tensor | None) -> int:
     """A tensor's address in a kernel's int64 table (0: NULL)."""
     return 0 if t is None else t.data_ptr()
@@ -192,9 +238,8 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
     update = Gs is not None
     if not update:
         Gs = bufs = [None] * len(Ws)
-    for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
-        for name, t in (("W", W), ("G", G), ("buf", buf), ("U", U), ("V", V)):
-            _check(name, t, op)
+    for W, G, buf, U, V in zip(Ws, Gs, bufs, Us, Vs):
+        _check_all(op, W, G, buf, U, V)
         m, n = W.shape
         k = U.shape[-1]
         if U.shape != (1, m, k) or V.shape != (1, n, k) or (update and G.shape != W.shape):
@@ -204,6 +249,13 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
         if not (W.is_contiguous() and (G is None or G.is_contiguous())
                 and (buf is None or buf.is_contiguous())):
             raise ValueError(f"{op}: W, G and buf must be contiguous")
+    if update:
+        Gs, bufs = _update_16_bit(Ws, Gs, bufs, lr=lr, weight_decay=weight_decay,
+                                  momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                  maximize=maximize)
+    for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
+        m, n = W.shape
+        k = U.shape[-1]
         kp = -(-k // 8) * 8
         if kp != k:
             U, V = (torch.nn.functional.pad(B, (0, kp - k)) for B in (U, V))
@@ -214,18 +266,18 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
         Z = torch.empty(1, n, kp, **f32) if mode & (MODE_Z | MODE_POWER) else None
         row_sq = torch.empty(1, m, dtype=torch.float64)
         threads, chunks = _threads_and_chunks(m, n)
-        buf_init = update and momentum != 0 and buf is None
+        buf_init = G is not None and momentum != 0 and buf is None
         if buf_init:
             buf = torch.empty_like(W)
         new_bufs.append(buf)
         # torch.optim.SGD ignores the buffer without momentum; the kernel uses one where passed
-        table += [m, n, kp, W.data_ptr(), _addr(G), _addr(buf if momentum != 0 else None),
+        table += [m, n, kp, W.data_ptr(), _addr(G),
+                  _addr(buf if momentum != 0 and G is not None else None),
                   U.data_ptr(), V.data_ptr(), _addr(Y), _addr(Z), row_sq.data_ptr(), mode,
-                  int(buf_init), chunks, threads]
+                  int(buf_init), chunks, threads, WEIGHT_DTYPES[W.dtype]]
         outs.append((Y, Z, row_sq, k, kp, side, U, V))  # U, V: padded copies live until the call
     entries = array.array("q", table)
-    if lib.lowrank_sgd_sketch_many_f32(len(outs), entries.buffer_info()[0],
-                                       ctypes.byref(hyper)) != 0:
-        raise MemoryError(f"{op}: no memory for the Z partials of {len(outs)} matrices")
+    _raise_on(lib.lowrank_sgd_sketch_many_f32(len(outs), entries.buffer_info()[0],
+                                              ctypes.byref(hyper)), op)
     sketches = [_sketch_out(Y, Z, row_sq, k, kp, side) for Y, Z, row_sq, k, kp, side, _, _ in outs]
     return sketches, new_bufs

@@ -4,7 +4,9 @@
  * square_sum) and the thin products of the sketch.
  *
  * Layout: W, G, buf (m, n) row-major; U, Y (m, kp); V, Z (n, kp) row-major, kp a multiple of 8
- * (the Python side pads k). Modes (bit flags):
+ * (the Python side pads k). W is float32, or (sketch only, no update) bfloat16 or float16 (wtype):
+ * each block of rows is then widened to float32 (exactly) into a per-thread scratch first, and
+ * sketched from there as float32 rows are. Modes (bit flags):
  *   MODE_Y      Y = W V
  *   MODE_Z      Z = W^T U
  *   MODE_POWER  Z = W^T Y  (= W^T W V: with MODE_Y, a full power step in one read of W; the
@@ -25,6 +27,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #define MODE_Y 1
 #define MODE_Z 2
@@ -225,6 +230,45 @@ static void tile(const float *Wt, int64_t ldw, int rows, int64_t jb, const float
         tile_8(Wt, ldw, rows, jb, At + c, Vt + c, Yt + c, Zt + c, kp, doy, doz, pf, sq);
 }
 
+/* Element types of W (wtype). */
+#define WTYPE_F32 0
+#define WTYPE_BF16 1
+#define WTYPE_F16 2
+
+/* float16 bits -> float32, exact for every value (subnormals, inf, NaN payloads); the
+ * portable path (GCC's _Float16 conversion is a libgcc call without AVX512-FP16). */
+static inline float half_to_float(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, em = h & 0x7fff;
+    uint32_t bits = em << 13;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    f *= 0x1p112f; /* rebias 15 -> 127; a subnormal half becomes a normal float exactly */
+    memcpy(&bits, &f, sizeof f);
+    if (em >= 0x7c00) bits = (em << 13) | 0x7f800000; /* inf, NaN (payload kept) */
+    bits |= sign;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* len 16-bit weights at src -> float32 at dst (bfloat16: the top half of a float32). */
+static void widen(const uint16_t *restrict src, int wtype, float *restrict dst, int64_t len)
+{
+    int64_t j = 0;
+    if (wtype == WTYPE_BF16) {
+        for (; j < len; j++) {
+            const uint32_t bits = (uint32_t)src[j] << 16;
+            memcpy(dst + j, &bits, sizeof bits);
+        }
+        return;
+    }
+#ifdef __F16C__
+    for (; j + 8 <= len; j += 8) /* vcvtph2ps, 8 at a time */
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+#endif
+    for (; j < len; j++) dst[j] = half_to_float(src[j]);
+}
+
 typedef struct {
     /* keep = 1 - dampening, computed by the caller in double and rounded once, as torch does
      * with its `alpha=1 - dampening` (a float 1.0f - dampening differs for dampening in
@@ -347,6 +391,8 @@ static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int
 }
 
 /* One matrix. G == NULL: sketch only (W is not written). buf may be NULL without momentum.
+ * wtype: W's element type (WTYPE_*; 16-bit only with G == NULL). Returns 0, -1 without memory
+ * for the 16-bit scratch, -2 for an update of 16-bit weights (nothing run on either).
  *
  * Per block of ROWS rows: the update of the block's rows (memory-bound), then its products,
  * tile by tile from cache (compute-bound), the first sweep's tiles also summing the squares of
@@ -365,11 +411,13 @@ static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int
  * threads waited 0.4 ms of thread time per 2048^2 pass at the end, 0.08 ms with shrinking ones.
  * Each chunk has its own Z partial in zwork (chunks * n * kp floats), summed in chunk order:
  * the result does not depend on which thread ran what, only on `chunks`. */
-void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const float *G,
-                            float *buf, const sgd_hyper *h, const float *U, const float *V,
-                            float *Y, float *Z, double *row_sq, int mode, float *zwork,
-                            int chunks, int nthreads)
+int lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const float *G,
+                           float *buf, const sgd_hyper *h, const float *U, const float *V,
+                           float *Y, float *Z, double *row_sq, int mode, float *zwork,
+                           int chunks, int nthreads, int wtype)
 {
+    if (wtype != WTYPE_F32 && (G != NULL || (wtype != WTYPE_BF16 && wtype != WTYPE_F16)))
+        return -2; /* 16-bit weights are sketched only; the caller updates them */
     const int doy = (mode & (MODE_Y | MODE_POWER)) != 0;
     const int doz = (mode & MODE_Z) != 0, power = (mode & MODE_POWER) != 0;
     const int zside = doz || power;
@@ -377,14 +425,21 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
     const int64_t tc = tile_cols(kp), ntiles = (n + tc - 1) / tc;
     const int64_t steps = ntiles * (power ? 2 : 1);
     /* the update, or else the prefetches alone, run a block ahead of the products */
-    const int ahead = G != NULL || m * n >= PREFETCH_MIN;
+    const int ahead = G != NULL || (wtype == WTYPE_F32 && m * n >= PREFETCH_MIN);
     const block_update upd = {W, G, buf, h, m, n, (n + SEG - 1) / SEG};
     if (chunks < 1) chunks = 1;
     if (chunks > nblocks) chunks = (int)nblocks;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > chunks) nthreads = chunks;
+    /* 16-bit W: each thread's float32 copy of the block it sketches */
+    float *wide = NULL;
+    if (wtype != WTYPE_F32 && m > 0 && n > 0) {
+        wide = malloc(sizeof(float) * nthreads * ROWS * n);
+        if (!wide) return -1;
+    }
     #pragma omp parallel num_threads(nthreads)
     {
+        float *my_wide = wide ? wide + (int64_t)omp_get_thread_num() * ROWS * n : NULL;
         #pragma omp for schedule(dynamic, 1)
         for (int c = 0; c < chunks; c++) {
             float *Zl = zwork + (int64_t)c * n * kp;
@@ -395,7 +450,11 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
             for (int64_t blk = b0; blk < b1; blk++) {
                 const int64_t i0 = blk * ROWS;
                 const int rows = (int)(m - i0 < ROWS ? m - i0 : ROWS);
-                float *Wb = W + i0 * n;
+                const float *Wb = W + i0 * n;
+                if (my_wide) {
+                    widen((const uint16_t *)W + i0 * n, wtype, my_wide, rows * n);
+                    Wb = my_wide;
+                }
                 double sq[ROWS] = {0}; /* row sums of squares, from the first sweep's tiles */
                 const int64_t next_segs = ahead && blk + 1 < b1 ? block_segments(&upd, blk + 1) : 0;
                 /* n = 0: no steps, no segments */
@@ -441,6 +500,8 @@ void lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const fl
             }
         }
     }
+    free(wide);
+    return 0;
 }
 
 /* One matrix of lowrank_sgd_sketch_many_f32, as the caller lays it out: an array of int64
@@ -455,15 +516,15 @@ typedef struct {
     const float *U, *V;
     float *Y, *Z;
     double *row_sq;
-    int64_t mode, buf_init, chunks, threads;
+    int64_t mode, buf_init, chunks, threads, wtype;
 } sketch_entry;
-_Static_assert(sizeof(sketch_entry) == 15 * sizeof(int64_t), "one int64 per field");
+_Static_assert(sizeof(sketch_entry) == 16 * sizeof(int64_t), "one int64 per field");
 
 /* The passes of `count` matrices of any shapes, one after the other, from one call: a model's
  * step otherwise returns to Python between matrices, whose work there (checks, allocations)
  * cost more than the pass of a small matrix, and more again after a large pass evicted it from
  * the caches. Each matrix gets the bits lowrank_sgd_sketch_f32 gives it alone. Returns 0, or
- * -1 (nothing run) without memory for the Z partials. */
+ * -1 without memory (for the Z partials: nothing run), or the first matrix's error code. */
 int lowrank_sgd_sketch_many_f32(int64_t count, const sketch_entry *e, const sgd_hyper *h)
 {
     int64_t most = 0; /* the largest Z partials of one matrix, reused by each */
@@ -476,13 +537,16 @@ int lowrank_sgd_sketch_many_f32(int64_t count, const sketch_entry *e, const sgd_
     }
     float *zwork = most ? malloc(sizeof(float) * most) : NULL;
     if (most && !zwork) return -1;
+    int status = 0;
     for (int64_t i = 0; i < count; i++) {
         sgd_hyper hi = *h;
         hi.buf_init = (int)e[i].buf_init;
-        lowrank_sgd_sketch_f32(e[i].m, e[i].n, e[i].kp, e[i].W, e[i].G, e[i].buf, &hi, e[i].U,
-                               e[i].V, e[i].Y, e[i].Z, e[i].row_sq, (int)e[i].mode, zwork,
-                               (int)e[i].chunks, (int)e[i].threads);
+        const int rc = lowrank_sgd_sketch_f32(e[i].m, e[i].n, e[i].kp, e[i].W, e[i].G, e[i].buf,
+                                              &hi, e[i].U, e[i].V, e[i].Y, e[i].Z, e[i].row_sq,
+                                              (int)e[i].mode, zwork, (int)e[i].chunks,
+                                              (int)e[i].threads, (int)e[i].wtype);
+        if (rc != 0 && status == 0) status = rc;
     }
     free(zwork);
-    return 0;
+    return status;
 }

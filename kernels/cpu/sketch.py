@@ -12,7 +12,8 @@ from .fused_sgd_sketch import launch
 
 def sketch_cpu(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
                sides: str = "both") -> SketchOut:
-    """Sketch float32 W (m, n) or (b, m, n) with U (b, m, k), V (b, n, k) on the CPU.
+    """Sketch W (m, n) or (b, m, n), float32, bfloat16 or float16, with float32 U (b, m, k) and
+    V (b, n, k) on the CPU (float32 sketches).
     ``sides``: "both", "y", "z" or "power" (see :class:`lowrank.sketch.SketchOut`)."""
     if isinstance(W, torch.Tensor) and W.dim() not in (2, 3):
         raise ValueError(f"sketch_cpu takes W as (m, n) or (b, m, n), got shape {tuple(W.shape)}; "
