@@ -392,7 +392,8 @@ static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int
 
 /* One matrix. G == NULL: sketch only (W is not written). buf may be NULL without momentum.
  * wtype: W's element type (WTYPE_*; 16-bit only with G == NULL). Returns 0, -1 without memory
- * for the 16-bit scratch, -2 for an update of 16-bit weights (nothing run on either).
+ * for the 16-bit scratch, -2 for an update of 16-bit weights or an unknown wtype (nothing run
+ * on either).
  *
  * Per block of ROWS rows: the update of the block's rows (memory-bound), then its products,
  * tile by tile from cache (compute-bound), the first sweep's tiles also summing the squares of
