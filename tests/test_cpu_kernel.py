@@ -278,10 +278,14 @@ def test_spectrum_tracker_sketches_every_matrix_in_one_kernel_call(monkeypatch):
     assert calls == [(3, None)] * 3
 
 
-def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch, dtype):
     """Two param groups (a linear and a conv weight of different shapes in one, a linear
     weight in the other, biases untracked): one kernel call per group and step; the weights
-    and buffers stay torch.optim.SGD's bit for bit and the estimates match float64 svdvals."""
+    and buffers stay torch.optim.SGD's bit for bit and the estimates match float64 svdvals.
+    16-bit weights: torch's update (and the bias's: not the foreach ops, which round a 16-bit
+    buffer otherwise), then the kernel's sketch of the 16-bit values."""
     torch.manual_seed(3)
     shapes = {"a": (48, 80), "conv": (32, 8, 3, 3), "b": (64, 40)}
 
@@ -290,11 +294,11 @@ def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch):
         left, right = torch.linalg.qr(torch.randn(m, 30)).Q, torch.linalg.qr(torch.randn(n, 30)).Q
         return ((left * 0.7 ** torch.arange(30.0)) @ right.T).reshape(shape)
 
-    W0 = {name: decaying(shape) for name, shape in shapes.items()}
+    W0 = {name: decaying(shape).to(dtype) for name, shape in shapes.items()}
     params = {name: torch.nn.Parameter(w.clone()) for name, w in W0.items()}
-    bias = torch.nn.Parameter(torch.zeros(48))
+    bias = torch.nn.Parameter(torch.zeros(48, dtype=dtype))
     copies = {name: torch.nn.Parameter(w.clone()) for name, w in W0.items()}
-    bias_copy = torch.nn.Parameter(torch.zeros(48))
+    bias_copy = torch.nn.Parameter(torch.zeros(48, dtype=dtype))
     named = [("a", params["a"]), ("conv", params["conv"]), ("bias", bias), ("b", params["b"])]
     opt = lowrank.SpectralSGD(named, rank=4, sketch_rank=8, lr=0.05, momentum=0.9,
                               weight_decay=1e-3, backend="cpu")
@@ -313,7 +317,7 @@ def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch):
         for name, p in [*params.items(), ("bias", bias)]:
             g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step
                                                                               + len(name)))
-            p.grad = g * 1e-3
+            p.grad = (g * 1e-3).to(dtype)
             (copies.get(name, bias_copy)).grad = p.grad.clone()
         opt.step()
         ref.step()
