@@ -195,6 +195,9 @@ def test_bad_inputs_raise_clear_errors():
     U, V = init_bases(8, 6, 2)
     with pytest.raises(TypeError, match="float32"):
         SK.sketch_cpu(torch.ones(8, 6, dtype=torch.float64), U, V)
+    with pytest.raises(TypeError, match=r"G must be torch.float32 \(the dtype of W\)"):
+        FS.fused_sgd_sketch_cpu(torch.ones(8, 6), torch.ones(8, 6, dtype=torch.float64), None,
+                                U, V, lr=0.1)
     with pytest.raises(ValueError, match="do not fit"):
         SK.sketch_cpu(torch.ones(6, 8), U, V)
     with pytest.raises(ValueError, match="sides must be one of"):

@@ -106,9 +106,9 @@ def test_fused_call_updates_as_torch_sgd_then_sketches_the_update(dtype):
 def test_16_bit_inputs_are_checked():
     W = torch.ones(8, 6, dtype=torch.bfloat16)
     U, V = init_bases(8, 6, 2)
-    with pytest.raises(TypeError, match="U must be torch.float32"):
+    with pytest.raises(TypeError, match=r"U must be torch.float32 \(float32 bases\)"):
         SK.sketch_cpu(W, U.bfloat16(), V)
-    with pytest.raises(TypeError, match="G must be torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"G must be torch.bfloat16 \(the dtype of W\)"):
         FS.fused_sgd_sketch_cpu(W, torch.ones(8, 6), None, U, V, lr=0.1)
     with pytest.raises(TypeError, match="G must be torch.float16"):
         FS.fused_sgd_sketch_cpu_list([W.half()], [torch.ones(8, 6, dtype=torch.bfloat16)],

@@ -49,9 +49,8 @@ def _check(name: str, t: torch.Tensor | None, op: str, dtype=torch.float32) -> N
         raise TypeError(f"{op} (backend='cpu') takes float32, bfloat16 or float16 weights; W is "
                         f"{t.dtype} (use backend='torch' for other dtypes)")
     if name != "W" and t.dtype != dtype:
-        raise TypeError(f"{op} (backend='cpu'): {name} must be {dtype} "
-                        f"({'float32 bases' if dtype == torch.float32 else 'the dtype of W'}), "
-                        f"got {t.dtype}")
+        why = "the dtype of W" if name in ("G", "buf") else "float32 bases"
+        raise TypeError(f"{op} (backend='cpu'): {name} must be {dtype} ({why}), got {t.dtype}")
 
 
 def _check_all(op: str, W, G, buf, U, V) -> None:
@@ -199,8 +198,6 @@ def _update_16_bit(Ws, Gs, bufs, **hyper):
     single-tensor ops: its ``_foreach_*`` ops round 16-bit buffers otherwise). Returns (Gs,
     bufs) for the kernel: None gradients for the weights now updated (sketch only), and their
     buffers (new ones on the first step with momentum)."""
-    if not any(WEIGHT_DTYPES[W.dtype] for W in Ws):
-        return Gs, bufs
     Gs, bufs = list(Gs), list(bufs)
     for i, W in enumerate(Ws):
         if WEIGHT_DTYPES[W.dtype]:
