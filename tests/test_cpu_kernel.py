@@ -34,8 +34,8 @@ def rel(a, b):
 # multiple of 8 (padded chunks) and k over 16 (two chunks), a batch of 2, tall and wide; the last
 # is past OVERLAP_MIN (2^19 elements), where the update runs a block ahead of the products, with
 # rows and columns that are not multiples of the blocks, tiles or 256-column segments.
-CASES = [(1, 37, 53, 5), (1, 300, 129, 12), (2, 64, 576, 24), (1, 5, 1000, 3), (1, 1024, 520, 16),
-         (1, 1030, 1100, 13)]
+CASES = [(1, 37, 53, 5), (1, 300, 129, 12), (2, 64, 576, 24), (1, 5, 1000, 3), (1, 40, 7, 3),
+         (1, 1024, 520, 16), (1, 1030, 1100, 13)]
 
 
 @pytest.mark.parametrize("b,m,n,k", CASES)
@@ -70,8 +70,9 @@ def assert_square_sums(out, truth):
         assert worst <= SQUARE_SUM_BOUND, (name, worst)
 
 
-# The kernel sums each row per product tile (128 columns here) in groups of 64: 700 ends in a
-# short group of 3 vectors and 12 columns in float64; 1030 x 1100 runs over threads.
+# The kernel sums each row per product tile (128 columns here) in groups of 64 into float64
+# lanes, checked once per row: 700 ends in a short group of 3 vectors and 12 columns in float64;
+# 1030 x 1100 runs over threads.
 @pytest.mark.parametrize("m,n", [(40, 700), (1030, 1100)])
 def test_square_sums_fall_back_to_float64_where_float32_squares_fail(m, n):
     """Rows whose float32 squares underflow (entries 1e-25, an all-zero row) or overflow
@@ -80,7 +81,7 @@ def test_square_sums_fall_back_to_float64_where_float32_squares_fail(m, n):
     W[0, 1] *= 1e-25
     W[0, 2] *= 1e25
     W[0, 3] = 0.0
-    W[0, 4, : n // 2] *= 1e-25  # half tiny: its all-tiny tiles fall back, the others stay float32
+    W[0, 4, : n // 2] *= 1e-25  # half tiny: underflows in float32, negligible beside the rest
     U, V = init_bases(m, n, 4, seed=31)
     out = SK.sketch_cpu(W, U, V, sides="y")
     truth = W.double().square().sum(-1)

@@ -1,7 +1,7 @@
 /* CPU kernel of the ops `fused_sgd_sketch` and `sketch` (float32): one pass over W that applies
  * the torch.optim.SGD update (optional) and computes, from the updated rows while they are in
  * cache, the row sums of squares (float32 partials of 4 squares, added in float64; see
- * square_sum) and the thin products of the sketch.
+ * row_squares) and the thin products of the sketch.
  *
  * Layout: W, G, buf (m, n) row-major; U, Y (m, kp); V, Z (n, kp) row-major, kp a multiple of 8
  * (the Python side pads k). W is float32, or (sketch only, no update) bfloat16 or float16 (wtype):
@@ -61,7 +61,8 @@ DEFINE_LDST(f8v, 8)
 /* Sum of squares in float64, exact up to float64 rounding: 8 floats widened per load (one
  * vcvtps2pd), four accumulators. The widening is slow on this core, and the sums of squares
  * share the FP pipes with the sketch's FMAs: as the only sum of squares it cost 4-10% of a
- * 2048^2 pass (A/B in one process), so it serves only what square_sum below cannot vouch for. */
+ * 2048^2 pass (A/B in one process), so it serves only what row_square_sum below cannot vouch
+ * for. */
 static double square_sum_f64(const float *w, int64_t len)
 {
     d8v acc[4] = {{0}, {0}, {0}, {0}};
@@ -92,14 +93,22 @@ static double square_sum_f64(const float *w, int64_t len)
  * float32 norms in lowrank/sketch.py.) */
 #define SQ_FLOOR 1e-30
 
-/* Sum of squares: float32 partials of at most SQ_TERMS squares each (the rounding of each square
- * and of the partial sums: relative error <= SQ_TERMS * 2^-24 = 2.4e-7, of the order of the
- * float32 sketch products beside it), added in float64. A sum that may have underflowed or
- * overflowed is redone by square_sum_f64 (an all-zero row, a weight scaled by 1e-30, entries
- * past 1e19, NaN), exact to float64 rounding there; so is a tail shorter than a vector. */
-static inline double square_sum(const float *w, int64_t len)
+/* Sums of squares of the rows of a block, gathered tile by tile: float32 partials of at most
+ * SQ_TERMS squares each (the rounding of each square and of the partial sums: relative error <=
+ * SQ_TERMS * 2^-24 = 2.4e-7, of the order of the float32 sketch products beside it), added into
+ * float64 lanes per row; the columns of a tile past its last full vector are summed in float64.
+ * The lanes are added up and checked once per row, after its last tile (row_square_sum): done
+ * per row and tile (8 dependent adds and a check each), 2048^2 passes were 1-4% slower (A/B in
+ * one process). All the squares together cost 4-6% of the default power pass, 15% of a Y-only
+ * one. */
+typedef struct {
+    d8v part[ROWS];    /* float64 lanes of each row's float32 partials */
+    double tail[ROWS]; /* each row's columns past a tile's last full vector, in float64 */
+} row_squares;
+
+static inline void square_part(const float *w, int64_t len, d8v *part, double *tail)
 {
-    d8v part = {0};
+    d8v acc = *part;
     int64_t j = 0;
     for (; j + 16 <= len; j += 64) {
         f16v a = ld_16(w + j);
@@ -108,15 +117,24 @@ static inline double square_sum(const float *w, int64_t len)
             const f16v x = ld_16(w + j + 16 * q);
             a += x * x;
         }
-        part += __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), d8v);
-        part += __builtin_convertvector(
+        acc += __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), d8v);
+        acc += __builtin_convertvector(
             __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15), d8v);
     }
+    *part = acc;
     if (j > len) j = len / 16 * 16; /* the last group was short */
+    if (j < len) *tail += square_sum_f64(w + j, len - j);
+}
+
+/* Row r's sum of squares (row: its n elements) from all its tiles. A sum that may have
+ * underflowed or overflowed is redone by square_sum_f64 (an all-zero row, a weight scaled by
+ * 1e-30, entries past 1e19, NaN), exact to float64 rounding there. */
+static double row_square_sum(const row_squares *sq, int r, const float *row, int64_t n)
+{
     double s = 0.0;
-    for (int q = 0; q < 8; q++) s += part[q];
-    if (j > 0 && !(s >= SQ_FLOOR && s < __builtin_inf())) s = square_sum_f64(w, j);
-    return j < len ? s + square_sum_f64(w + j, len - j) : s;
+    for (int q = 0; q < 8; q++) s += sq->part[r][q];
+    if (n >= 16 && !(s >= SQ_FLOOR && s < __builtin_inf())) return square_sum_f64(row, n);
+    return s + sq->tail[r];
 }
 
 /* Software prefetch, spread over a tile's columns: line ((j >> pshift) & mask) of each array of
@@ -137,24 +155,24 @@ typedef struct {
     int64_t lines;          /* a power of two: lines prefetched per array, cycling */
 } prefetch_plan;
 
-/* sq[r] += the sum of squares of row r of a tile, read from L1 after its products. Not inlined:
+/* The squares of each row of a tile into sq, read from L1 after its products. Not inlined:
  * inlined into the tile, it cost the register allocation of the product loops 10% of a 2048^2
  * power pass. */
 static __attribute__((noinline)) void tile_square_sums(const float *Wt, int64_t ldw, int rows,
-                                                       int64_t jb, double *sq)
+                                                       int64_t jb, row_squares *sq)
 {
-    for (int r = 0; r < rows; r++) sq[r] += square_sum(Wt + r * ldw, jb);
+    for (int r = 0; r < rows; r++) square_part(Wt + r * ldw, jb, &sq->part[r], &sq->tail[r]);
 }
 
 /* Products of one tile (rows x jb of W at Wt, row stride ldw) for sketch columns [c, c + VW):
  * Yt[r] += sum_j W[r, j] Vt[j]   (doy)
  * Zt[j] += sum_r W[r, j] At[r]   (doz; At is U, or Y for the power step)
- * and, where sq is given, sq[r] += the sum of squares of the tile's row r. */
+ * and, where sq is given, the squares of the tile's rows into it. */
 #define DEFINE_TILE(T, VW)                                                              \
 static inline void tile_##VW(const float *Wt, int64_t ldw, int rows, int64_t jb,       \
                              const float *At, const float *Vt, float *Yt, float *Zt,    \
                              int64_t kp, int doy, int doz,                              \
-                             const prefetch_plan *pf, double *sq)                       \
+                             const prefetch_plan *pf, row_squares *sq)                  \
 {                                                                                       \
     const char *pw = pf->w, *pg = pf->g, *pb = pf->b;                                   \
     const int64_t pmask = pf->lines - 1;                                                \
@@ -219,7 +237,7 @@ DEFINE_TILE(f8v, 8)
 
 static void tile(const float *Wt, int64_t ldw, int rows, int64_t jb, const float *At,
                  const float *Vt, float *Yt, float *Zt, int64_t kp, int doy, int doz,
-                 const prefetch_plan *pf, double *sq)
+                 const prefetch_plan *pf, row_squares *sq)
 {
     static const prefetch_plan none = {NULL, NULL, NULL, 1};
     int64_t c = 0;
@@ -456,7 +474,8 @@ int lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const flo
                     widen((const uint16_t *)W + i0 * n, wtype, my_wide, rows * n);
                     Wb = my_wide;
                 }
-                double sq[ROWS] = {0}; /* row sums of squares, from the first sweep's tiles */
+                row_squares sq; /* row sums of squares, from the first sweep's tiles */
+                memset(&sq, 0, sizeof sq);
                 const int64_t next_segs = ahead && blk + 1 < b1 ? block_segments(&upd, blk + 1) : 0;
                 /* n = 0: no steps, no segments */
                 const int64_t per_step = steps ? (next_segs + steps - 1) / steps : 0;
@@ -472,14 +491,15 @@ int lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const flo
                     const prefetch_plan pf = plan_for(&upd, i0 + ROWS, done, upto);
                     if (!second)
                         tile(Wb + j0, n, rows, jb, U + i0 * kp, V + j0 * kp, Y + i0 * kp,
-                             Zl + j0 * kp, kp, doy, doz && !power, &pf, sq);
+                             Zl + j0 * kp, kp, doy, doz && !power, &pf, &sq);
                     else
                         tile(Wb + j0, n, rows, jb, Y + i0 * kp, V + j0 * kp, Y + i0 * kp,
                              Zl + j0 * kp, kp, 0, 1, &pf, NULL);
                     update_segments(&upd, i0 + ROWS, done, upto);
                     done = upto;
                 }
-                for (int r = 0; r < rows; r++) row_sq[i0 + r] = sq[r];
+                for (int r = 0; r < rows; r++)
+                    row_sq[i0 + r] = row_square_sum(&sq, r, Wb + r * n, n);
             }
         } /* implicit barrier: every chunk's partial is complete */
         if (zside) {
