@@ -43,7 +43,7 @@ def _check(name: str, t: torch.Tensor | None, op: str, dtype=torch.float32) -> N
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{op} (backend='cpu') needs CPU tensors; {name} is on {t.device}")
     if name == "W" and t.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{op} (backend='cpu') takes float32, bfloat16 or float16 weights; W is "
