@@ -373,7 +373,7 @@ def _absorb_group_one_side(trackers: list[MatrixTracker], sketches: list[SketchO
 
 
 def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
-                      weights: list[torch.Tensor], backends_used: list[str] | None = None) -> None:
+                      weights, backends_used: list[str] | None = None) -> None:
     """The sequential schedule (torch and cpu backends) for any set of tracked matrices, whatever
     their shapes: from Y = W V (the sketches) the next U, then Z = W^T U_next and the next V.
     Both estimates are of the current W, so each state is committed as for "both"; the basis
@@ -383,7 +383,7 @@ def absorb_sequential(trackers: list[MatrixTracker], sketches: list[SketchOut],
     Y side took the fast path, whose factor T gives U_next = Y T, so W^T U_next = P T (in
     float64; the float32 rounding of U_next is the only difference from the product). Else (a
     refill or a re-orthonormalised basis, or no P) Z = W^T U_next from ``weights`` (each matrix
-    as (m, n), after this step's update).
+    as (m, n), after this step's update; a sequence read by index, only for those matrices).
 
     The small post-processing of each side is batched over the matrices that share that side's
     dimension: the Y sides by (m, k), the Z sides by (n, k). A convnet whose layers share output
