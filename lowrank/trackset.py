@@ -110,7 +110,7 @@ class _Matrices:
     made when read: the sequential schedule reads only those that the C kernel's fast path did
     not take, and two tensor objects per matrix and step cost a CPU step 3-5 us each."""
 
-    def __init__(self, tracked: "TrackedSet", names: list[str]):
+    def __init__(self, tracked: TrackedSet, names: list[str]):
         self.tracked, self.names = tracked, names
 
     def __len__(self) -> int:
