@@ -10,7 +10,9 @@ import importlib.metadata
 import os
 import platform
 import re
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +59,41 @@ def peak_gbps(device: torch.device) -> float:
         if key in name:
             return value
     return float("nan")
+
+
+_PROBE_BUFFERS: dict = {}
+
+
+def machine_probe(device: torch.device, calls: int = 3) -> dict:
+    """How fast this machine runs right now: a float32 1024^3 matmul (compute-bound, GFLOP/s)
+    and a 64 MiB copy (memory-bound, GB/s read plus written, past a 32 MiB cache), medians of
+    ``calls`` calls. The suite takes it before each group and writes it in the group's rows: on
+    a shared machine the compute-bound and memory-bound rates drift apart between runs (and with
+    them the ratio of a tracked step to the memory-bound SGD step), so rows are comparable across
+    runs only at similar probe values. About 0.1 s on 2 CPU cores."""
+    key = (device.type, device.index)
+    if key not in _PROBE_BUFFERS:
+        a = torch.ones(1024, 1024, device=device)
+        src = torch.ones(16 * 2**20, device=device)  # 64 MiB of float32
+        _PROBE_BUFFERS[key] = (a, torch.empty_like(a), src, torch.empty_like(src))
+    a, prod, src, dst = _PROBE_BUFFERS[key]
+
+    def median_s(fn) -> float:
+        times = []
+        for _ in range(calls + 1):  # the first call warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    mm = median_s(lambda: torch.mm(a, a, out=prod))
+    copy = median_s(lambda: dst.copy_(src))
+    return {"probe_matmul_gflops": 2 * 1024**3 / mm / 1e9,
+            "probe_copy_gbps": 2 * src.numel() * src.element_size() / copy / 1e9}
 
 
 def _version(dist: str) -> str:

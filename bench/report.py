@@ -106,6 +106,17 @@ def _shape_key(shape: str):
     return int(m) * int(n), int(m)
 
 
+def probe_range(df) -> str:
+    """A sentence on the range of :func:`bench.env.machine_probe` over the rows (how fast the
+    machine ran during the run), or "" for rows without it (runs before the probe existed)."""
+    cols = ["probe_matmul_gflops", "probe_copy_gbps"]
+    if not set(cols) <= set(df.columns) or df[cols].isna().all().any():
+        return ""
+    mm, cp = (df[c].dropna() for c in cols)
+    return (f" Machine probe before each group: float32 matmul {mm.min():.0f}-{mm.max():.0f} "
+            f"GFLOP/s, copy {cp.min():.0f}-{cp.max():.0f} GB/s (compare runs at similar values).")
+
+
 def build_tables(df) -> str:
     ok = df[df["status"] == "ok"]
     first = df.iloc[0]
@@ -114,7 +125,7 @@ def build_tables(df) -> str:
         f"Measured on **{first['device']}** ({first['device_type']}, {int(first['threads'])} "
         f"threads), torch {first['torch_version']}, lowrank {first['lowrank_version']}, commit "
         f"`{str(first['commit'])[:10]}`{dirty}, {first['date_utc']} (suite {first['suite']}, "
-        f"run {', '.join(sorted(df['run_id'].unique()))}).",
+        f"run {', '.join(sorted(df['run_id'].unique()))}).{probe_range(df)}",
         "",
         "Median time per optimizer step (20th-80th percentiles in the CSV). Every provider ran "
         "interleaved with the others in one process, so ratios compare like with like; "
@@ -434,7 +445,7 @@ def readme_section(df) -> str:
              f"Measured by `python -m bench` on **{device}**, torch {first['torch_version']}, "
              f"commit `{str(first['commit'])[:10]}`, {str(first['date_utc'])[:10]}. Per optimizer "
              f"step, float32, top 8 of k = 16; error = largest relative error of the top 8 after "
-             f"30 tracked steps against float64 `torch.linalg.svdvals`.", ""]
+             f"30 tracked steps against float64 `torch.linalg.svdvals`.{probe_range(df)}", ""]
     lines += _table(["workload", "SGD", pretty(p), "SGD + `svdvals`", "SGD + `svd_lowrank(niter=2)`",
                      "error: ours / svd_lowrank"], rows)
     lines.append(README_END)

@@ -22,8 +22,8 @@ COLUMNS = [
     "err_top_r", "err_top_r_s1", "err_bound", "update_max_abs_diff",
     # memory and bandwidth
     "state_mb", "peak_mem_mb", "peak_mem_kind", "gbps", "pct_peak_bw",
-    # where and with what
-    "device", "device_type", "threads", "omp_wait_policy", "torch_version", "lowrank_version",
+    # where and with what; how fast the machine ran before the group (bench.env.machine_probe)
+    "device", "device_type", "threads", "probe_matmul_gflops", "probe_copy_gbps", "omp_wait_policy", "torch_version", "lowrank_version",
     "python_version", "triton_version", "cupy_version", "cuda_version", "commit", "commit_dirty",
     "date_utc", "note",
 ]
@@ -31,7 +31,8 @@ COLUMNS = [
 NUMERIC = {"n_matrices", "tracked_numel", "total_numel", "k", "rank", "momentum", "warmup_steps",
            "n_samples", "median_ms", "p20_ms", "p80_ms", "overhead", "vs_sgd", "vs_sgd_svdvals",
            "vs_sgd_svd_lowrank", "err_top_r", "err_top_r_s1", "err_bound", "update_max_abs_diff",
-           "state_mb", "peak_mem_mb", "gbps", "pct_peak_bw", "threads"}
+           "state_mb", "peak_mem_mb", "gbps", "pct_peak_bw", "threads", "probe_matmul_gflops",
+           "probe_copy_gbps"}
 
 
 def _fmt(value) -> str:

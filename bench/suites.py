@@ -124,9 +124,11 @@ def run_suite(device="cpu", suite: str = "full", *, out_dir=results.RESULTS_DIR,
     log(f"{suite} suite on {info['device']}: {len(groups)} groups, providers: {', '.join(chosen)}")
     all_rows, t0 = [], time.perf_counter()
     for i, g in enumerate(groups):
-        log(f"[{i + 1}/{len(groups)}] {g.id} (load average {os.getloadavg()[0]:.1f})")
+        probe = env.machine_probe(device)
+        log(f"[{i + 1}/{len(groups)}] {g.id} (load average {os.getloadavg()[0]:.1f}; matmul "
+            f"{probe['probe_matmul_gflops']:.0f} GFLOP/s, copy {probe['probe_copy_gbps']:.0f} GB/s)")
         rows = measure_group(g, device, chosen, budget=budget, warmup=warmup, seed=seed,
-                             pretrain=pretrain, info=info, suite=suite, log=log)
+                             pretrain=pretrain, info={**info, **probe}, suite=suite, log=log)
         load = f"load average {os.getloadavg()[0]:.1f} after the group"
         for row in rows:
             row["note"] = "; ".join(x for x in (row.get("note", ""), load) if x)

@@ -46,6 +46,9 @@ def test_quick_schema(quick_run):
     for col in ("device", "torch_version", "lowrank_version", "commit", "date_utc"):
         assert (df[col] != "").all(), col
     assert (df["device_type"] == "cpu").all()
+    # how fast the machine ran before each group (bench.env.machine_probe)
+    for col in ("probe_matmul_gflops", "probe_copy_gbps"):
+        assert (df[col] > 0).all() and bool(df[col].notna().all()), col
     # every provider in every group: k-free ones once, the others once per k
     names = provider_names(torch.device("cpu"), lowrank_backends(torch.device("cpu"))[0])
     # Every schedule of the default backend, and the pure torch backend beside it.
@@ -90,6 +93,14 @@ def test_quick_report(quick_run):
     assert f"Measured on **{df.iloc[0]['device']}**" in table
     assert df.iloc[0]["date_utc"] in table
     assert "| 1024x1024 | SpectralSGD (torch) |" in table
+    # the range of the machine probe over the groups, and none for rows of older runs without it
+    from bench import report
+
+    lo = df["probe_matmul_gflops"].min()
+    assert f"Machine probe before each group: float32 matmul {lo:.0f}-" in table
+    cols = ["probe_matmul_gflops", "probe_copy_gbps"]
+    assert report.probe_range(df.drop(columns=cols)) == ""
+    assert report.probe_range(df.assign(probe_matmul_gflops=float("nan"))) == ""
     pngs = list(out.glob("*.png"))
     assert len(pngs) == 1 and 0 < pngs[0].stat().st_size < 200_000
 
@@ -235,6 +246,7 @@ def test_readme_table_is_rewritten_from_the_rows(quick_run, tmp_path):
     text = readme.read_text()
     assert "stale numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
     assert df.iloc[0]["torch_version"] in text and str(df.iloc[0]["date_utc"])[:10] in text
+    assert "Machine probe before each group" in text
     # The README shows the library's default: "auto" (the C kernel) where it builds, else torch.
     default = "spectral_sgd[auto]" if (df["provider"] == "spectral_sgd[auto]").any() else "spectral_sgd[torch]"
     sp = df[(df["provider"] == default) & (df["shape"] == "1024x1024") & (df["k"] == 16)
