@@ -298,9 +298,9 @@ def lowrank_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """Backends of lowrank that run here: (available, {unavailable: reason}).
 
     On the CPU the library's default backend ("auto": the C kernel for float32 and 16-bit
-    weights where it builds, else torch) with each schedule and the pure torch backend with its default one are
-    timed (the Triton interpreter is a correctness tool,
-    not a backend to benchmark). On CUDA each of "triton" and "cupy" is probed with one tracked step of
+    weights where it builds, else torch) with each schedule and the pure torch backend with its
+    default one are timed (the Triton interpreter is a correctness tool, not a backend to
+    benchmark). On CUDA each of "triton" and "cupy" is probed with one tracked step of
     SpectralSGD and of SpectrumTracker on a small matrix; a backend that fails is reported, not
     silently replaced.
     """

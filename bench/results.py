@@ -23,9 +23,9 @@ COLUMNS = [
     # memory and bandwidth
     "state_mb", "peak_mem_mb", "peak_mem_kind", "gbps", "pct_peak_bw",
     # where and with what; how fast the machine ran before the group (bench.env.machine_probe)
-    "device", "device_type", "threads", "probe_matmul_gflops", "probe_copy_gbps", "omp_wait_policy", "torch_version", "lowrank_version",
-    "python_version", "triton_version", "cupy_version", "cuda_version", "commit", "commit_dirty",
-    "date_utc", "note",
+    "device", "device_type", "threads", "probe_matmul_gflops", "probe_copy_gbps",
+    "omp_wait_policy", "torch_version", "lowrank_version", "python_version", "triton_version",
+    "cupy_version", "cuda_version", "commit", "commit_dirty", "date_utc", "note",
 ]
 
 NUMERIC = {"n_matrices", "tracked_numel", "total_numel", "k", "rank", "momentum", "warmup_steps",
