@@ -750,7 +750,7 @@ def _many_groups():
 
 def _assert_post_close(a, b, what):
     """Two post-processings of the same group: equal up to float64 rounding of the Gram sums
-    (their row chunks follow the largest p of the call), then the basis dtype's rounding."""
+    (their row chunks follow the call's rows), then the basis dtype's rounding."""
     for name in ("sigma", "sigma_y", "sigma_z", "overlap_u", "overlap_v"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.shape == y.shape and x.dtype == y.dtype, (what, name)
@@ -806,23 +806,53 @@ def test_emulated_postprocess_table_does_not_change_with_the_sketches(emulated, 
     assert len(seen) == 2 and seen[0] == seen[1], [(i, a, b) for i, (a, b) in enumerate(zip(*seen)) if a != b][:5]
 
 
-def test_emulated_postprocess_many_gram_chunks_past_a_short_problem(emulated, monkeypatch):
-    """With a tall problem (p = 600) the Gram passes split rows into chunks (more SMs: more
-    chunks); the shorter problems' chunks past their p must contribute zeros. NaN-free results
-    equal to each group's own call show they do."""
-    monkeypatch.setattr(PP._loader, "sm_count", lambda device: 64)
-    PP._plan.cache_clear()
-    groups = _many_groups()
+def _with_tall_group(groups):
+    """Add a tall matrix (p = 600 beside <= 96: several Gram chunks, as a vocabulary embedding
+    beside a model's layers)."""
     gen = _gen(47)
-    groups.append((torch.randn(1, 600, 6, generator=gen), torch.randn(1, 30, 6, generator=gen),
-                   _orth(600, 6, 48)[None].float().contiguous(),
-                   _orth(30, 6, 49)[None].float().contiguous(), 5))
+    return groups + [(torch.randn(1, 600, 6, generator=gen), torch.randn(1, 30, 6, generator=gen),
+                      _orth(600, 6, 48)[None].float().contiguous(),
+                      _orth(30, 6, 49)[None].float().contiguous(), 5)]
+
+
+def test_emulated_postprocess_many_gram_chunks_of_a_tall_problem(emulated):
+    """The tall problem's Gram rows are split into chunks (summed by the consumers in their
+    chunk range) while the short ones are one chunk each: results equal each group's own call."""
+    groups = _with_tall_group(_many_groups())
     dims = tuple((Y.shape[0], Y.shape[1], Z.shape[1]) for Y, Z, *_ in groups)
-    assert PP._plan(dims, 6, 4, True, 64).chunks[0] > 1  # several chunks in pass A
+    plan = PP._plan(dims, 6, 4, True, EMU_SM_COUNT)
+    problems = 2 * sum(d[0] for d in dims)
+    assert -(-600 // plan.rows_per_chunk) > 1 and plan.chunks > problems  # the tall one: several
     outs = PP.postprocess_cupy_many(groups, step=3)
     for g, ((Y, Z, U, V, seed), out) in enumerate(zip(groups, outs)):
         _assert_post_close(out, PP.postprocess_cupy(Y, Z, U, V, seed=seed, step=3), f"group {g}")
-    PP._plan.cache_clear()
+
+
+def test_emulated_postprocess_many_grids_hold_no_empty_blocks(emulated, monkeypatch):
+    """The row kernels launch one block per 32-row tile (refill, apply) or per Gram chunk of
+    each problem, whatever the largest p: a tall matrix beside short ones does not launch its
+    tile count for every problem (GPT-2 small's 50257-row embedding made the Gram passes of the
+    older p_max x problems grids 3x slower than one call per shape)."""
+    seen = []
+    real = LOADER.function
+
+    def spy(cu, name, device):
+        fn = real(cu, name, device)
+        return lambda grid, block, args, **kw: (seen.append((name, tuple(grid))), fn(grid, block, args, **kw))
+
+    monkeypatch.setattr(LOADER, "function", spy)
+    groups = _with_tall_group(_many_groups())
+    PP.postprocess_cupy_many(groups, step=3)
+    ps = [p for Y, Z, *_ in groups for p in [Y.shape[1]] * Y.shape[0] + [Z.shape[1]] * Z.shape[0]]
+    dims = tuple((Y.shape[0], Y.shape[1], Z.shape[1]) for Y, Z, *_ in groups)
+    per_chunk = PP._plan(dims, 6, 4, True, EMU_SM_COUNT).rows_per_chunk
+    tiles = sum(-(-p // PP.TILE) for p in ps)
+    chunks = sum(-(-p // per_chunk) for p in ps)
+    grids = {name: grid for name, grid in seen}
+    assert grids["pp_refill"] == (tiles, 1, 1)
+    assert all(grid[0] == tiles and grid[2] == 1 for name, grid in seen if name.startswith("pp_apply"))
+    assert all(grid[0] == chunks and grid[2] == 1 for name, grid in seen if name.startswith("pp_gram"))
+    assert grids["pp_eig"] == (len(ps), 1, 1)
 
 
 def test_emulated_postprocess_many_mixed_sketch_dtypes(emulated):

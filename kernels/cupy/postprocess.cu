@@ -5,10 +5,17 @@
 // z >= b is Z of matrix z - b (p = n rows). The b matrices need not share a shape (one call
 // post-processes every shape of a model that has the same k): a problem table (PP_TAB int64
 // per problem, see Problem) gives each problem's p, its first row in the p x k workspaces
-// (the sketches S, copied there by the caller, and R, Q, X: each stacks every problem's rows)
-// and the address of its old basis (the caller's tensor, read in place). The table holds no
-// address that changes from step to step, so a training loop uploads it once, before a CUDA
-// graph capture. Every k x k array is stacked as (2b, k, k).
+// (the sketches S, copied there by the caller, and R, Q, X: each stacks every problem's rows),
+// the address of its old basis (the caller's tensor, read in place), and where its work items
+// start in the flattened grids (below). The table holds no address that changes from step to
+// step, so a training loop uploads it once, before a CUDA graph capture. Every k x k array is
+// stacked as (2b, k, k).
+//
+// The row kernels run on flattened grids: every problem's 32-row tiles one after the other
+// (refill, apply), or its Gram row chunks (gram: rows_per_chunk rows each, one size for the
+// call), and a block finds its problem by a binary search of the table's prefix columns. So a
+// model's tall matrix (a vocabulary embedding: 50257 rows beside 768-row layers) gets as many
+// blocks as its rows need, and a short problem launches no empty blocks in its place.
 // For each problem:
 //
 //   pp_refill  R = Gaussian candidates (counter-based hash of seed, step, side, index)
@@ -44,12 +51,15 @@
 #define GRAM_ABSOLUTE_FLOOR 1e-280
 
 // Columns of the problem table (int64, PP_TAB per problem; written by postprocess.py).
-#define PP_TAB 5
+#define PP_TAB 8
 #define TAB_P 0       // rows p
 #define TAB_ROW0 1    // first row in the stacked workspaces
 #define TAB_OLD 2     // address of the old basis (p x k, contiguous)
 #define TAB_SEED 3    // refill seed (the bits of a uint64)
 #define TAB_INDEX 4   // refill counter block: the matrix's index in its group
+#define TAB_TILE0 5   // its first 32-row tile in the flattened tile grid (ceil(p / 32) tiles)
+#define TAB_CHUNK0 6  // its first Gram chunk in the flattened chunk grid and the partials
+#define TAB_NCHUNK 7  // its number of Gram chunks (ceil(p / rows_per_chunk))
 
 struct Problem {
     int side;        // 0: Y, 1: Z
@@ -67,6 +77,17 @@ __device__ __forceinline__ Problem problem(const i64* tab, i64 z, i64 b) {
     q.p = q.row[TAB_P];
     q.row0 = q.row[TAB_ROW0];
     return q;
+}
+
+// The problem that owns item x of a flattened grid: the last z in [0, nz) whose first item
+// (table column col, increasing in z: every problem has >= 1 tile and chunk) is <= x.
+__device__ __forceinline__ i64 owner(const i64* tab, i64 nz, int col, i64 x) {
+    i64 lo = 0, hi = nz - 1;
+    while (lo < hi) {
+        const i64 mid = (lo + hi + 1) >> 1;
+        if (tab[mid * PP_TAB + col] <= x) lo = mid; else hi = mid - 1;
+    }
+    return lo;
 }
 
 // The p x k array of problem q: the address in table column col (>= 0: the caller's tensor),
@@ -91,20 +112,23 @@ __device__ __forceinline__ Problem side_of(i64 z, i64 b) {
 // Refill candidates: standard normal numbers from a counter-based hash, so they need no
 // generator state (graph capture safe) and depend only on (seed, step, side, index in the
 // group, row, col); seed and index come from the problem table. step is read from step_ptr
-// when it is given (a device counter that a replayed graph advances).
+// when it is given (a device counter that a replayed graph advances). Grid: (tiles, 1, 1),
+// one 32-row tile of one problem per block.
 extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_refill(
     double* R,                         // stacked p x k workspace (out)
     const i64* tab, i64 b, int k,
     i64 step, const i64* step_ptr)
 {
-    const Problem q = problem(tab, blockIdx.y, b);
+    const Problem q = problem(tab, owner(tab, 2 * b, TAB_TILE0, blockIdx.x), b);
     const i64 total = q.p * k;
+    const i64 beg = ((i64)blockIdx.x - q.row[TAB_TILE0]) * PP_T * k;
+    const i64 end = min(total, beg + PP_T * k);
     double* Rz = R + q.row0 * k;
     const i64 s = step_ptr ? *step_ptr : step;
     // Stream 2 step + side, as the reference seeds refill_candidates with 2 step and 2 step + 1.
     const u64 key = mix64(mix64((u64)q.row[TAB_SEED]) ^ (u64)(2 * s + q.side));
     const i64 index = q.row[TAB_INDEX];
-    for (i64 e = (i64)blockIdx.x * PP_THREADS + threadIdx.x; e < total; e += (i64)gridDim.x * PP_THREADS) {
+    for (i64 e = beg + threadIdx.x; e < end; e += PP_THREADS) {
         const u64 c = (u64)(index * total + e);
         const u64 h1 = mix64(key ^ mix64(2 * c));
         const u64 h2 = mix64(key ^ mix64(2 * c + 1));
@@ -119,8 +143,9 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_refill(
 // over the rows of the chunk. Operands are F (the "first" array, dtype D: with fcol < 0 the
 // stacked workspace Fws (sketches, Q), else table column fcol (old bases)) or S (the "second"
 // array, the stacked float64 workspace Sws); sel bit 2 t picks A of term t (0: F,
-// 1: S), bit 2 t + 1 picks B. Grid: (chunks, terms * tiles^2, 2b); a block computes one
-// 32 x 32 tile of one term, 4 entries per thread, in float64. Entry (i, j) and (j, i) of a
+// 1: S), bit 2 t + 1 picks B. Grid: (chunks of all problems, terms * tiles^2, 1); a block
+// computes one 32 x 32 tile of one term over one chunk, 4 entries per thread, in float64, and
+// writes it to its chunk's slot (out: (chunks, nterms, k, k)). Entry (i, j) and (j, i) of a
 // symmetric term see the same products in the same order, so the result is exactly symmetric.
 // Partial sums are written, not atomically added: the consumer sums chunks in a fixed order,
 // so the whole post-processing is deterministic.
@@ -131,7 +156,7 @@ __device__ __forceinline__ void gram_body(
 {
     __shared__ double As[PP_T][PP_LD];
     __shared__ double Bs[PP_T][PP_LD];
-    const Problem q = problem(tab, blockIdx.z, b);
+    const Problem q = problem(tab, owner(tab, 2 * b, TAB_CHUNK0, blockIdx.x), b);
     const int nt = (k + PP_T - 1) / PP_T;
     const int term = blockIdx.y / (nt * nt);
     const int tile = blockIdx.y - term * nt * nt;
@@ -141,8 +166,8 @@ __device__ __forceinline__ void gram_body(
     const bool b_s = (sel >> (2 * term + 1)) & 1;
     const typename D::store_t* F = rows_of(q, fcol, Fws, k);
     const double* S = rows_of(q, -1, Sws, k);
-    const i64 rbeg = (i64)blockIdx.x * rows_per_chunk;
-    const i64 rend = min(q.p, rbeg + rows_per_chunk);  // a chunk past p writes zeros
+    const i64 rbeg = ((i64)blockIdx.x - q.row[TAB_CHUNK0]) * rows_per_chunk;
+    const i64 rend = min(q.p, rbeg + rows_per_chunk);
     const int ca = ti * PP_T + tx, cb = tj * PP_T + tx;
 
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -168,7 +193,7 @@ __device__ __forceinline__ void gram_body(
         }
         __syncthreads();
     }
-    double* o = out + (((i64)blockIdx.z * gridDim.x + blockIdx.x) * nterms + term) * k * k;
+    double* o = out + ((i64)blockIdx.x * nterms + term) * k * k;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
         const int gi = ti * PP_T + ty * 4 + s;
@@ -192,8 +217,8 @@ PP_GRAM_ENTRY(pp_gram_f16, F16)
 // Out = alpha * (X M + X2 M2) + D for p x k row blocks: X (dtype DX: table column xcol, or
 // with xcol < 0 the stacked workspace Xws) and X2 (float64 workspace, optional) are p x k,
 // M and M2 k x k (problem strides sM, sM2), D (float64 workspace, optional) p x k; Out (dtype
-// DO) is a stacked workspace. Grid: (row tiles, column tiles, 2b). Out may alias D (each
-// element is read and then written by the same thread) but not X or X2.
+// DO) is a stacked workspace. Grid: (row tiles of all problems, column tiles, 1). Out may
+// alias D (each element is read and then written by the same thread) but not X or X2.
 template <class DX, class DO>
 __device__ __forceinline__ void apply_body(
     const i64* tab, int xcol, const typename DX::store_t* Xws, const double* M, i64 sM,
@@ -202,19 +227,19 @@ __device__ __forceinline__ void apply_body(
 {
     __shared__ double Xs[PP_T][PP_LD];
     __shared__ double Ms[PP_T][PP_LD];
-    const Problem q = problem(tab, blockIdx.z, b);
-    const i64 r0 = (i64)blockIdx.x * PP_T;
-    if (r0 >= q.p) return;  // block-uniform: shorter problems have fewer row tiles
+    const i64 z = owner(tab, 2 * b, TAB_TILE0, blockIdx.x);
+    const Problem q = problem(tab, z, b);
+    const i64 r0 = ((i64)blockIdx.x - q.row[TAB_TILE0]) * PP_T;
     const int t = threadIdx.x, tx = t & 31, ty = t >> 5;
     const int gc = blockIdx.y * PP_T + tx;
     const typename DX::store_t* X = rows_of(q, xcol, Xws, k);
     const double* X2 = rows_of(q, -1, X2ws, k);
-    const double* Mz = M + (i64)blockIdx.z * sM;
+    const double* Mz = M + z * sM;
 
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     for (int term = 0; term < 2; ++term) {
         if (term == 1 && X2 == nullptr) break;
-        const double* Mt = term ? M2 + (i64)blockIdx.z * sM2 : Mz;
+        const double* Mt = term ? M2 + z * sM2 : Mz;
         for (int kc = 0; kc < k; kc += PP_T) {
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
@@ -280,13 +305,22 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
     return s;
 }
 
-// Sum the chunk partials of one term into dst (k x k), in chunk order.
-__device__ __forceinline__ void sum_chunks(const double* part, i64 z, int nchunks, int nterms,
-                                           int term, int k, double* dst) {
+// Problem z's Gram chunks: the first one's index in the partials, and their number.
+struct Chunks {
+    i64 first, n;
+};
+
+__device__ __forceinline__ Chunks chunks_of(const i64* tab, i64 z) {
+    return Chunks{tab[z * PP_TAB + TAB_CHUNK0], tab[z * PP_TAB + TAB_NCHUNK]};
+}
+
+// Sum the chunk partials (chunks, nterms, k, k) of one term into dst (k x k), in chunk order.
+__device__ __forceinline__ void sum_chunks(const double* part, Chunks ch, int nterms, int term,
+                                           int k, double* dst) {
     const i64 kk = (i64)k * k;
     for (i64 e = threadIdx.x; e < kk; e += PP_THREADS) {
         double s = 0.0;
-        for (int c = 0; c < nchunks; ++c) s += part[((z * nchunks + c) * nterms + term) * kk + e];
+        for (i64 c = ch.first; c < ch.first + ch.n; ++c) s += part[(c * nterms + term) * kk + e];
         dst[e] = s;
     }
 }
@@ -347,8 +381,8 @@ __device__ void cholesky_and_inverse(double* L, double* Li, int k) {
 // A lives in shared memory (k^2 doubles: 128 KiB at k = 128); V too when it fits (v_shared),
 // else in a global scratch slice that stays in L1/L2.
 extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_eig(
-    const double* part,     // (2b, nchunks, 2, k, k): [S^T S, S^T R] partials
-    int nchunks, i64 b, int k,
+    const double* part,     // (chunks, 2, k, k): [S^T S, S^T R] partials
+    const i64* tab, i64 b, int k,
     double* Vg,             // (2b, k, k) scratch for V when !v_shared (else unused)
     int v_shared,
     double* C1,             // (2b, k, k) out: E diag(good / sqrt(l)), columns by descending l
@@ -378,7 +412,8 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_eig(
     int* pidx = reinterpret_cast<int*>(red + 32);  // 2 NP
     int* perm = pidx + 2 * NP;                    // k
 
-    sum_chunks(part, z, nchunks, 2, 0, k, A);
+    const Chunks ch = chunks_of(tab, z);
+    sum_chunks(part, ch, 2, 0, k, A);
     for (i64 e = t; e < kk; e += PP_THREADS) V[e] = (e / k == e - (e / k) * k) ? 1.0 : 0.0;
     __syncthreads();
 
@@ -500,7 +535,7 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_eig(
         C1z[e] = V[r * k + perm[i]] * scale[i];
     }
     __syncthreads();  // V (maybe global) and A are free again; C1z is visible to the block
-    sum_chunks(part, z, nchunks, 2, 1, k, A);  // A <- S^T R
+    sum_chunks(part, ch, 2, 1, k, A);  // A <- S^T R
     __syncthreads();
     double* M1z = M1 + z * kk;
     for (i64 e = t; e < kk; e += PP_THREADS) {  // M1 = C1^T (S^T R)  (= Q^T R)
@@ -530,8 +565,8 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_eig(
 // Gx = L L^T; W1 = [A; B] L^-T is written as (2b, 2k, k): rows 0..k-1 multiply Q, rows
 // k..2k-1 multiply R1. Also sigma = max(sigma_y, sigma_z) (both written by pp_eig).
 extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_mid(
-    double* part,           // (2b, nchunks, 3, k, k): [QQ, QR, RR] partials; chunk 0 gets the sums
-    int nchunks, i64 b, int k,
+    double* part,           // (chunks, 3, k, k): [QQ, QR, RR] partials; a problem's first gets the sums
+    const i64* tab, i64 b, int k,
     const double* good,     // (2b, k)
     double* scratch,        // (2b, 2, k, k)
     double* W1,             // (2b, 2k, k) out
@@ -542,13 +577,14 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_mid(
     const int t = threadIdx.x;
     const i64 z = blockIdx.x;
     const i64 kk = (i64)k * k;
-    double* QQ = part + (z * nchunks) * 3 * kk;
+    const Chunks ch = chunks_of(tab, z);
+    double* QQ = part + ch.first * 3 * kk;
     double* QR = QQ + kk;
     double* RR = QR + kk;
-    for (int term = 0; term < 3; ++term) {  // in place into chunk 0, chunk order
+    for (int term = 0; term < 3; ++term) {  // in place into the first chunk, chunk order
         for (i64 e = t; e < kk; e += PP_THREADS) {
             double s = QQ[term * kk + e];
-            for (int c = 1; c < nchunks; ++c) s += part[((z * nchunks + c) * 3 + term) * kk + e];
+            for (i64 c = 1; c < ch.n; ++c) s += part[((ch.first + c) * 3 + term) * kk + e];
             QQ[term * kk + e] = s;
         }
     }
@@ -614,8 +650,8 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_mid(
 // Second Cholesky-QR round and the overlaps: X1^T X1 = L2 L2^T, T = L2^-T (upper), written for
 // the final apply; overlap = (U_old^T X1) T = U_old^T U_next.
 extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_fin(
-    double* part,           // (2b, nchunks, 2, k, k): [X1^T X1, U_old^T X1] partials
-    int nchunks, i64 b, int k,
+    double* part,           // (chunks, 2, k, k): [X1^T X1, U_old^T X1] partials
+    const i64* tab, i64 b, int k,
     double* scratch,        // (2b, 2, k, k)
     double* T,              // (2b, k, k) out
     double* ov0, double* ov1)  // (b, k, k) out: overlap_u, overlap_v
@@ -627,8 +663,9 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_fin(
     const i64 kk = (i64)k * k;
     double* UX = scratch + z * 2 * kk;
     double* Li = UX + kk;
-    sum_chunks(part, z, nchunks, 2, 0, k, L);
-    sum_chunks(part, z, nchunks, 2, 1, k, UX);
+    const Chunks ch = chunks_of(tab, z);
+    sum_chunks(part, ch, 2, 0, k, L);
+    sum_chunks(part, ch, 2, 1, k, UX);
     __syncthreads();
     cholesky_and_inverse(L, Li, k);
     double* Tz = T + z * kk;

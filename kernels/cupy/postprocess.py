@@ -52,11 +52,13 @@ def eig_shared_bytes(k: int, v_shared: bool) -> int:
     return 8 * (k * k * (2 if v_shared else 1) + 2 * k + 6 * npairs + 32) + 4 * (2 * npairs + k)
 
 
-def _chunks(pmax: int, blocks_per_chunk: int, target: int) -> tuple[int, int]:
-    """Row chunks of a Gram pass: enough blocks to fill the GPU, >= 256 rows per chunk."""
-    chunks = max(1, min(-(-pmax // 256), -(-target // blocks_per_chunk)))
-    rows = -(-(-(-pmax // chunks)) // TILE) * TILE
-    return -(-pmax // rows), rows
+def _rows_per_chunk(rows: int, k: int, sms: int) -> int:
+    """Rows of a Gram chunk, one size for every problem of a call: about 4 blocks per SM over
+    all the call's rows (a Gram block computes one 32 x 32 tile of one of 2 terms), and >= 256
+    rows, so a chunk's partial k x k sums stay few beside its rows. A multiple of TILE."""
+    nt = -(-k // TILE)
+    chunks = max(1, -(-4 * sms // (2 * nt * nt)))
+    return max(256, -(-(-(-rows // chunks)) // TILE) * TILE)
 
 
 NULL = np.uint64(0)
@@ -65,14 +67,16 @@ _ALIGN = 32  # workspace offsets in doubles: 256-byte aligned, as an allocation 
 
 
 class _Plan(NamedTuple):
-    chunks: tuple  # (chunks, rows) of the Gram passes A, C and E
+    rows_per_chunk: int  # rows of a Gram chunk (every pass, every problem)
+    tiles: int  # 32-row tiles of all problems: the grid of refill and apply
+    chunks: int  # Gram chunks of all problems: the grid of the Gram passes
     offsets: dict  # workspace name -> offset in doubles
     total: int  # doubles in the workspace
 
 
 # Columns of the problem table (TAB_* in the .cu): p, first workspace row, old basis address,
-# refill seed, index in the group.
-TAB_P, TAB_ROW0, TAB_OLD, TAB_SEED, TAB_INDEX = range(5)
+# refill seed, index in the group, first tile, first Gram chunk, number of Gram chunks.
+TAB_P, TAB_ROW0, TAB_OLD, TAB_SEED, TAB_INDEX, TAB_TILE0, TAB_CHUNK0, TAB_NCHUNK = range(8)
 
 
 @functools.lru_cache(maxsize=256)
@@ -81,11 +85,10 @@ def _plan(dims: tuple, k: int, sketch_bytes: int, v_shared: bool, sms: int) -> _
     ``dims``: (b, m, n) of each group; ``sketch_bytes``: the size of a sketch entry."""
     b = sum(g[0] for g in dims)
     rows = sum(g[0] * (g[1] + g[2]) for g in dims)  # every problem's rows, stacked
-    z2, nt, pmax = 2 * b, -(-k // TILE), max(max(g[1], g[2]) for g in dims)
-    target = 4 * sms
-    chunks_a, rows_a = _chunks(pmax, z2 * 2 * nt * nt, target)
-    chunks_c, rows_c = _chunks(pmax, z2 * 3 * nt * nt, target)
-    chunks_e, rows_e = _chunks(pmax, z2 * 2 * nt * nt, target)
+    z2 = 2 * b
+    per_chunk = _rows_per_chunk(rows, k, sms)
+    tiles = sum(g[0] * (-(-g[1] // TILE) + -(-g[2] // TILE)) for g in dims)
+    chunks = sum(g[0] * (-(-g[1] // per_chunk) + -(-g[2] // per_chunk)) for g in dims)
     sizes = {
         # p x k per problem, stacked: the sketches S (in their dtype), refill candidates R
         # (then R1), Q, X1.
@@ -94,8 +97,7 @@ def _plan(dims: tuple, k: int, sketch_bytes: int, v_shared: bool, sms: int) -> _
         "C1": z2 * k * k, "M1": z2 * k * k, "N1": z2 * k * k, "good": z2 * k,
         "W1": z2 * 2 * k * k, "scratch": z2 * 2 * k * k, "T": z2 * k * k,
         # Per-chunk partial Gram matrices of passes A, C, E.
-        "part_a": z2 * chunks_a * 2 * k * k, "part_c": z2 * chunks_c * 3 * k * k,
-        "part_e": z2 * chunks_e * 2 * k * k,
+        "part_a": chunks * 2 * k * k, "part_c": chunks * 3 * k * k, "part_e": chunks * 2 * k * k,
     }
     if not v_shared:  # eigenvectors in global memory when shared memory cannot hold them
         sizes["Vg"] = z2 * k * k
@@ -103,7 +105,7 @@ def _plan(dims: tuple, k: int, sketch_bytes: int, v_shared: bool, sms: int) -> _
     for name, size in sizes.items():
         offsets[name] = total
         total += -(-size // _ALIGN) * _ALIGN
-    return _Plan((chunks_a, rows_a, chunks_c, rows_c, chunks_e, rows_e), offsets, total)
+    return _Plan(per_chunk, tiles, chunks, offsets, total)
 
 
 def _eig_fits(k: int, v_shared: bool, device: torch.device) -> bool:
@@ -112,8 +114,8 @@ def _eig_fits(k: int, v_shared: bool, device: torch.device) -> bool:
 
 def supports(k: int, device: torch.device, batch: int = 1) -> bool:
     """Whether the kernels take ``batch`` matrices of width k on ``device``: the one-block eigen
-    solver's shared memory, and the 2 * batch problems as one grid dimension."""
-    return _eig_fits(k, False, device) and 2 * batch <= _loader.GRID_YZ
+    solver's shared memory (any batch: every grid is flattened into its x dimension)."""
+    return _eig_fits(k, False, device)
 
 
 def postprocess_cupy(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
@@ -145,7 +147,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     integer CUDA tensor). ``refills``: None, or (Ry, Rz) per group. Returns one PostOut per
     group, in order, whose tensors are views of shared outputs. Each group's results are those
     of its own :func:`postprocess_cupy` call up to float64 rounding (the Gram sums are split
-    into row chunks by the largest p and the number of problems of the call).
+    into row chunks of one size for the call, set by all its rows).
     """
     if not isinstance(groups, (list, tuple)) or not groups:
         raise ValueError(f"{op}: groups must be a non-empty list of (Y, Z, U_old, V_old, seed)")
@@ -174,7 +176,6 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
         raise ValueError(f"{op}: refills needs one (Ry, Rz) per group")
     dims = tuple((Y.shape[0], Y.shape[1], Z.shape[1]) for Y, Z, *_ in groups)
     b = sum(d[0] for d in dims)
-    _loader.grid_dim_check(op, "2 * batch", 2 * b)
     dtypes = {t.dtype for Y, Z, *_ in groups for t in (Y, Z)}
     sdt = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_SKETCH) else torch.float64
     basis_dtype = groups[0][2].dtype
@@ -195,22 +196,28 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
                          f"{_loader.max_shared_bytes(device)})")
     v_shared = _eig_fits(k, True, device)  # the eigenvectors in shared memory too
 
+    plan = _plan(dims, k, torch.finfo(sdt).bits // 8, v_shared, _loader.sm_count(device))
+    per_chunk = plan.rows_per_chunk
+    _loader.grid_dim_check(op, "row tiles", plan.tiles, 2**31 - 1)
     # The problem table: the Y sides of every group's matrices, then their Z sides, each
     # problem's rows stacked in that order in the workspaces (so a group's Y or Z rows, and
-    # its new bases, are one contiguous range). Its entries stay the same from step to step
-    # where the old bases do (a TrackedSet's packs): then it is uploaded once (device_table).
+    # its new bases, are one contiguous range), and its tiles and Gram chunks in that order in
+    # the flattened grids. Its entries stay the same from step to step where the old bases do
+    # (a TrackedSet's packs): then it is uploaded once (device_table).
     bases = [[g[2].detach().contiguous() for g in groups],
              [g[3].detach().contiguous() for g in groups]]
-    rows, row0, starts = [], 0, [[], []]  # starts[side][g]: the group's first row
+    rows, row0, tile0, chunk0, starts = [], 0, 0, 0, [[], []]  # starts[side][g]: first row
     for side in (0, 1):
         for g, B in enumerate(bases[side]):
             bg, p = B.shape[0], B.shape[1]
+            p_tiles, p_chunks = -(-p // TILE), -(-p // per_chunk)
             starts[side].append(row0)
             seed = int(groups[g][4]) % 2**64
             seed = seed - 2**64 if seed >= 2**63 else seed  # the uint64's bits as an int64
             for i in range(bg):
-                rows.append((p, row0, B.data_ptr() + i * p * k * B.element_size(), seed, i))
-                row0 += p
+                rows.append((p, row0, B.data_ptr() + i * p * k * B.element_size(), seed, i,
+                             tile0, chunk0, p_chunks))
+                row0, tile0, chunk0 = row0 + p, tile0 + p_tiles, chunk0 + p_chunks
     table = _loader.device_table(tuple(v for row in rows for v in row), device)
 
     def group_rows(stacked: torch.Tensor, side: int, g: int) -> torch.Tensor:
@@ -220,9 +227,6 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
 
     f64 = dict(device=device, dtype=torch.float64)
     z2, nt = 2 * b, -(-k // TILE)
-    pmax = max(max(d[1], d[2]) for d in dims)
-    plan = _plan(dims, k, torch.finfo(sdt).bits // 8, v_shared, _loader.sm_count(device))
-    chunks_a, rows_a, chunks_c, rows_c, chunks_e, rows_e = plan.chunks
     # All float64 workspaces in one allocation, passed as addresses (no tensor per workspace:
     # each costs host time, and this call is host-bound at small k).
     work = torch.empty(plan.total, **f64)
@@ -255,33 +259,31 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     i64, i32 = np.int64, np.int32
     c = _loader.pointer
     tab, nb = c(table), i64(b)
-    rows_tiles = -(-pmax // TILE)
     block = (THREADS, 1, 1)
     kk = i64(k * k)
     with _loader.on_torch_stream(device):
         if refills is None:
-            blocks = max(1, min(-(-pmax * k // THREADS), 1024))
-            refill_k((blocks, z2, 1), block, (ws["R"], tab, nb, i32(k), i64(step), c(step_t)))
+            refill_k((plan.tiles, 1, 1), block, (ws["R"], tab, nb, i32(k), i64(step), c(step_t)))
         # Pass A: [S^T S, S^T R]  (sel: term 1 takes B from R -> bit 3)
-        gram_s((chunks_a, 2 * nt * nt, z2), block,
-               (tab, i32(-1), ws["S"], ws["R"], nb, i32(k), i32(2), i32(0b1000), i64(rows_a),
+        gram_s((plan.chunks, 2 * nt * nt, 1), block,
+               (tab, i32(-1), ws["S"], ws["R"], nb, i32(k), i32(2), i32(0b1000), i64(per_chunk),
                 ws["part_a"]))
         eig_k((z2, 1, 1), block,
-              (ws["part_a"], i32(chunks_a), nb, i32(k), ws.get("Vg", NULL), i32(v_shared), ws["C1"],
+              (ws["part_a"], tab, nb, i32(k), ws.get("Vg", NULL), i32(v_shared), ws["C1"],
                ws["M1"], ws["N1"], ws["good"], c(sigma_y), c(sigma_z), i32(MAX_SWEEPS), np.float64(JACOBI_TOL)),
               shared_mem=eig_shared_bytes(k, v_shared))
         # Pass B: Q = S C1 ; R1 = R - S N1 (in place over R)
-        grid_apply = (rows_tiles, nt, z2)
+        grid_apply = (plan.tiles, nt, 1)
         apply_s(grid_apply, block, (tab, i32(-1), ws["S"], ws["C1"], kk, NULL, NULL, i64(0), NULL,
                                     np.float64(1.0), ws["Q"], nb, i32(k)))
         apply_s(grid_apply, block, (tab, i32(-1), ws["S"], ws["N1"], kk, NULL, NULL, i64(0), ws["R"],
                                     np.float64(-1.0), ws["R"], nb, i32(k)))
         # Pass C: [Q^T Q, Q^T R1, R1^T R1]  (sel: term 1 B from R1 -> bit 3; term 2 both -> bits 4, 5)
-        gram_64((chunks_c, 3 * nt * nt, z2), block,
-                (tab, i32(-1), ws["Q"], ws["R"], nb, i32(k), i32(3), i32(0b111000), i64(rows_c),
+        gram_64((plan.chunks, 3 * nt * nt, 1), block,
+                (tab, i32(-1), ws["Q"], ws["R"], nb, i32(k), i32(3), i32(0b111000), i64(per_chunk),
                  ws["part_c"]))
         mid_k((z2, 1, 1), block,
-              (ws["part_c"], i32(chunks_c), nb, i32(k), ws["good"], ws["scratch"], ws["W1"],
+              (ws["part_c"], tab, nb, i32(k), ws["good"], ws["scratch"], ws["W1"],
                c(sigma_y), c(sigma_z), c(sigma)),
               shared_mem=8 * k * k)
         # Pass D: X1 = Q W1_top + R1 W1_bottom
@@ -290,11 +292,11 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
         apply_64(grid_apply, block, (tab, i32(-1), ws["Q"], ws["W1"], i64(2 * k * k), ws["R"], w1_low,
                                      i64(2 * k * k), NULL, np.float64(1.0), ws["X"], nb, i32(k)))
         # Pass E: [X1^T X1, U_old^T X1]  (sel: term 0 both from X1 -> bits 0, 1; term 1 B from X1 -> bit 3)
-        gram_u((chunks_e, 2 * nt * nt, z2), block,
-               (tab, i32(TAB_OLD), NULL, ws["X"], nb, i32(k), i32(2), i32(0b1011), i64(rows_e),
+        gram_u((plan.chunks, 2 * nt * nt, 1), block,
+               (tab, i32(TAB_OLD), NULL, ws["X"], nb, i32(k), i32(2), i32(0b1011), i64(per_chunk),
                 ws["part_e"]))
         fin_k((z2, 1, 1), block,
-              (ws["part_e"], i32(chunks_e), nb, i32(k), ws["scratch"], ws["T"], c(overlap_u),
+              (ws["part_e"], tab, nb, i32(k), ws["scratch"], ws["T"], c(overlap_u),
                c(overlap_v)),
               shared_mem=8 * k * k)
         # Pass F: U_next = X1 T in the basis dtype
