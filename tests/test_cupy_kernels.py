@@ -828,6 +828,18 @@ def test_emulated_postprocess_many_gram_chunks_of_a_tall_problem(emulated):
         _assert_post_close(out, PP.postprocess_cupy(Y, Z, U, V, seed=seed, step=3), f"group {g}")
 
 
+def test_postprocess_gram_chunks_split_each_problem_evenly():
+    """A problem's Gram chunks have equal rows (whole tiles, <= the call's bound) and cover its
+    rows with a non-empty last chunk: 4096 rows under a bound of 4000 are two chunks of 2048
+    (not 4000 and 96, whose long chunk would double the pass's critical path)."""
+    assert PP._problem_chunks(4096, 4000) == (2, 2048)
+    for bound in (256, 320, 768, 4000):
+        for p in list(range(1, 2 * bound + 70, 7)) + [50257]:
+            n, rows = PP._problem_chunks(p, bound)
+            assert rows % PP.TILE == 0 and rows <= bound and n == -(-p // bound), (p, bound)
+            assert (n - 1) * rows < p <= n * rows, (p, bound, n, rows)
+
+
 def test_emulated_postprocess_many_grids_hold_no_empty_blocks(emulated, monkeypatch):
     """The row kernels launch one block per 32-row tile (refill, apply) or per Gram chunk of
     each problem, whatever the largest p: a tall matrix beside short ones does not launch its

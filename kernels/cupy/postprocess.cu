@@ -12,8 +12,8 @@
 // stacked as (2b, k, k).
 //
 // The row kernels run on flattened grids: every problem's 32-row tiles one after the other
-// (refill, apply), or its Gram row chunks (gram: rows_per_chunk rows each, one size for the
-// call), and a block finds its problem by a binary search of the table's prefix columns. So a
+// (refill, apply), or its Gram row chunks (gram: ceil(p / chunks) rows each, rounded up to a
+// tile), and a block finds its problem by a binary search of the table's prefix columns. So a
 // model's tall matrix (a vocabulary embedding: 50257 rows beside 768-row layers) gets as many
 // blocks as its rows need, and a short problem launches no empty blocks in its place.
 // For each problem:
@@ -51,7 +51,7 @@
 #define GRAM_ABSOLUTE_FLOOR 1e-280
 
 // Columns of the problem table (int64, PP_TAB per problem; written by postprocess.py).
-#define PP_TAB 8
+#define PP_TAB 9
 #define TAB_P 0       // rows p
 #define TAB_ROW0 1    // first row in the stacked workspaces
 #define TAB_OLD 2     // address of the old basis (p x k, contiguous)
@@ -59,7 +59,8 @@
 #define TAB_INDEX 4   // refill counter block: the matrix's index in its group
 #define TAB_TILE0 5   // its first 32-row tile in the flattened tile grid (ceil(p / 32) tiles)
 #define TAB_CHUNK0 6  // its first Gram chunk in the flattened chunk grid and the partials
-#define TAB_NCHUNK 7  // its number of Gram chunks (ceil(p / rows_per_chunk))
+#define TAB_NCHUNK 7  // its number of Gram chunks
+#define TAB_CROWS 8   // rows of each of its Gram chunks (the last one may be shorter)
 
 struct Problem {
     int side;        // 0: Y, 1: Z
@@ -152,7 +153,7 @@ extern "C" __global__ void __launch_bounds__(PP_THREADS) pp_refill(
 template <class D>
 __device__ __forceinline__ void gram_body(
     const i64* tab, int fcol, const typename D::store_t* Fws, const double* Sws,
-    i64 b, int k, int nterms, int sel, i64 rows_per_chunk, double* out)
+    i64 b, int k, int nterms, int sel, double* out)
 {
     __shared__ double As[PP_T][PP_LD];
     __shared__ double Bs[PP_T][PP_LD];
@@ -166,8 +167,9 @@ __device__ __forceinline__ void gram_body(
     const bool b_s = (sel >> (2 * term + 1)) & 1;
     const typename D::store_t* F = rows_of(q, fcol, Fws, k);
     const double* S = rows_of(q, -1, Sws, k);
-    const i64 rbeg = ((i64)blockIdx.x - q.row[TAB_CHUNK0]) * rows_per_chunk;
-    const i64 rend = min(q.p, rbeg + rows_per_chunk);
+    const i64 crows = q.row[TAB_CROWS];
+    const i64 rbeg = ((i64)blockIdx.x - q.row[TAB_CHUNK0]) * crows;
+    const i64 rend = min(q.p, rbeg + crows);
     const int ca = ti * PP_T + tx, cb = tj * PP_T + tx;
 
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -204,8 +206,8 @@ __device__ __forceinline__ void gram_body(
 #define PP_GRAM_ENTRY(NAME, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(PP_THREADS) NAME(                               \
         const i64* tab, int fcol, const D::store_t* Fws, const double* Sws, i64 b, int k,        \
-        int nterms, int sel, i64 rows_per_chunk, double* out) {                                  \
-        gram_body<D>(tab, fcol, Fws, Sws, b, k, nterms, sel, rows_per_chunk, out);               \
+        int nterms, int sel, double* out) {                                                      \
+        gram_body<D>(tab, fcol, Fws, Sws, b, k, nterms, sel, out);                               \
     }
 
 PP_GRAM_ENTRY(pp_gram_f32, F32)

@@ -53,9 +53,10 @@ def eig_shared_bytes(k: int, v_shared: bool) -> int:
 
 
 def _rows_per_chunk(rows: int, k: int, sms: int) -> int:
-    """Rows of a Gram chunk, one size for every problem of a call: about 4 blocks per SM over
-    all the call's rows (a Gram block computes one 32 x 32 tile of one of 2 terms), and >= 256
-    rows, so a chunk's partial k x k sums stay few beside its rows. A multiple of TILE."""
+    """Most rows of a Gram chunk, one bound for every problem of a call: about 4 blocks per SM
+    over all the call's rows (a Gram block computes one 32 x 32 tile of one of 2 terms), and
+    >= 256 rows, so a chunk's partial k x k sums stay few beside its rows. A multiple of TILE.
+    A problem of p rows gets ceil(p / bound) chunks of equal rows (:func:`_problem_chunks`)."""
     nt = -(-k // TILE)
     chunks = max(1, -(-4 * sms // (2 * nt * nt)))
     return max(256, -(-(-(-rows // chunks)) // TILE) * TILE)
@@ -67,7 +68,7 @@ _ALIGN = 32  # workspace offsets in doubles: 256-byte aligned, as an allocation 
 
 
 class _Plan(NamedTuple):
-    rows_per_chunk: int  # rows of a Gram chunk (every pass, every problem)
+    rows_per_chunk: int  # the bound on a Gram chunk's rows (every pass, every problem)
     tiles: int  # 32-row tiles of all problems: the grid of refill and apply
     chunks: int  # Gram chunks of all problems: the grid of the Gram passes
     offsets: dict  # workspace name -> offset in doubles
@@ -75,8 +76,16 @@ class _Plan(NamedTuple):
 
 
 # Columns of the problem table (TAB_* in the .cu): p, first workspace row, old basis address,
-# refill seed, index in the group, first tile, first Gram chunk, number of Gram chunks.
-TAB_P, TAB_ROW0, TAB_OLD, TAB_SEED, TAB_INDEX, TAB_TILE0, TAB_CHUNK0, TAB_NCHUNK = range(8)
+# refill seed, index in the group, first tile, first Gram chunk, number of Gram chunks, rows
+# of a Gram chunk.
+TAB_P, TAB_ROW0, TAB_OLD, TAB_SEED, TAB_INDEX, TAB_TILE0, TAB_CHUNK0, TAB_NCHUNK, TAB_CROWS = range(9)
+
+
+def _problem_chunks(p: int, bound: int) -> tuple[int, int]:
+    """A problem's Gram chunks: their number and their rows (equal, whole tiles, the last one
+    cut at p), so that a chunk just over the bound does not leave one long and one short."""
+    chunks = -(-p // bound)
+    return chunks, -(-(-(-p // chunks)) // TILE) * TILE
 
 
 @functools.lru_cache(maxsize=256)
@@ -88,7 +97,8 @@ def _plan(dims: tuple, k: int, sketch_bytes: int, v_shared: bool, sms: int) -> _
     z2 = 2 * b
     per_chunk = _rows_per_chunk(rows, k, sms)
     tiles = sum(g[0] * (-(-g[1] // TILE) + -(-g[2] // TILE)) for g in dims)
-    chunks = sum(g[0] * (-(-g[1] // per_chunk) + -(-g[2] // per_chunk)) for g in dims)
+    chunks = sum(g[0] * (_problem_chunks(g[1], per_chunk)[0] + _problem_chunks(g[2], per_chunk)[0])
+                 for g in dims)
     sizes = {
         # p x k per problem, stacked: the sketches S (in their dtype), refill candidates R
         # (then R1), Q, X1.
@@ -210,13 +220,13 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     for side in (0, 1):
         for g, B in enumerate(bases[side]):
             bg, p = B.shape[0], B.shape[1]
-            p_tiles, p_chunks = -(-p // TILE), -(-p // per_chunk)
+            p_tiles, (p_chunks, chunk_rows) = -(-p // TILE), _problem_chunks(p, per_chunk)
             starts[side].append(row0)
             seed = int(groups[g][4]) % 2**64
             seed = seed - 2**64 if seed >= 2**63 else seed  # the uint64's bits as an int64
             for i in range(bg):
                 rows.append((p, row0, B.data_ptr() + i * p * k * B.element_size(), seed, i,
-                             tile0, chunk0, p_chunks))
+                             tile0, chunk0, p_chunks, chunk_rows))
                 row0, tile0, chunk0 = row0 + p, tile0 + p_tiles, chunk0 + p_chunks
     table = _loader.device_table(tuple(v for row in rows for v in row), device)
 
@@ -266,8 +276,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
             refill_k((plan.tiles, 1, 1), block, (ws["R"], tab, nb, i32(k), i64(step), c(step_t)))
         # Pass A: [S^T S, S^T R]  (sel: term 1 takes B from R -> bit 3)
         gram_s((plan.chunks, 2 * nt * nt, 1), block,
-               (tab, i32(-1), ws["S"], ws["R"], nb, i32(k), i32(2), i32(0b1000), i64(per_chunk),
-                ws["part_a"]))
+               (tab, i32(-1), ws["S"], ws["R"], nb, i32(k), i32(2), i32(0b1000), ws["part_a"]))
         eig_k((z2, 1, 1), block,
               (ws["part_a"], tab, nb, i32(k), ws.get("Vg", NULL), i32(v_shared), ws["C1"],
                ws["M1"], ws["N1"], ws["good"], c(sigma_y), c(sigma_z), i32(MAX_SWEEPS), np.float64(JACOBI_TOL)),
@@ -280,8 +289,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
                                     np.float64(-1.0), ws["R"], nb, i32(k)))
         # Pass C: [Q^T Q, Q^T R1, R1^T R1]  (sel: term 1 B from R1 -> bit 3; term 2 both -> bits 4, 5)
         gram_64((plan.chunks, 3 * nt * nt, 1), block,
-                (tab, i32(-1), ws["Q"], ws["R"], nb, i32(k), i32(3), i32(0b111000), i64(per_chunk),
-                 ws["part_c"]))
+                (tab, i32(-1), ws["Q"], ws["R"], nb, i32(k), i32(3), i32(0b111000), ws["part_c"]))
         mid_k((z2, 1, 1), block,
               (ws["part_c"], tab, nb, i32(k), ws["good"], ws["scratch"], ws["W1"],
                c(sigma_y), c(sigma_z), c(sigma)),
@@ -293,8 +301,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
                                      i64(2 * k * k), NULL, np.float64(1.0), ws["X"], nb, i32(k)))
         # Pass E: [X1^T X1, U_old^T X1]  (sel: term 0 both from X1 -> bits 0, 1; term 1 B from X1 -> bit 3)
         gram_u((plan.chunks, 2 * nt * nt, 1), block,
-               (tab, i32(TAB_OLD), NULL, ws["X"], nb, i32(k), i32(2), i32(0b1011), i64(per_chunk),
-                ws["part_e"]))
+               (tab, i32(TAB_OLD), NULL, ws["X"], nb, i32(k), i32(2), i32(0b1011), ws["part_e"]))
         fin_k((z2, 1, 1), block,
               (ws["part_e"], tab, nb, i32(k), ws["scratch"], ws["T"], c(overlap_u),
                c(overlap_v)),
