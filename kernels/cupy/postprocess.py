@@ -52,14 +52,23 @@ def eig_shared_bytes(k: int, v_shared: bool) -> int:
     return 8 * (k * k * (2 if v_shared else 1) + 2 * k + 6 * npairs + 32) + 4 * (2 * npairs + k)
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(a // -b)
+
+
+def _tiles(rows: int) -> int:
+    """Whole TILE-row tiles that hold ``rows``."""
+    return _ceil_div(rows, TILE)
+
+
 def _rows_per_chunk(rows: int, k: int, sms: int) -> int:
     """Most rows of a Gram chunk, one bound for every problem of a call: about 4 blocks per SM
     over all the call's rows (a Gram block computes one 32 x 32 tile of one of 2 terms), and
     >= 256 rows, so a chunk's partial k x k sums stay few beside its rows. A multiple of TILE.
     A problem of p rows gets ceil(p / bound) chunks of equal rows (:func:`_problem_chunks`)."""
-    nt = -(-k // TILE)
-    chunks = max(1, -(-4 * sms // (2 * nt * nt)))
-    return max(256, -(-(-(-rows // chunks)) // TILE) * TILE)
+    nt = _tiles(k)
+    chunks = max(1, _ceil_div(4 * sms, 2 * nt * nt))
+    return max(256, _tiles(_ceil_div(rows, chunks)) * TILE)
 
 
 NULL = np.uint64(0)
@@ -84,8 +93,8 @@ TAB_P, TAB_ROW0, TAB_OLD, TAB_SEED, TAB_INDEX, TAB_TILE0, TAB_CHUNK0, TAB_NCHUNK
 def _problem_chunks(p: int, bound: int) -> tuple[int, int]:
     """A problem's Gram chunks: their number and their rows (equal, whole tiles, the last one
     cut at p), so that a chunk just over the bound does not leave one long and one short."""
-    chunks = -(-p // bound)
-    return chunks, -(-(-(-p // chunks)) // TILE) * TILE
+    chunks = _ceil_div(p, bound)
+    return chunks, _tiles(_ceil_div(p, chunks)) * TILE
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,7 +105,7 @@ def _plan(dims: tuple, k: int, sketch_bytes: int, v_shared: bool, sms: int) -> _
     rows = sum(g[0] * (g[1] + g[2]) for g in dims)  # every problem's rows, stacked
     z2 = 2 * b
     per_chunk = _rows_per_chunk(rows, k, sms)
-    tiles = sum(g[0] * (-(-g[1] // TILE) + -(-g[2] // TILE)) for g in dims)
+    tiles = sum(g[0] * (_tiles(g[1]) + _tiles(g[2])) for g in dims)
     chunks = sum(g[0] * (_problem_chunks(g[1], per_chunk)[0] + _problem_chunks(g[2], per_chunk)[0])
                  for g in dims)
     sizes = {
@@ -220,7 +229,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
     for side in (0, 1):
         for g, B in enumerate(bases[side]):
             bg, p = B.shape[0], B.shape[1]
-            p_tiles, (p_chunks, chunk_rows) = -(-p // TILE), _problem_chunks(p, per_chunk)
+            p_tiles, (p_chunks, chunk_rows) = _tiles(p), _problem_chunks(p, per_chunk)
             starts[side].append(row0)
             seed = int(groups[g][4]) % 2**64
             seed = seed - 2**64 if seed >= 2**63 else seed  # the uint64's bits as an int64
@@ -236,7 +245,7 @@ def postprocess_cupy_many(groups, *, step=0, refills=None,
         return stacked[starts[side][g]:starts[side][g] + bg * p].view(bg, p, k)
 
     f64 = dict(device=device, dtype=torch.float64)
-    z2, nt = 2 * b, -(-k // TILE)
+    z2, nt = 2 * b, _tiles(k)
     # All float64 workspaces in one allocation, passed as addresses (no tensor per workspace:
     # each costs host time, and this call is host-bound at small k).
     work = torch.empty(plan.total, **f64)
