@@ -408,6 +408,15 @@ static prefetch_plan plan_for(const block_update *u, int64_t i0, int64_t s0, int
     return pf;
 }
 
+/* The row chunks of an m-row pass as it runs them: at least 1, at most one per block of ROWS
+ * rows (0 for m = 0). */
+static int64_t pass_chunks(int64_t chunks, int64_t m)
+{
+    const int64_t nblocks = (m + ROWS - 1) / ROWS;
+    if (chunks < 1) chunks = 1;
+    return chunks > nblocks ? nblocks : chunks;
+}
+
 /* One matrix. G == NULL: sketch only (W is not written). buf may be NULL without momentum.
  * wtype: W's element type (WTYPE_*; 16-bit only with G == NULL). Returns 0, -1 without memory
  * for the 16-bit scratch, -2 for an update of 16-bit weights or an unknown wtype (nothing run
@@ -446,8 +455,7 @@ int lowrank_sgd_sketch_f32(int64_t m, int64_t n, int64_t kp, float *W, const flo
     /* the update, or else the prefetches alone, run a block ahead of the products */
     const int ahead = G != NULL || (wtype == WTYPE_F32 && m * n >= PREFETCH_MIN);
     const block_update upd = {W, G, buf, h, m, n, (n + SEG - 1) / SEG};
-    if (chunks < 1) chunks = 1;
-    if (chunks > nblocks) chunks = (int)nblocks;
+    chunks = (int)pass_chunks(chunks, m);
     if (nthreads < 1) nthreads = 1;
     if (nthreads > chunks) nthreads = chunks;
     /* 16-bit W: each thread's float32 copy of the block it sketches */
@@ -550,9 +558,7 @@ int lowrank_sgd_sketch_many_f32(int64_t count, const sketch_entry *e, const sgd_
 {
     int64_t most = 0; /* the largest Z partials of one matrix, reused by each */
     for (int64_t i = 0; i < count; i++) {
-        int64_t chunks = e[i].chunks < 1 ? 1 : e[i].chunks;
-        const int64_t nblocks = (e[i].m + ROWS - 1) / ROWS;
-        if (chunks > nblocks) chunks = nblocks;
+        const int64_t chunks = pass_chunks(e[i].chunks, e[i].m);
         const int64_t need = e[i].mode & (MODE_Z | MODE_POWER) ? chunks * e[i].n * e[i].kp : 0;
         if (need > most) most = need;
     }
