@@ -79,6 +79,26 @@ def _threads_and_chunks(m: int, n: int) -> tuple[int, int]:
     return threads, min(_CHUNKS_PER_THREAD * threads, -(-m // _ROWS))
 
 
+def _padded_bases(U: torch.Tensor, V: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(kp, U, V): the bases contiguous and widened with zero columns to kp = k rounded up to 8
+    (the kernel works on chunks of 8 / 16 sketch columns)."""
+    k = U.shape[-1]
+    kp = -(-k // 8) * 8
+    if kp == k:
+        return kp, U.contiguous(), V.contiguous()
+    Up, Vp = (torch.nn.functional.pad(B, (0, kp - k)).contiguous() for B in (U, V))
+    return kp, Up, Vp
+
+
+def _sketch_buffers(b: int, m: int, n: int, kp: int, mode: int):
+    """The kernel's outputs for ``mode``: Y (b, m, kp) and Z (b, n, kp) float32 where it writes
+    them (else None), and the row sums of squares (b, m) float64."""
+    f32 = {"dtype": torch.float32}  # whatever torch's default dtype
+    Y = torch.empty(b, m, kp, **f32) if mode & (MODE_Y | MODE_POWER) else None
+    Z = torch.empty(b, n, kp, **f32) if mode & (MODE_Z | MODE_POWER) else None
+    return Y, Z, torch.empty(b, m, dtype=torch.float64)
+
+
 def _sketch_out(Y, Z, row_sq: torch.Tensor, k: int, kp: int, sides: str) -> SketchOut:
     """The kernel's outputs (widths padded to kp) as the SketchOut of a k-wide sketch."""
     if kp != k:
@@ -118,19 +138,11 @@ def launch(W: torch.Tensor, G: torch.Tensor | None, buf: torch.Tensor | None, U:
     if G is not None and G.numel() != W.numel():
         raise ValueError(f"{op}: G has shape {tuple(G.shape)}, W has {tuple(W.shape)}")
     lib = _loader.library()
-    kp = -(-k // 8) * 8  # the kernel works on chunks of 8 / 16 sketch columns
-    pad = (0, kp - k)
-    Up = torch.nn.functional.pad(U, pad).contiguous() if kp != k else U.contiguous()
-    Vp = torch.nn.functional.pad(V, pad).contiguous() if kp != k else V.contiguous()
+    kp, Up, Vp = _padded_bases(U, V)
     mode = _MODES[sides]
-    want_y = mode & (MODE_Y | MODE_POWER)
-    want_z = mode & (MODE_Z | MODE_POWER)
-    f32 = dict(dtype=torch.float32)  # whatever torch's default dtype
-    Y = torch.empty(b, m, kp, **f32) if want_y else None
-    Z = torch.empty(b, n, kp, **f32) if want_z else None
-    row_sq = torch.empty(b, m, dtype=torch.float64)
+    Y, Z, row_sq = _sketch_buffers(b, m, n, kp, mode)
     threads, chunks = _threads_and_chunks(m, n)
-    zwork = torch.empty(chunks, n, kp, **f32) if want_z else None
+    zwork = torch.empty(chunks, n, kp, dtype=torch.float32) if Z is not None else None
     update = G is not None
     if update and not (W.is_contiguous() and (buf is None or buf.is_contiguous())):
         raise ValueError(f"{op}: the in-place update needs contiguous W and buf")
@@ -228,7 +240,6 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
     op = "fused_sgd_sketch_cpu_list"
     lr = _plain_lr(lr, op)
     lib = _loader.library()
-    f32 = {"dtype": torch.float32}
     hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum),
                              float(1 - dampening), int(bool(nesterov)), int(bool(maximize)), 0)
     table, outs, new_bufs = [], [], []
@@ -253,15 +264,9 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
     for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
         m, n = W.shape
         k = U.shape[-1]
-        kp = -(-k // 8) * 8
-        if kp != k:
-            U, V = (torch.nn.functional.pad(B, (0, kp - k)) for B in (U, V))
-        else:
-            U, V = U.contiguous(), V.contiguous()
+        kp, U, V = _padded_bases(U, V)
         mode = _MODES[side]
-        Y = torch.empty(1, m, kp, **f32) if mode & (MODE_Y | MODE_POWER) else None
-        Z = torch.empty(1, n, kp, **f32) if mode & (MODE_Z | MODE_POWER) else None
-        row_sq = torch.empty(1, m, dtype=torch.float64)
+        Y, Z, row_sq = _sketch_buffers(1, m, n, kp, mode)
         threads, chunks = _threads_and_chunks(m, n)
         buf_init = G is not None and momentum != 0 and buf is None
         if buf_init:
