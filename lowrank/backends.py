@@ -291,6 +291,19 @@ def fused_sgd_sketch_list(Ws, Gs, bufs, Us, Vs, sides, *, backend: str = "cpu", 
         Ws, Gs, bufs, Us, Vs, sides, **hyper)
 
 
+def fused_sequential_step_list(Ws, Gs, bufs, states, *, backend: str = "cpu", **hyper):
+    """A whole tracked step of the sequential schedule over matrices of any shapes, on the cpu
+    kernel: op ``fused_sgd_sketch`` (power sketch; ``Gs`` None: sketch only), both sides of the
+    post-processing, and each matrix's new state written into ``states[i]`` (its tracker's own
+    tensors) in place. Returns (list of buffers, {index: SketchOut} of the matrices left for the
+    reference path); see :func:`lowrank.kernels.cpu.sequential_step.
+    fused_sequential_step_cpu_list`."""
+    if backend != "cpu":
+        raise ValueError(f"fused_sequential_step_list runs on the cpu backend, not {backend!r}")
+    return kernel_module("cpu", "sequential_step").fused_sequential_step_cpu_list(
+        Ws, Gs, bufs, states, **hyper)
+
+
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):
     """Op ``postprocess``. CuPy and cpu have kernels (the cpu one for the common case only,
     falling back to the torch reference); Triton uses the CuPy kernel where CuPy runs on the

@@ -322,6 +322,20 @@ class SpectralSGD(torch.optim.Optimizer):
         group, whatever their shapes, in one kernel call; sets each momentum buffer and queues
         each sketch for the post-processing."""
         tracked = self.tracked
+        flags = [tracked.in_place(name, p) for name, p, _, _ in items]
+        whole = [it for it, flag in zip(items, flags) if flag]
+        if whole:  # the whole tracked step in the kernel, state written in place
+            old_bufs = [None if buf is None else _matrix(buf, tracked.trackers[name].shape)
+                        for name, _, _, buf in whole]
+            bufs = tracked.step_in_place(
+                [name for name, _, _, _ in whole],
+                [_matrix(p, tracked.trackers[name].shape) for name, p, _, _ in whole],
+                [_matrix(grad, tracked.trackers[name].shape) for name, _, grad, _ in whole],
+                old_bufs, hyper)
+            self._keep_new_buffers(whole, bufs, old_bufs, hyper)
+            if len(whole) == len(items):
+                return
+            items = [it for it, flag in zip(items, flags) if not flag]
         trs = [tracked.trackers[name] for name, _, _, _ in items]
         old_bufs = [None if buf is None else _matrix(buf, tr.shape)
                     for (_, _, _, buf), tr in zip(items, trs)]
@@ -330,9 +344,16 @@ class SpectralSGD(torch.optim.Optimizer):
             [_matrix(grad, tr.shape) for (_, _, grad, _), tr in zip(items, trs)], old_bufs,
             [tr.U for tr in trs], [tr.V for tr in trs],
             [tracked.sides(name) for name, _, _, _ in items], backend="cpu", **hyper)
-        for (name, p, _, _), sk, buf, old in zip(items, sketches, bufs, old_bufs):
+        for (name, _, _, _), sk in zip(items, sketches):
             tracked.absorb(name, sk)
-            if hyper["momentum"] != 0 and buf is not old:  # a new buffer (the first step)
+        self._keep_new_buffers(items, bufs, old_bufs, hyper)
+
+    def _keep_new_buffers(self, items, bufs, old_bufs, hyper) -> None:
+        """Store the momentum buffers that a list call made (the first step with momentum)."""
+        if hyper["momentum"] == 0:
+            return
+        for (_, p, _, _), buf, old in zip(items, bufs, old_bufs):
+            if buf is not old:
                 self.state[p]["momentum_buffer"] = _matrix(buf, p.shape)
 
     def _batch_key(self, name, p, grad, buf, group_index):

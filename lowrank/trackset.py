@@ -38,6 +38,9 @@ _NAN = float("nan")
 SCHEDULES = ("auto", "both", "sequential", "alternate")
 # Backends that run every schedule (one-sided and power sketches); the GPU kernels run "both".
 CPU_BACKENDS = ("torch", "cpu")
+# The hyperparameters of a sketch-only pass (no update) where a call takes SGD's.
+_NO_UPDATE = {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0,
+              "nesterov": False, "maximize": False}
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -194,6 +197,7 @@ class TrackedSet:
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
         self._packs: dict[tuple, dict] = {}
         self.pack()
+        self._own_state_in_place()
         # One step counter per CUDA device, kept on the device beside the Python counts (one
         # add a step) so that a CUDA graph that captures a step can advance it: see capture().
         self.step_counters: dict[torch.device, torch.Tensor] = {
@@ -220,6 +224,41 @@ class TrackedSet:
                     setattr(t, key, value[i:i + 1])
                 t.static = True
             self._packs[tuple(names)] = packed
+
+    def _own_state_in_place(self) -> None:
+        """Make the trackers that the C kernel steps in place (the sequential schedule on the
+        "cpu" backend: :meth:`in_place`) static, each state field its own contiguous memory,
+        which the kernel overwrites (results and state dicts taken from them are copies: see
+        MatrixTracker.metrics)."""
+        for name, t in self.trackers.items():
+            if self.schedule[name] == "sequential" and self.backend[name] == "cpu":
+                for key in STATE_KEYS:
+                    setattr(t, key, getattr(t, key).clone(memory_format=torch.contiguous_format))
+                t.static = True
+
+    def in_place(self, name: str, weight: torch.Tensor) -> bool:
+        """Whether ``name``'s tracked step runs whole in the C kernel, which writes its new state
+        in place (:meth:`step_in_place`): the sequential schedule on the "cpu" backend, a static
+        tracker, and operands the kernel takes (sequential_step.takes: width <= 32, ...)."""
+        t = self.trackers[name]
+        return (t.static and self.schedule[name] == "sequential" and self.backend[name] == "cpu"
+                and backends.kernel_module("cpu", "sequential_step").takes(t, weight))
+
+    def step_in_place(self, names: list[str], Ws, Gs, bufs, hyper: dict) -> list:
+        """The tracked step of ``names`` (:meth:`in_place` each) in the C kernel: update (``Gs``
+        None: sketch only), power sketch, post-processing and commit of the new state. A matrix
+        the kernel leaves (a sketch that is not finite, a refill) is queued with its sketch for
+        :meth:`finish_step`'s reference path. Returns the momentum buffers, as
+        :func:`lowrank.backends.fused_sgd_sketch_list`."""
+        trs = [self.trackers[n] for n in names]
+        new_bufs, rest = backends.fused_sequential_step_list(Ws, Gs, bufs, trs, backend="cpu",
+                                                             **hyper)
+        for i, (name, t) in enumerate(zip(names, trs)):
+            sk = rest.get(i)
+            if sk is None:  # committed by the kernel
+                t._step += 1
+            self._pending.append((name, sk))
+        return new_bufs
 
     def sides(self, name: str) -> str:
         """Which sketch the pass over ``name``'s weights computes this step: "both"; "power"
@@ -382,7 +421,7 @@ class TrackedSet:
         groups: dict[tuple, list] = {}
         sequential = []
         for name, sk in pending:
-            if sk is None:  # post-processed above with its batch
+            if sk is None:  # post-processed above with its batch, or stepped in place
                 continue
             tr = self.trackers[name]
             if self.schedule[name] == "sequential":
@@ -431,6 +470,11 @@ class TrackedSet:
                 on_cpu.append(name)
             else:
                 self.sketch_only(name)
+        in_place = [n for n in on_cpu if self.in_place(n, self.params[n])]
+        if in_place:
+            self.step_in_place(in_place, [self.matrix(n) for n in in_place], None, None,
+                               _NO_UPDATE)
+            on_cpu = [n for n in on_cpu if n not in set(in_place)]
         if on_cpu:
             trs = [self.trackers[n] for n in on_cpu]
             sketches, _ = backends.fused_sgd_sketch_list(

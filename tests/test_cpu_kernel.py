@@ -20,6 +20,23 @@ if not backends.cpu_kernel_available():  # no C compiler here: what users get is
 
 SK = backends.kernel_module("cpu", "sketch")
 FS = backends.kernel_module("cpu", "fused_sgd_sketch")
+LOADER = backends.kernel_module("cpu", "_loader")
+
+
+def pass_calls(monkeypatch) -> list[int]:
+    """The matrix count of each call of the list pass kernel (lowrank_sgd_sketch_many_f32),
+    recorded from now on (whichever launcher makes the call)."""
+    calls, lib = [], LOADER.library()
+
+    class Counting:
+        def __getattr__(self, attr):
+            fn = getattr(lib, attr)
+            if attr != "lowrank_sgd_sketch_many_f32":
+                return fn
+            return lambda count, *rest: calls.append(count) or fn(count, *rest)
+
+    monkeypatch.setattr(LOADER, "library", Counting)
+    return calls
 
 
 def rand(*shape, seed):
@@ -269,17 +286,16 @@ def test_sketch_only_list_call_gives_each_matrix_what_sketch_cpu_gives():
 
 
 def test_spectrum_tracker_sketches_every_matrix_in_one_kernel_call(monkeypatch):
-    calls = []
-    real = FS.fused_sgd_sketch_cpu_list
-    monkeypatch.setattr(FS, "fused_sgd_sketch_cpu_list", lambda Ws, Gs, *a, **kw: calls.append(
-        (len(Ws), Gs)) or real(Ws, Gs, *a, **kw))
     torch.manual_seed(5)
     net = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Linear(40, 20),
                               torch.nn.Conv2d(4, 12, 3))
+    before = [p.detach().clone() for p in net.parameters()]
     tracker = lowrank.SpectrumTracker(net, rank=4, sketch_rank=8, backend="cpu")
+    calls = pass_calls(monkeypatch)
     for _ in range(3):
         tracker.step()
-    assert calls == [(3, None)] * 3
+    assert calls == [3] * 3
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))  # sketch only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
@@ -313,10 +329,7 @@ def test_spectral_sgd_steps_each_param_group_in_one_kernel_call(monkeypatch, dty
     group["params"] = [params["a"], params["conv"], bias]
     opt.param_groups.append({**{k: v for k, v in group.items() if k != "params"},
                              "params": [params["b"]], "lr": 0.02})
-    calls = []
-    real = FS.fused_sgd_sketch_cpu_list
-    monkeypatch.setattr(FS, "fused_sgd_sketch_cpu_list", lambda Ws, *a, **kw: calls.append(
-        len(Ws)) or real(Ws, *a, **kw))
+    calls = pass_calls(monkeypatch)
     for step in range(40):
         for name, p in [*params.items(), ("bias", bias)]:
             g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step

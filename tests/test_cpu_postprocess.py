@@ -18,6 +18,7 @@ if not backends.cpu_kernel_available():
     pytest.skip("the CPU kernel does not build here", allow_module_level=True)
 
 PP = backends.kernel_module("cpu", "postprocess")
+SQ = backends.kernel_module("cpu", "sequential_step")
 
 
 def gen(seed):
@@ -310,9 +311,10 @@ def test_sequential_many_shapes_in_one_call_equal_each_matrix_alone():
 @pytest.mark.parametrize("who", ["SpectralSGD", "SpectrumTracker"])
 def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
     """Three matrices of two shapes on the cpu backend, after the update (SpectralSGD) or
-    sketch-only (SpectrumTracker): one sequential call per step (a group per shape), no
-    single-side calls; the estimates match float64 svdvals, and what a matrix gets does not
-    depend on what else is tracked (batched or not)."""
+    sketch-only (SpectrumTracker): the whole step of all three in one kernel step per step
+    (sequential_step: pass, post-processing and commit), no other post-processing call; the
+    estimates match float64 svdvals, and what a matrix gets does not depend on what else is
+    tracked."""
     torch.manual_seed(2)
     sig = 0.8 ** torch.arange(40, dtype=torch.float32)
 
@@ -329,6 +331,9 @@ def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
         or real_seq(groups))
     monkeypatch.setattr(PP, "postprocess_side_cpu", lambda S, *a, **k: calls.append(
         (step_now[0], "side", S.shape[0])) or real_side(S, *a, **k))
+    real_step = SQ.fused_sequential_step_cpu_list
+    monkeypatch.setattr(SQ, "fused_sequential_step_cpu_list", lambda Ws, *a, **k: calls.append(
+        (step_now[0], "step", tuple(W.shape for W in Ws))) or real_step(Ws, *a, **k))
 
     def run(names):
         params = [(n, torch.nn.Parameter(W0[n].clone())) for n in names]
@@ -347,8 +352,9 @@ def test_sequential_tracking_post_processes_in_few_calls(who, monkeypatch):
         return opt, dict(params)
 
     opt, params = run(["a", "b", "c"])
-    later = [c for c in calls if c[0] > 0]  # (the first step has no P = W^T Y to start from)
-    assert later == [(s, "sequential", (1, 2)) for s in range(1, 25)]
+    # (on the first step the random start bases need the reference's Cholesky-QR round)
+    later = [c for c in calls if c[0] > 0]
+    assert later == [(s, "step", ((80, 60), (80, 60), (70, 50))) for s in range(1, 25)]
     for name, p in params.items():
         exact = torch.linalg.svdvals(p.detach().double())[:4]
         got = opt.spectra()[name].sigma

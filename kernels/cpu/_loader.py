@@ -127,6 +127,9 @@ def library() -> ctypes.CDLL:
         fn = lib.lowrank_postprocess_sequential_many
         fn.argtypes = [i64, ptr, ctypes.c_double, ptr, ctypes.c_int]
         fn.restype = ctypes.c_int
+        fn = lib.lowrank_postprocess_sequential_commit
+        fn.argtypes = [i64, ptr, ptr, ctypes.c_double, ptr, ctypes.c_int]
+        fn.restype = ctypes.c_int
         _library = lib
         return lib
 

@@ -238,11 +238,28 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
     SketchOut, list of buffers).
     """
     op = "fused_sgd_sketch_cpu_list"
-    lr = _plain_lr(lr, op)
-    lib = _loader.library()
-    hyper = _loader.SgdHyper(float(lr), float(weight_decay), float(momentum),
-                             float(1 - dampening), int(bool(nesterov)), int(bool(maximize)), 0)
+    hyper = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+             "dampening": dampening, "nesterov": nesterov, "maximize": maximize}
+    Gs, bufs = prepare_list(op, Ws, Gs, bufs, Us, Vs, hyper)
     table, outs, new_bufs = [], [], []
+    for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
+        m, n = W.shape
+        k = U.shape[-1]
+        kp, U, V = _padded_bases(U, V)
+        Y, Z, row_sq = _sketch_buffers(1, m, n, kp, _MODES[side])
+        new_bufs.append(list_entry(table, W, G, buf, U, V, side, _addr(Y), _addr(Z),
+                                   row_sq.data_ptr(), hyper["momentum"]))
+        outs.append((Y, Z, row_sq, k, kp, side, U, V))  # U, V: padded copies live until the call
+    run_list(table, hyper, op)
+    sketches = [_sketch_out(Y, Z, row_sq, k, kp, side) for Y, Z, row_sq, k, kp, side, _, _ in outs]
+    return sketches, new_bufs
+
+
+def prepare_list(op: str, Ws, Gs, bufs, Us, Vs, hyper: dict):
+    """Check the operands of a list call (raises before anything runs) and update the 16-bit
+    weights among them by torch (their sketch follows in the kernel). Returns (Gs, bufs) as the
+    kernel takes them: None gradients for a sketch-only call and for the weights now updated."""
+    hyper["lr"] = _plain_lr(hyper["lr"], op)
     update = Gs is not None
     if not update:
         Gs = bufs = [None] * len(Ws)
@@ -258,28 +275,37 @@ def fused_sgd_sketch_cpu_list(Ws, Gs, bufs, Us, Vs, sides, *, lr=0.0, weight_dec
                 and (buf is None or buf.is_contiguous())):
             raise ValueError(f"{op}: W, G and buf must be contiguous")
     if update:
-        Gs, bufs = _update_16_bit(Ws, Gs, bufs, lr=lr, weight_decay=weight_decay,
-                                  momentum=momentum, dampening=dampening, nesterov=nesterov,
-                                  maximize=maximize)
-    for W, G, buf, U, V, side in zip(Ws, Gs, bufs, Us, Vs, sides):
-        m, n = W.shape
-        k = U.shape[-1]
-        kp, U, V = _padded_bases(U, V)
-        mode = _MODES[side]
-        Y, Z, row_sq = _sketch_buffers(1, m, n, kp, mode)
-        threads, chunks = _threads_and_chunks(m, n)
-        buf_init = G is not None and momentum != 0 and buf is None
-        if buf_init:
-            buf = torch.empty_like(W)
-        new_bufs.append(buf)
-        # torch.optim.SGD ignores the buffer without momentum; the kernel uses one where passed
-        table += [m, n, kp, W.data_ptr(), _addr(G),
-                  _addr(buf if momentum != 0 and G is not None else None),
-                  U.data_ptr(), V.data_ptr(), _addr(Y), _addr(Z), row_sq.data_ptr(), mode,
-                  int(buf_init), chunks, threads, WEIGHT_DTYPES[W.dtype]]
-        outs.append((Y, Z, row_sq, k, kp, side, U, V))  # U, V: padded copies live until the call
+        Gs, bufs = _update_16_bit(Ws, Gs, bufs, **hyper)
+    return Gs, bufs
+
+
+def list_entry(table: list, W, G, buf, U, V, side: str, Y: int, Z: int, row_sq: int,
+               momentum: float):
+    """Append one matrix's entry (sketch_entry of sgd_sketch.c) to ``table``: U, V padded to kp
+    (:func:`_padded_bases`), outputs at addresses Y (m, kp), Z (n, kp) (0: not written) and
+    row_sq (m) float64. Returns the matrix's momentum buffer (a new one where this step makes
+    it)."""
+    m, n = W.shape
+    threads, chunks = _threads_and_chunks(m, n)
+    buf_init = G is not None and momentum != 0 and buf is None
+    if buf_init:
+        buf = torch.empty_like(W)
+    # torch.optim.SGD ignores the buffer without momentum; the kernel uses one where passed
+    table += [m, n, U.shape[-1], W.data_ptr(), _addr(G),
+              _addr(buf if momentum != 0 and G is not None else None), U.data_ptr(),
+              V.data_ptr(), Y, Z, row_sq, _MODES[side], int(buf_init), chunks, threads,
+              WEIGHT_DTYPES[W.dtype]]
+    return buf
+
+
+def run_list(table: list, hyper: dict, op: str) -> None:
+    """Run the kernel over the entries of ``table`` (:func:`list_entry`), one call."""
+    h = _loader.SgdHyper(float(hyper["lr"]), float(hyper["weight_decay"]),
+                         float(hyper["momentum"]), float(1 - hyper["dampening"]),
+                         int(bool(hyper["nesterov"])), int(bool(hyper["maximize"])), 0)
     entries = array.array("q", table)
-    _raise_on(lib.lowrank_sgd_sketch_many_f32(len(outs), entries.buffer_info()[0],
-                                              ctypes.byref(hyper)), op)
-    sketches = [_sketch_out(Y, Z, row_sq, k, kp, side) for Y, Z, row_sq, k, kp, side, _, _ in outs]
-    return sketches, new_bufs
+    _raise_on(_loader.library().lowrank_sgd_sketch_many_f32(
+        len(table) // _ENTRY_FIELDS, entries.buffer_info()[0], ctypes.byref(h)), op)
+
+
+_ENTRY_FIELDS = 16  # int64 fields of sketch_entry (sgd_sketch.c)

@@ -548,3 +548,52 @@ int lowrank_postprocess_sequential_many(int64_t count, const sequential_entry *e
     free(work); free(jobs); free(prefix);
     return count_failed(count, status);
 }
+
+/* Where lowrank_postprocess_sequential_commit writes one matrix's new state: its tracker's own
+ * tensors (lowrank/tracking.py's MatrixTracker, static state), overwritten in place. Fields in
+ * the order of the caller's int64 table. */
+typedef struct {
+    const double *row_sq_new; /* (m) the pass's row sums of squares */
+    double *fro2_new;         /* scratch (1): their sum; the matrix's sequential_entry reads it */
+    float *U, *V;             /* (m, k), (n, k) */
+    double *sigma, *sigma_prev, *sigma_y, *sigma_z, *overlap_u, *fro2, *row_sq;
+    uint8_t *nonfinite;       /* torch.bool (1) */
+} state_entry;
+_Static_assert(sizeof(state_entry) == 12 * sizeof(int64_t), "one int64 per field");
+
+/* lowrank_postprocess_sequential_many for a step's matrices, then the commit of each matrix
+ * whose status is 0 into its state: bases, sigma (the old one into sigma_prev), the two sides'
+ * estimates, overlap_u, fro2 and row_sq, nonfinite cleared. A matrix with another status keeps
+ * its whole state (the caller runs the reference for it, from the outputs of the pass). fro2 is
+ * the sum of the row sums in row order (the finiteness check of the post-processing reads it:
+ * an overflowed or NaN row makes the status 1). Returns what lowrank_postprocess_sequential_many
+ * returns (-1: nothing written). */
+int lowrank_postprocess_sequential_commit(int64_t count, const sequential_entry *e,
+                                          const state_entry *s, double well_above,
+                                          int *status, int nthreads)
+{
+    for (int64_t i = 0; i < count; i++) {
+        double sum = 0.0;
+        for (int64_t r = 0; r < e[i].m; r++) sum += s[i].row_sq_new[r];
+        *s[i].fro2_new = sum;
+    }
+    const int rc = lowrank_postprocess_sequential_many(count, e, well_above, status, nthreads);
+    if (rc < 0) return rc;
+    for (int64_t i = 0; i < count; i++) {
+        if (status[i] != PP_OK) continue;
+        const sequential_entry *x = &e[i];
+        const state_entry *y = &s[i];
+        const int64_t k = x->k;
+        memcpy(y->U, x->U_next, sizeof(float) * x->m * k);
+        memcpy(y->V, x->V_next, sizeof(float) * x->n * k);
+        memcpy(y->sigma_prev, y->sigma, sizeof(double) * k);
+        memcpy(y->sigma, x->sigma, sizeof(double) * k);
+        memcpy(y->sigma_y, x->sigma_y, sizeof(double) * k);
+        memcpy(y->sigma_z, x->sigma_z, sizeof(double) * k);
+        memcpy(y->overlap_u, x->overlap_u, sizeof(double) * k * k);
+        *y->fro2 = *y->fro2_new;
+        memcpy(y->row_sq, y->row_sq_new, sizeof(double) * x->m);
+        *y->nonfinite = 0;
+    }
+    return rc;
+}
