@@ -234,7 +234,10 @@ class TrackedSet:
             if self.schedule[name] == "sequential" and self.backend[name] == "cpu":
                 for key in STATE_KEYS:
                     setattr(t, key, getattr(t, key).clone(memory_format=torch.contiguous_format))
-                t.static = True
+                # (wider sketches stay on the list pass, whose commits of static state cost
+                # a copy per field)
+                t.static = backends.kernel_module("cpu", "sequential_step").takes(
+                    t, self.params[name])
 
     def in_place(self, name: str, weight: torch.Tensor) -> bool:
         """Whether ``name``'s tracked step runs whole in the C kernel, which writes its new state

@@ -195,3 +195,17 @@ def test_spectral_sgd_results_and_state_dicts_are_copies_of_the_state():
     for key in STATE_KEYS:
         assert torch.equal(getattr(again.tracked.trackers["w"], key),
                            getattr(opt.tracked.trackers["w"], key)), key
+
+
+def test_wider_sketches_stay_on_the_list_pass():
+    """k above the kernel's KMAX: the tracker is not made static and its steps take the list
+    pass and the reference post-processing, still matching float64 svdvals."""
+    p = torch.nn.Parameter(decaying(96, 80, seed=4))
+    opt = lowrank.SpectralSGD([("w", p)], lr=0.01, rank=20, sketch_rank=40, backend="cpu")
+    assert not opt.tracked.trackers["w"].static and not opt.tracked.in_place("w", p)
+    for step in range(10):
+        p.grad = 1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        opt.step()
+    exact = torch.linalg.svdvals(p.detach().double())[:4]
+    est = opt.spectra()["w"].sigma[:4]
+    assert float(((est - exact).abs() / exact[0]).max()) < 1e-6
