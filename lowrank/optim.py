@@ -331,7 +331,7 @@ class SpectralSGD(torch.optim.Optimizer):
                 [name for name, _, _, _ in whole],
                 [_matrix(p, tracked.trackers[name].shape) for name, p, _, _ in whole],
                 [_matrix(grad, tracked.trackers[name].shape) for name, _, grad, _ in whole],
-                old_bufs, hyper)
+                old_bufs, **hyper)
             self._keep_new_buffers(whole, bufs, old_bufs, hyper)
             if len(whole) == len(items):
                 return

@@ -38,9 +38,6 @@ _NAN = float("nan")
 SCHEDULES = ("auto", "both", "sequential", "alternate")
 # Backends that run every schedule (one-sided and power sketches); the GPU kernels run "both".
 CPU_BACKENDS = ("torch", "cpu")
-# The hyperparameters of a sketch-only pass (no update) where a call takes SGD's.
-_NO_UPDATE = {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0,
-              "nesterov": False, "maximize": False}
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -236,20 +233,19 @@ class TrackedSet:
                     setattr(t, key, getattr(t, key).clone(memory_format=torch.contiguous_format))
                 # (wider sketches stay on the list pass, whose commits of static state cost
                 # a copy per field)
-                t.static = backends.kernel_module("cpu", "sequential_step").takes(
-                    t, self.params[name])
+                t.static = backends.kernel_module("cpu", "sequential_step").takes_state(t)
 
     def in_place(self, name: str, weight: torch.Tensor) -> bool:
         """Whether ``name``'s tracked step runs whole in the C kernel, which writes its new state
         in place (:meth:`step_in_place`): the sequential schedule on the "cpu" backend, a static
-        tracker, and operands the kernel takes (sequential_step.takes: width <= 32, ...)."""
-        t = self.trackers[name]
-        return (t.static and self.schedule[name] == "sequential" and self.backend[name] == "cpu"
-                and backends.kernel_module("cpu", "sequential_step").takes(t, weight))
+        tracker (whose state the kernel takes: width <= 32, ...), and weights it takes."""
+        return (self.trackers[name].static and self.schedule[name] == "sequential"
+                and self.backend[name] == "cpu"
+                and backends.kernel_module("cpu", "sequential_step").takes_weight(weight))
 
-    def step_in_place(self, names: list[str], Ws, Gs, bufs, hyper: dict) -> list:
+    def step_in_place(self, names: list[str], Ws, Gs, bufs, **hyper) -> list:
         """The tracked step of ``names`` (:meth:`in_place` each) in the C kernel: update (``Gs``
-        None: sketch only), power sketch, post-processing and commit of the new state. A matrix
+        None: sketch only; ``hyper``: torch.optim.SGD's), power sketch, post-processing and commit of the new state. A matrix
         the kernel leaves (a sketch that is not finite, a refill) is queued with its sketch for
         :meth:`finish_step`'s reference path. Returns the momentum buffers, as
         :func:`lowrank.backends.fused_sgd_sketch_list`."""
@@ -473,11 +469,11 @@ class TrackedSet:
                 on_cpu.append(name)
             else:
                 self.sketch_only(name)
-        in_place = [n for n in on_cpu if self.in_place(n, self.params[n])]
+        flags = [self.in_place(n, self.params[n]) for n in on_cpu]
+        in_place = [n for n, flag in zip(on_cpu, flags) if flag]
         if in_place:
-            self.step_in_place(in_place, [self.matrix(n) for n in in_place], None, None,
-                               _NO_UPDATE)
-            on_cpu = [n for n in on_cpu if n not in set(in_place)]
+            self.step_in_place(in_place, [self.matrix(n) for n in in_place], None, None)
+            on_cpu = [n for n, flag in zip(on_cpu, flags) if not flag]
         if on_cpu:
             trs = [self.trackers[n] for n in on_cpu]
             sketches, _ = backends.fused_sgd_sketch_list(

@@ -109,7 +109,6 @@ def postprocess_sequential_cpu_many(groups) -> list[tuple[PostOut, list[bool]]]:
     lib = _loader.library()
     f64 = dict(dtype=torch.float64)
     table, outs, keep = [], [], []  # keep: operands copied here live until the call returns
-    tasks = 0
     for Ys, Us, Ps, Vs, fro2s in groups:
         b = len(Ys)
         _, m, k = Ys[0].shape
@@ -132,11 +131,11 @@ def postprocess_sequential_cpu_many(groups) -> list[tuple[PostOut, list[bool]]]:
             table += [m, n, k, Y.data_ptr(), ldy, U.data_ptr(), P.data_ptr(), ldp, V.data_ptr(),
                       0 if fro2 is None else fro2.data_ptr(), o[3], o[4], o[0], o[1], o[2], o[5],
                       o[6]]
-            tasks += -(-max(m, n) // _CHUNK)
     count = len(table) // _ENTRY_FIELDS
     entries = array.array("q", table)
     status = torch.empty(count, dtype=torch.int32)
-    threads = min(torch.get_num_threads(), max(tasks, 1))
+    threads = post_threads((Ys[0].shape[-2], Ps[0].shape[-2]) for Ys, _, Ps, _, _ in groups
+                           for _ in Ys)
     rc = lib.lowrank_postprocess_sequential_many(count, entries.buffer_info()[0],
                                                  _WELL_CONDITIONED[torch.float32], ptr(status),
                                                  threads)
@@ -152,6 +151,13 @@ def postprocess_sequential_cpu_many(groups) -> list[tuple[PostOut, list[bool]]]:
 
 
 _ENTRY_FIELDS = 17  # int64 fields of sequential_entry (postprocess.c)
+
+
+def post_threads(shapes) -> int:
+    """Threads of a sequential post-processing of matrices of ``shapes`` (m, n): torch's, at
+    most one per task of its largest stage (a row chunk of the longer side of each matrix)."""
+    tasks = sum(-(-max(m, n) // _CHUNK) for m, n in shapes)
+    return min(torch.get_num_threads(), max(tasks, 1))
 
 
 def postprocess_sequential_cpu(Y: torch.Tensor, U_old: torch.Tensor, P: torch.Tensor,

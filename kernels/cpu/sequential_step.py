@@ -29,29 +29,35 @@ from . import _loader
 from .fused_sgd_sketch import (
     WEIGHT_DTYPES,
     _padded_bases,
+    _sketch_out,
     list_entry,
     prepare_list,
     run_list,
 )
-from .postprocess import _CHUNK, KMAX
+from .postprocess import KMAX, post_threads
 
 # The state fields written in place (MatrixTracker's STATE_KEYS but the flags) and their dtype.
 STATE_F32 = ("U", "V")
 STATE_F64 = ("sigma", "sigma_prev", "sigma_y", "sigma_z", "overlap_u", "fro2", "row_sq")
 
 
-def takes(state, W: torch.Tensor) -> bool:
-    """Whether a matrix with tracker ``state`` and weights ``W`` can take this step: CPU
-    weights of a dtype the kernel reads, a sketch width <= KMAX, state tensors of the dtypes
-    written here, contiguous; and host reads are free (the statuses are read on the host: the
-    no-sync tests switch that off)."""
-    return (_checks.host_reads_are_free(W) and W.device.type == "cpu"
-            and W.dtype in WEIGHT_DTYPES and state.U.shape[-1] <= KMAX
+def takes_state(state) -> bool:
+    """Whether the kernel can step a tracker with this state: a sketch width <= KMAX and state
+    tensors of the dtypes written here, contiguous. Checked once, when TrackedSet makes the
+    tracker static: static state is then only ever written in place."""
+    return (state.U.shape[-1] <= KMAX
             and all(getattr(state, f).dtype == torch.float32 and getattr(state, f).is_contiguous()
                     for f in STATE_F32)
             and all(getattr(state, f).dtype == torch.float64 and getattr(state, f).is_contiguous()
                     for f in STATE_F64)
             and state.nonfinite.dtype == torch.bool)
+
+
+def takes_weight(W: torch.Tensor) -> bool:
+    """Whether the kernel can step these weights (checked every step: a parameter's dtype or
+    device can change under a tracker): CPU weights of a dtype the kernel reads, and host reads
+    free (the statuses are read on the host: the no-sync tests switch that off)."""
+    return _checks.host_reads_are_free(W) and W.is_cpu and W.dtype in WEIGHT_DTYPES
 
 
 def fused_sequential_step_cpu_list(Ws, Gs, bufs, states, *, lr=0.0, weight_decay: float = 0.0,
@@ -64,8 +70,8 @@ def fused_sequential_step_cpu_list(Ws, Gs, bufs, states, *, lr=0.0, weight_decay
     fused_sgd_sketch_cpu_list`. ``states``: per matrix an object with the tensors of a
     :class:`lowrank.tracking.MatrixTracker` (U (1, m, k), V (1, n, k) float32; sigma,
     sigma_prev, sigma_y, sigma_z (1, k), overlap_u (1, k, k), fro2 (1,), row_sq (1, m) float64;
-    nonfinite (1,) bool), each its own contiguous memory (:func:`takes`), read (old bases) and
-    then overwritten.
+    nonfinite (1,) bool), each its own contiguous memory (:func:`takes_state`), read (old bases)
+    and then overwritten.
 
     Returns (buffers, rest): ``rest`` maps the index of each matrix whose state was left as it
     was (a sketch that is not finite, or one that needs the reference's refill or Cholesky-QR
@@ -116,7 +122,8 @@ def fused_sequential_step_cpu_list(Ws, Gs, bufs, states, *, lr=0.0, weight_decay
     post_table, commit_table = array.array("q", posts), array.array("q", commits)
     rc = _loader.library().lowrank_postprocess_sequential_commit(
         count, post_table.buffer_info()[0], commit_table.buffer_info()[0],
-        _WELL_CONDITIONED[torch.float32], status.data_ptr(), _threads(layout))
+        _WELL_CONDITIONED[torch.float32], status.data_ptr(),
+        post_threads((m, n) for m, n, *_ in layout))
     if rc < 0:
         raise MemoryError(f"{op}: the post-processing could not run ({count} matrices)")
     rest = {}
@@ -127,20 +134,12 @@ def fused_sequential_step_cpu_list(Ws, Gs, bufs, states, *, lr=0.0, weight_decay
     return new_bufs, rest
 
 
-def _threads(layout) -> int:
-    """Threads of the post-processing: torch's, at most one per task of its largest stage."""
-    tasks = sum(-(-max(m, n) // _CHUNK) for m, n, *_ in layout)
-    return min(torch.get_num_threads(), max(tasks, 1))
-
-
 def _sketch(f32: torch.Tensor, f64: torch.Tensor, item) -> SketchOut:
-    """The power sketch of one matrix in the scratch (its fro2 as the kernel summed it)."""
+    """The power sketch of one matrix, views of the scratch, as the list pass returns it."""
     m, n, k, kp, o32, o64 = item
-    Y = f32[o32:o32 + m * kp].view(1, m, kp)[..., :k]
-    P = f32[o32 + m * kp:o32 + (m + n) * kp].view(1, n, kp)[..., :k]
-    row_sq = f64[o64:o64 + m].view(1, m)
-    fro2 = f64[o64 + m:o64 + m + 1]
-    return SketchOut(Y, None, fro2, row_sq, P=P)
+    Y = f32[o32:o32 + m * kp].view(1, m, kp)
+    P = f32[o32 + m * kp:o32 + (m + n) * kp].view(1, n, kp)
+    return _sketch_out(Y, P, f64[o64:o64 + m].view(1, m), k, kp, "power")
 
 
-__all__ = ["fused_sequential_step_cpu_list", "takes"]
+__all__ = ["fused_sequential_step_cpu_list", "takes_state", "takes_weight"]
