@@ -343,13 +343,14 @@ def postprocess_many(groups, *, step, backend: str = "torch") -> list:
             for Y, Z, U, V, seed, refill in groups]
 
 
-def capture_safe(backend: str, device: torch.device, k: int) -> bool:
-    """Whether a tracked step of a width-k matrix on ``backend`` makes no host synchronisation,
-    as a CUDA graph capture needs: the pass and the CuPy post-processing kernel (backends cupy,
-    and triton where CuPy runs) are sync-free; the torch reference post-processing is not."""
+def capture_safe(backend: str, device: torch.device, k: int, batch: int = 1) -> bool:
+    """Whether a tracked step of ``batch`` width-k matrices post-processed together on
+    ``backend`` makes no host synchronisation, as a CUDA graph capture needs: the pass and the
+    CuPy post-processing kernel (backends cupy, and triton where CuPy takes the batch) are
+    sync-free; the torch reference post-processing is not."""
     if device.type != "cuda" or backend == "cupy":
         return True
-    return backend == "triton" and _cupy_post_for_triton(device, k)
+    return backend == "triton" and _cupy_post_for_triton(device, k, batch)
 
 
 def _cupy_post_for_triton(device: torch.device, k: int, batch: int = 1) -> bool:

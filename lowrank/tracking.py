@@ -218,12 +218,14 @@ def absorb_group(trackers: list[MatrixTracker], sketches: list[SketchOut] | None
     absorb_groups([(trackers, sketches, batched, bases, packed, backend)])
 
 
-def absorb_groups(specs) -> None:
+def absorb_groups(specs, *, step=None) -> None:
     """:func:`absorb_group` of several groups, each ``(trackers, sketches, batched, bases,
     packed, backend)`` as its arguments (both-sided sketches). Groups of one backend, sketch
     width, basis dtype, device and step share one post-processing call
     (:func:`lowrank.backends.postprocess_many`): on the CuPy kernel one launch sequence for
-    every shape, which is what a model's step costs when its kernels are latency-bound."""
+    every shape, which is what a model's step costs when its kernels are latency-bound.
+    ``step``: the step that seeds every group's refill directions (a device scalar in a CUDA
+    graph: :mod:`lowrank.post_graphs`), instead of each group's own count."""
     prepared, calls = [], {}
     for trackers, sketches, batched, bases, packed, backend in specs:
         if batched is not None:
@@ -244,12 +246,13 @@ def absorb_groups(specs) -> None:
                       [refill_candidates((1, m, k), t.seed, 2 * t.step, dev) for t in trs]),
                   lambda trs=trackers, n=n, k=k, dev=dev: _cat(
                       [refill_candidates((1, n, k), t.seed, 2 * t.step + 1, dev) for t in trs]))
-        step = _seed_step(trackers[0])
+        step_g = _seed_step(trackers[0]) if step is None else step
         # the device counter after a capture (one tensor for the set), else the Python count
-        key = (backend, k, U.dtype, dev, id(step) if isinstance(step, torch.Tensor) else step)
+        key = (backend, k, U.dtype, dev,
+               id(step_g) if isinstance(step_g, torch.Tensor) else step_g)
         calls.setdefault(key, []).append(len(prepared))
         prepared.append(_Prepared(trackers, sk, packed, U, V, finite, all_finite,
-                                  (Y, Z, U, V, trackers[0].seed, refill), step))
+                                  (Y, Z, U, V, trackers[0].seed, refill), step_g))
     posts = [None] * len(prepared)
     for (backend, *_), idx in calls.items():
         outs = backends.postprocess_many([prepared[i].post_args for i in idx],

@@ -14,6 +14,7 @@ import fnmatch
 import torch
 
 from . import backends
+from .post_graphs import PostGraphs
 from .sketch import matrix_shape, sketch_torch
 from .tracking import (STATE_KEYS, MatrixTracker, SpectrumResult, absorb_group,
                        absorb_groups, absorb_sequential, batched_bases)
@@ -201,6 +202,8 @@ class TrackedSet:
             dev: torch.zeros((), dtype=torch.int64, device=dev)
             for dev in {p.device for p in self.params.values()}}
         self.captured = False
+        # The post-processing of eager GPU steps, replayed from CUDA graphs (finish_step).
+        self.post_graphs = PostGraphs()
 
     def pack(self) -> None:
         """Give the matrices that the "both" schedule updates and sketches together (same
@@ -439,7 +442,7 @@ class TrackedSet:
                 # a pack's own bases where the group is one, not a new concatenation: their
                 # addresses are in the CuPy kernel's problem table, which then stays the same
                 specs.append((trackers, sketches, None, self.bases(names), packed, key[4]))
-        if specs:
+        if specs and not self.post_graphs.run(specs):
             absorb_groups(specs)
         if sequential:
             # Z = W^T U_next comes from the weights after the update; each side is batched over

@@ -86,14 +86,20 @@ def test_trajectory_bitwise_equal_to_torch_sgd(opts, lr_kind, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("opts,lr_kind", [o for o in OPTIONS if o.values[1] == "float"])
 def test_list_update_bitwise_equal_to_torch_sgd(opts, lr_kind, dtype):
-    """sgd_update_torch_many (the foreach ops SpectralSGD uses for untracked parameters on the
-    CPU) against torch.optim.SGD(foreach=False), tensor by tensor, over STEPS steps: several
-    shapes, and a tensor whose gradient is missing for the first steps (its buffer starts
-    later, so a step mixes new and existing buffers, as a model with frozen layers does)."""
-    shapes = [(5,), (3, 4), (2, 3, 3), SHAPE]
+    """sgd_update_torch_many (the foreach ops SpectralSGD uses for untracked parameters)
+    against torch.optim.SGD(foreach=False), on the CPU (on CUDA: tests/test_eager_gpu.py)."""
+    check_list_update(opts, lr_kind, dtype, torch.device("cpu"))
+
+
+def check_list_update(opts, lr_kind, dtype, device, shapes=((5,), (3, 4), (2, 3, 3), SHAPE)):
+    """sgd_update_torch_many against torch.optim.SGD(foreach=False), tensor by tensor, over
+    STEPS steps on ``device``: several shapes, and a tensor whose gradient is missing for the
+    first steps (its buffer starts later, so a step mixes new and existing buffers, as a model
+    with frozen layers does)."""
     g = torch.Generator().manual_seed(7)
-    W0 = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
-    grads = [_grads(dtype, seed=10 + i, shape=s) for i, s in enumerate(shapes)]
+    W0 = [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
+    grads = [[t.to(device) for t in _grads(dtype, seed=10 + i, shape=s)]
+             for i, s in enumerate(shapes)]
     refs = [w.clone().requires_grad_(True) for w in W0]
     opt = torch.optim.SGD(refs, lr=_lr(lr_kind), foreach=False, **opts)
     Ws, bufs = [w.clone() for w in W0], [None] * len(shapes)
@@ -114,7 +120,7 @@ def test_list_update_bitwise_equal_to_torch_sgd(opts, lr_kind, dtype):
                 assert ref_buf is None and (bufs[i] is None or opts["momentum"] == 0)
             else:
                 assert torch.equal(bufs[i], ref_buf), f"buffer {i} differs at step {step}"
-    assert all(torch.equal(a, b) for i, s in enumerate(shapes)
+    assert all(torch.equal(a.cpu(), b) for i, s in enumerate(shapes)
                for a, b in zip(grads[i], _grads(dtype, seed=10 + i, shape=s)))
 
 
