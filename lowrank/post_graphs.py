@@ -133,13 +133,18 @@ class PostGraphs:
         """:func:`~lowrank.tracking.absorb_groups` of ``specs`` by a graph replay (capturing
         the graph first where its pattern comes again); False where it did nothing and the
         caller runs the groups eagerly."""
-        if not self.enabled or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if not self.enabled:
             return False
-        found = _pattern(specs)
-        if found is None:
+        found = _pattern(specs)  # CUDA tensors only: then a user's capture can be asked about
+        if found is None or torch.cuda.is_current_stream_capturing():
             return False
         key, inputs, trackers, step = found
-        if key not in self._graphs:
+        if key in self._graphs:
+            entry = self._graphs[key]
+            if entry is not None:
+                for t in trackers:  # what the eager commit counts on the host
+                    t._step += 1
+        else:
             seen = self._seen.get(key, 0)
             if (seen < WARMUP or len(self._graphs) >= MAX_GRAPHS
                     or torch.cuda.get_sync_debug_mode() != 0):
@@ -147,16 +152,9 @@ class PostGraphs:
                     self._seen.clear()
                 self._seen[key] = seen + 1
                 return False
-            self._graphs[key] = self._capture(specs, inputs, trackers, step)
-            entry = self._graphs[key]
-            if entry is None:
-                return False
-        else:
-            entry = self._graphs[key]
-            if entry is None:
-                return False
-            for t in trackers:  # what the eager commit counts on the host
-                t._step += 1
+            entry = self._graphs[key] = self._capture(specs, inputs, trackers, step)
+        if entry is None:  # its capture failed: eager
+            return False
         entry.load(inputs, step)
         entry.graph.replay()
         self.replays += 1

@@ -11,6 +11,7 @@ import torch
 
 from lowrank import SpectralSGD
 from lowrank.post_graphs import PostGraphs, _pattern
+from lowrank.sketch import sketch_torch
 
 
 def _opt(schedule="both"):
@@ -42,8 +43,6 @@ def test_pattern_refuses_cpu_specs():
     params, opt = _opt()
     ts = opt.tracked
     names = next(iter(ts._packs))
-    from lowrank.sketch import sketch_torch
-
     sk = sketch_torch(torch.stack([params[n].detach() for n in names]), *ts.bases(names))
     spec = ([ts.trackers[n] for n in names], None, sk, ts.bases(names), ts._packs[names], "torch")
     assert _pattern([spec]) is None
