@@ -3,7 +3,8 @@
 Inputs (all float64, leading batch dimension b):
     sigma   (b, k)  estimated top-k singular values, descending (lower bounds of the true ones)
     fro2    (b,)    exact squared Frobenius norm
-    shape   (m, n)  matrix shape, for the number of singular values N = min(m, n)
+    shape   (m, n)  matrix shape, for the number of singular values N = min(m, n): ints, or
+                    (b,) tensors on sigma's device for a batch of matrices of several shapes
 
 Each docstring says what is exact and what is estimated. "Exact" means computed from W itself
 (up to floating-point rounding); "estimated" means derived from the sketch estimates, which are
@@ -15,6 +16,15 @@ from __future__ import annotations
 import torch
 
 _TINY = 1e-300
+
+
+def _tail_count(shape, k: int):
+    """min(m, n) - k, the number of singular values beyond the k tracked: a float for one shape,
+    a float64 (b,) tensor where ``shape`` holds tensors (a batch of shapes)."""
+    m, n = shape
+    if isinstance(m, torch.Tensor) or isinstance(n, torch.Tensor):
+        return torch.minimum(torch.as_tensor(m), torch.as_tensor(n)).to(torch.float64) - k
+    return float(min(m, n) - k)
 
 
 def top_r(sigma: torch.Tensor, r: int) -> torch.Tensor:
@@ -65,13 +75,12 @@ def numerical_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape, tol: float = 
       censored  True where the true rank may exceed what k can see (upper > rank).
     The count assumes converged estimates (see ``convergence``).
     """
-    m, n = shape
     k = sigma.shape[-1]
     thresh = tol * sigma[..., :1]
     above = sigma > thresh
     rank = above.sum(-1)
     room = torch.floor(tail_energy(sigma, fro2) / thresh[..., 0].square().clamp_min(_TINY))
-    room = room.clamp(max=float(min(m, n) - k))
+    room = room.clamp(max=_tail_count(shape, k))
     # Only a full window (all k above the threshold) can hide more ranks beyond k.
     full = rank == k
     upper = torch.where(full, rank + room.to(rank.dtype), rank)
@@ -106,13 +115,13 @@ def effective_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape):
     When k = min(m, n) there is no tail and all three are equal (up to the sigma estimates).
     All three are 0 for a zero matrix.
     """
-    m, n = shape
-    k = sigma.shape[-1]
-    rest = float(min(m, n) - k)
+    rest = _tail_count(shape, sigma.shape[-1])
     T = tail_energy(sigma, fro2)
-    if rest <= 0:
-        e = _entropy_rank(sigma, torch.zeros_like(T), torch.zeros_like(T))
-        return e, e, e
+    batch = isinstance(rest, torch.Tensor)  # several shapes: some rows may have no tail
+    if batch or rest <= 0:
+        no_tail = _entropy_rank(sigma, torch.zeros_like(T), torch.zeros_like(T))
+        if not batch:
+            return no_tail, no_tail, no_tail
     # Why these are the extremes: with the head fixed, H is optimised over tails t >= 0 with
     # sum t^2 = T and t <= sigma_k. At a stationary point every tail value strictly inside
     # (0, sigma_k) solves log t + c t = const, so it takes at most two distinct values; and
@@ -135,9 +144,14 @@ def effective_rank(sigma: torch.Tensor, fro2: torch.Tensor, shape):
     lower = _entropy_rank(head_plus, sk, c)
     # Spread tail: every remaining value equal.
     spread_val = (T / rest).sqrt()
-    upper = _entropy_rank(sigma, spread_val, torch.full_like(T, rest))
+    upper = _entropy_rank(sigma, spread_val,
+                          rest.expand_as(T) if batch else torch.full_like(T, rest))
     lo, hi = torch.minimum(lower, upper), torch.maximum(lower, upper)
-    return (lo * hi).sqrt(), lo, hi
+    est = (lo * hi).sqrt()
+    if batch:  # the rows without a tail take no_tail (their tail terms divided by rest = 0)
+        tail = rest > 0
+        est, lo, hi = (torch.where(tail, x, no_tail) for x in (est, lo, hi))
+    return est, lo, hi
 
 
 def subspace_drift(overlap: torch.Tensor, r: int) -> torch.Tensor:

@@ -40,7 +40,9 @@ class _PartWriter:
     def __init__(self, run_dir: Path, flush_every: int, tensorboard: bool):
         self.run_dir = run_dir
         self.flush_every = flush_every
-        self.buffer: list[tuple[int, str, tuple, dict]] = []
+        # Blocks (step, names, shapes, metrics): each metric holds one value per name, the
+        # rows (dim 0) of a tensor or the items of a list.
+        self.buffer: list[tuple[int, tuple, tuple, dict]] = []
         self.steps_buffered = 0
         # Continue after the highest existing part (a resumed run must not overwrite one).
         taken = [int(p.stem.split("-")[1]) for p in (run_dir / LOG_SUBDIR).glob("part-*.parquet")
@@ -64,15 +66,15 @@ class _PartWriter:
             for key in metrics:
                 if key not in keys:
                     keys.append(key)
-        host = _to_host([metrics for _, _, _, metrics in self.buffer], keys)
-        for (step, name, shape, _), values in zip(self.buffer, host):
-            columns["step"].append(step)
-            columns["name"].append(name)
-            columns["shape"].append(f"{shape[0]}x{shape[1]}")
-            columns["m"].append(shape[0])
-            columns["n"].append(shape[1])
-            for key in keys:
-                columns.setdefault(key, []).append(values.get(key))
+        for step, names, shapes, _ in self.buffer:
+            for name, shape in zip(names, shapes):
+                columns["step"].append(step)
+                columns["name"].append(name)
+                columns["shape"].append(f"{shape[0]}x{shape[1]}")
+                columns["m"].append(shape[0])
+                columns["n"].append(shape[1])
+        columns.update(_to_host([(metrics, len(names)) for _, names, _, metrics in self.buffer],
+                                keys))
         table = pa.table(columns)
         final = self.run_dir / LOG_SUBDIR / f"part-{self.part:05d}.parquet"
         tmp = final.with_name("." + final.name + ".tmp")  # dot-files are ignored by readers
@@ -140,11 +142,38 @@ class RunLog:
 
     def record(self, step: int, metrics_by_name: dict[str, dict], shapes: dict[str, tuple]) -> None:
         """Buffer one step's metrics (device tensors of shape (1, ...) or numbers); no sync."""
+        blocks = []
+        for name, metrics in metrics_by_name.items():
+            rows = {}
+            for key, value in metrics.items():
+                if not isinstance(value, torch.Tensor):
+                    rows[key] = [value]
+                elif value.dim() and value.shape[0] == 1:
+                    rows[key] = value
+                else:  # a 0-d value, or one whose leading size is not 1: one row holds it all
+                    rows[key] = value.unsqueeze(0)
+            blocks.append(((name,), (tuple(shapes[name]),), rows))
+        self.record_blocks(step, blocks)
+
+    def record_blocks(self, step: int, blocks) -> None:
+        """Buffer one step's metrics of several matrices at once; no sync. ``blocks``: a list of
+        (names, shapes, metrics), where each metric holds one value per name in order: a device
+        tensor whose rows (dim 0) are the values, or a list. The batched metrics of
+        ``SpectralSGD`` and ``SpectrumTracker`` come this way, without a tensor per matrix."""
         w = self._writer
         if w.closed:
             raise RuntimeError("RunLog is closed")
-        for name, metrics in metrics_by_name.items():
-            w.buffer.append((int(step), name, tuple(shapes[name]), metrics))
+        for names, shapes, metrics in blocks:
+            names, shapes = tuple(names), tuple(tuple(s) for s in shapes)
+            for key, value in metrics.items():
+                if isinstance(value, torch.Tensor):
+                    count = value.shape[0] if value.dim() else None
+                else:
+                    count = len(value)
+                if count != len(names):
+                    raise ValueError(f"metric {key!r} holds {count} values for {len(names)} "
+                                     "matrices")
+            w.buffer.append((int(step), names, shapes, metrics))
         w.steps_buffered += 1
         if w.steps_buffered >= self.flush_every:
             w.flush()
@@ -168,29 +197,40 @@ class RunLog:
         self.close()
 
 
-def _to_host(rows: list[dict], keys: list[str]) -> list[dict]:
-    """All buffered device tensors to Python values with one transfer per metric."""
-    out = [dict() for _ in rows]
+def _to_host(blocks: list[tuple[dict, int]], keys: list[str]) -> dict[str, list]:
+    """Each key's values for every row of ``blocks`` [(metrics, rows)], in row order (None where a
+    block lacks the key), as Python values: the device tensors with one transfer per key."""
+    total = sum(count for _, count in blocks)
+    out = {}
     for key in keys:
-        idx = [i for i, r in enumerate(rows) if key in r]
-        tensors = [rows[i][key] for i in idx]
-        if all(isinstance(t, torch.Tensor) for t in tensors):
-            squeezed = [t.reshape(t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
-                        for t in tensors]
-            if len({tuple(t.shape) for t in squeezed}) == 1:
-                values = torch.stack(squeezed).cpu().tolist()
+        column = [None] * total
+        tensors, starts, start = [], [], 0
+        for metrics, count in blocks:
+            value = metrics.get(key)
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                starts.append(start)
+            elif value is not None:
+                column[start:start + count] = list(value)
+            start += count
+        if tensors:
+            if len({tuple(t.shape[1:]) for t in tensors}) == 1:
+                values = torch.cat(tensors).cpu().tolist()
             else:
                 # Ragged (e.g. sigma of matrices tracked with different ranks): one flat copy,
-                # split back on the host into lists of their own lengths.
-                flat = torch.cat([t.reshape(-1) for t in squeezed]).cpu().tolist()
-                values, start = [], 0
-                for t in squeezed:
-                    values.append(flat[start:start + t.numel()] if t.dim() else flat[start])
-                    start += t.numel()
-        else:
-            values = [t.item() if isinstance(t, torch.Tensor) else t for t in tensors]
-        for i, v in zip(idx, values):
-            out[i][key] = v
+                # split back on the host into each row's list.
+                flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().tolist()
+                values, at = [], 0
+                for t in tensors:
+                    size = t[0].numel()
+                    for _ in range(t.shape[0]):
+                        values.append(flat[at:at + size] if t.dim() > 1 else flat[at])
+                        at += size
+            at = 0
+            for t, begin in zip(tensors, starts):
+                column[begin:begin + t.shape[0]] = values[at:at + t.shape[0]]
+                at += t.shape[0]
+        out[key] = column
     return out
 
 

@@ -13,7 +13,7 @@ import fnmatch
 
 import torch
 
-from . import backends
+from . import backends, batched_metrics
 from .post_graphs import PostGraphs
 from .sketch import matrix_shape, sketch_torch
 from .tracking import (STATE_KEYS, MatrixTracker, SpectrumResult, absorb_group,
@@ -193,6 +193,7 @@ class TrackedSet:
                 self.grad_trackers[name] = MatrixTracker(name + "#grad", (m, n), k, seed=seed,
                                                          device=p.device, basis_dtype=basis_dtype)
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
+        self._metric_plans: dict[tuple, list] = {}  # after_step's batches, see _metric_plan
         self._packs: dict[tuple, dict] = {}
         self.pack()
         self._own_state_in_place()
@@ -522,25 +523,48 @@ class TrackedSet:
     def after_step(self, step: int, names) -> None:
         """Hand the metrics of the matrices tracked this step to the log (no host sync).
 
-        Every row has the same columns for the whole run (Parquet readers take the schema of
-        the first part file): ``audit_max_rel_err`` is NaN on steps without an audit, and with
-        ``track_grad`` the gradient columns are NaN for a matrix that had no gradient this step.
+        The metrics are computed in a few batches (:mod:`lowrank.batched_metrics`), not per
+        matrix. Every row has the same columns for the whole run (Parquet readers take the
+        schema of the first part file): ``audit_max_rel_err`` is NaN on steps without an audit,
+        and with ``track_grad`` the gradient columns are NaN for a matrix that had no gradient
+        this step.
         """
         fresh, self._grad_fresh = self._grad_fresh, set()
         if self.log is None:
             return
-        rows = {}
-        for name in names:
-            tr = self.trackers[name]
-            metrics = tr.metrics(self.rank, self.rank_tol)
+        names = list(names)
+        trackers = [self.trackers[name] for name in names]
+        blocks = []
+        for block in self._metric_plan(names, trackers):
+            rows = [names[i] for i in block.rows]
+            values = batched_metrics.block_metrics(trackers, block, self.rank, self.rank_tol)
             if self.audit_every:
-                audit = self.audits.get(name)
-                metrics["audit_max_rel_err"] = (audit["audit_max_rel_err"] if audit is not None
-                                                and audit["audit_step"] == tr.step else _NAN)
+                values["audit_max_rel_err"] = [self._audit_err(name) for name in rows]
             if self.track_grad:
-                metrics.update(self._grad_row(name, name in fresh))
-            rows[name] = metrics
-        self.log.record(step, rows, {n: self.trackers[n].shape for n in names})
+                grad = [self._grad_row(name, name in fresh) for name in rows]
+                for key in grad[0]:
+                    values[key] = torch.cat([g[key] for g in grad])
+            blocks.append((rows, [self.trackers[name].shape for name in rows], values))
+        self.log.record_blocks(step, blocks)
+
+    def _metric_plan(self, names: list[str], trackers) -> list:
+        """The blocks of :func:`lowrank.batched_metrics.plan` for these trackers, kept while
+        the same names come with the same histories (a run's steps after its second)."""
+        histories = tuple(batched_metrics.history(tr) for tr in trackers)
+        key = (tuple(names), histories)
+        plan = self._metric_plans.get(key)
+        if plan is None:
+            if len(self._metric_plans) >= 8:  # e.g. changing subsets of names: keep a few
+                self._metric_plans.clear()
+            plan = self._metric_plans[key] = batched_metrics.plan(trackers, histories)
+        return plan
+
+    def _audit_err(self, name: str) -> float:
+        """The latest audit's error where it audited this step, else NaN."""
+        audit = self.audits.get(name)
+        if audit is not None and audit["audit_step"] == self.trackers[name].step:
+            return audit["audit_max_rel_err"]
+        return _NAN
 
     def _grad_row(self, name: str, fresh: bool) -> dict[str, torch.Tensor]:
         g = self.grad_trackers[name].metrics(self.rank, self.rank_tol)

@@ -303,3 +303,31 @@ def test_metrics_are_batched():
                                 fro2[i:i + 1], None, None, (N, N), 3)
         for key in out:
             torch.testing.assert_close(out[key][i], one[key][0], rtol=1e-15, atol=0, msg=key)
+
+
+def test_metrics_take_a_shape_per_row():
+    """Shapes given as (b,) tensors (the run log's batches of matrices of several shapes) give
+    each row exactly what its own shape gives: rows with and without a tail beyond k, exact
+    low rank and a zero matrix among them."""
+    k = 5
+    shapes = [(20, 30), (5, 9), (40, 5), (7, 7), (12, 6), (9, 50)]
+    rows = []
+    for i, (m, n) in enumerate(shapes):
+        s = _random_spectrum(KINDS[i % len(KINDS)], min(m, n), seed=i)
+        rows.append((s[:k], s.square().sum()))
+    rows.append((torch.zeros(k, dtype=F64), torch.zeros((), dtype=F64)))  # a zero matrix
+    shapes.append((8, 11))
+    sigma = torch.stack([s for s, _ in rows])
+    fro2 = torch.stack([f for _, f in rows])
+    prev = sigma * 0.99
+    overlap = torch.eye(k, dtype=F64).expand(len(rows), k, k).contiguous()
+    per_row = (torch.tensor([float(m) for m, _ in shapes], dtype=F64),
+               torch.tensor([float(n) for _, n in shapes], dtype=F64))
+    out = metrics.summarize(sigma, sigma, prev, prev, fro2, None, overlap, per_row, 3)
+    assert bool((out["effective_rank_upper"] > out["effective_rank_lower"]).any())  # tails seen
+    for i, shape in enumerate(shapes):
+        one = metrics.summarize(sigma[i:i + 1], sigma[i:i + 1], prev[i:i + 1], prev[i:i + 1],
+                                fro2[i:i + 1], None, overlap[i:i + 1], shape, 3)
+        assert out.keys() == one.keys()
+        for key in out:
+            torch.testing.assert_close(out[key][i], one[key][0], rtol=0, atol=0, msg=key)

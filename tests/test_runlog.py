@@ -322,3 +322,65 @@ def test_ragged_sigma_rows_keep_their_lengths(tmp_path):
     assert list(df.loc["small", "sigma"]) == [3.0, 2.0]
     assert list(df.loc["big", "sigma"]) == [5.0, 4.0, 1.0]
     assert df.loc["big", "fro_norm"] == 7.0
+
+
+class _Mixed(nn.Module):
+    """Matrices of several shapes and sketch widths (rank 3: k = min(6, m, n)): two of m = 12,
+    one with no tail beyond k (6 x 12: k = 6 = min), one of width 4 (12 x 4), a conv kernel."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Linear(20, 12, bias=False)
+        self.b = nn.Linear(12, 12)
+        self.c = nn.Linear(12, 6, bias=False)
+        self.d = nn.Linear(4, 12, bias=False)
+        self.conv = nn.Conv2d(3, 8, 3)
+
+
+def test_logged_rows_are_each_trackers_own_metrics_across_shapes(tmp_path):
+    """after_step computes the metrics in batches over matrices of several shapes; each row
+    must be the tracker's own metrics() of that step, bit for bit, before and after the step
+    from which the previous estimates are read."""
+    model = _Mixed()
+    expected = {}
+    with RunLog(tmp_path, flush_every=3) as log:
+        opt = SpectralSGD(model.named_parameters(), lr=0.05, momentum=0.9, rank=3, log=log)
+        widths = {name: tr.k for name, tr in opt.tracked.trackers.items()}
+        assert widths == {"a.weight": 6, "b.weight": 6, "c.weight": 6, "d.weight": 4,
+                          "conv.weight": 6}
+        for step in range(5):
+            set_grads(model, step)
+            opt.step()
+            for name, tr in opt.tracked.trackers.items():
+                expected[step, name] = {key: value[0].tolist()
+                                        for key, value in tr.metrics(3).items()}
+    df = load_log(tmp_path)
+    assert len(df) == 5 * 5
+    for _, row in df.iterrows():
+        want = expected[row["step"], row["name"]]
+        for key, value in want.items():
+            got = row[key].tolist() if key == "sigma" else row[key]
+            assert got == value, (row["step"], row["name"], key)
+
+
+def test_record_blocks_holds_one_value_per_name(tmp_path):
+    log = RunLog(tmp_path, flush_every=10)
+    with pytest.raises(ValueError, match="holds 1 values for 2 matrices"):
+        log.record_blocks(0, [(["x", "y"], [(2, 3), (4, 5)], {"fro_norm": torch.ones(1)})])
+    with pytest.raises(ValueError, match="holds None values"):
+        log.record_blocks(0, [(["x"], [(2, 3)], {"fro_norm": torch.tensor(1.0)})])
+    log.record_blocks(0, [(["x", "y"], [(2, 3), (4, 5)],
+                           {"sigma": torch.tensor([[3.0, 1.0], [5.0, 2.0]]),
+                            "fro_norm": torch.tensor([4.0, 6.0]), "note": [1.5, float("nan")]}),
+                          (["z"], [(7, 7)], {"sigma": torch.tensor([[9.0, 8.0]]),
+                                             "fro_norm": torch.tensor([10.0])})])
+    log.record(1, {"x": {"sigma": torch.tensor([[2.0, 0.5]]), "fro_norm": torch.tensor(3.0)}},
+               {"x": (2, 3)})
+    log.close()
+    df = load_log(tmp_path)
+    assert list(zip(df["step"], df["name"], df["shape"])) == [
+        (0, "x", "2x3"), (0, "y", "4x5"), (0, "z", "7x7"), (1, "x", "2x3")]
+    assert [list(s) for s in df["sigma"]] == [[3.0, 1.0], [5.0, 2.0], [9.0, 8.0], [2.0, 0.5]]
+    assert df["fro_norm"].tolist() == [4.0, 6.0, 10.0, 3.0]
+    assert df["note"].iloc[0] == 1.5 and df["note"].iloc[1:].isna().all()
