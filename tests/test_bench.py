@@ -202,6 +202,15 @@ def test_breakdown_rows():
     assert all(r["workload"] == "breakdown" and set(r) <= set(results.COLUMNS) for r in rows)
 
 
+def test_log_cost_times_the_step_with_and_without_a_log():
+    from bench.log_cost import measure
+
+    out = measure("gpt2-tiny", torch.device("cpu"), "auto", rounds=3, log=lambda *a: None)
+    assert list(out) == ["torch.optim.SGD", "SpectralSGD", "SpectralSGD + RunLog"]
+    for times in out.values():
+        assert 0 < times["p20_ms"] <= times["median_ms"] <= times["p80_ms"]
+
+
 def test_full_gpu_suite_runs_in_parts_by_workload_or_group_id():
     """Every group of the full GPU suite is picked by exactly one of the parts the GPU check
     documents (bench/README.md), and group ids select what workload names cannot."""
