@@ -23,8 +23,8 @@ test: $(STAMP)
 
 # On the GPU machine, from a source checkout (no network): every GPU check, test and benchmark
 # into one folder. Where one command may run 10 minutes at most, run the parts one per command:
-#   make gpu-check GPU_OUT=$OUT/smoke PARTS=smoke   (then tests, kernels, postprocess, suite)
+#   make gpu-check GPU_OUT=$OUT/smoke PARTS=smoke   (then tests, kernels, postprocess, suite, logcost)
 GPU_OUT ?= bench/results/gpu-$(shell date +%Y%m%d-%H%M%S)
-PARTS ?= smoke,tests,kernels,postprocess,suite
+PARTS ?= smoke,tests,kernels,postprocess,suite,logcost
 gpu-check:
 	python3 -m bench.gpu_check --out $(GPU_OUT) --parts $(PARTS)

@@ -66,7 +66,7 @@ COLUMNS = ["op", "provider", "m", "n", "k", "dtype", "momentum", "median_ms", "p
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 16384)]
 KS = [0, 8, 16, 32, 64]
 MOMENTA = [0.0, 0.9]
-PARTS = ("smoke", "tests", "kernels", "postprocess", "suite")
+PARTS = ("smoke", "tests", "kernels", "postprocess", "suite", "logcost")
 GPU_TEST_FILES = ("tests/test_triton_gpu.py", "tests/test_cupy_gpu.py", "tests/test_eager_gpu.py")
 DEV = "cuda"  # a module constant so the pipeline can be smoke-tested on the CPU interpreter
 LR = 1e-6  # tiny: W is updated in place by every timed run and must stay finite and O(1)
@@ -94,7 +94,7 @@ def parse_args(argv=None):
                    help=f"comma-separated parts to run, in order (default: all: {','.join(PARTS)})")
     p.add_argument("--skip-tests", action="store_true", help="leave out the tests part")
     p.add_argument("--skip-bench", action="store_true",
-                   help="leave out the kernels, postprocess and suite parts")
+                   help="leave out the kernels, postprocess, suite and logcost parts")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="end-to-end suite of the suite part (default quick; full takes > 10 min)")
     p.add_argument("--workloads", default="",
@@ -116,7 +116,7 @@ def parse_args(argv=None):
     if args.skip_tests:
         parts = [x for x in parts if x != "tests"]
     if args.skip_bench:
-        parts = [x for x in parts if x not in ("kernels", "postprocess", "suite")]
+        parts = [x for x in parts if x not in ("kernels", "postprocess", "suite", "logcost")]
     args.parts = parts
     return args
 
@@ -627,6 +627,25 @@ def _run_postprocess_bench(out: Path) -> None:
     run(out)
 
 
+def _run_log_cost(out: Path, workloads=("mlp", "gpt2", "resnet"), rounds: int = 200) -> None:
+    """bench.log_cost on the GPU (default backend): the models' steps with and without a
+    RunLog, into DIR/log_cost.json and DIR/log_cost.txt."""
+    import torch
+
+    from bench import env, log_cost
+
+    device = torch.device(DEV)
+    lines, found = [], {"info": env.run_info(device)}
+
+    def say(line):
+        print(line, flush=True)
+        lines.append(line)
+    for name in workloads:
+        found[name] = log_cost.measure(name, device, "auto", rounds, log=say)
+    (out / "log_cost.json").write_text(json.dumps(found, indent=2, default=str) + "\n")
+    (out / "log_cost.txt").write_text("\n".join(lines) + "\n")
+
+
 def _run_end_to_end_suite(out: Path, suite: str, workloads: str = "") -> None:
     from bench import report, results, suites
 
@@ -805,6 +824,7 @@ def main(argv=None) -> int:
         "kernels": lambda: run_benchmarks(out, args.quick, sweep=not args.no_sweep),
         "postprocess": lambda: _run_postprocess_bench(out),
         "suite": lambda: _run_end_to_end_suite(out, args.suite, args.workloads),
+        "logcost": lambda: _run_log_cost(out),
     }
     for part in args.parts:
         print(f"bench.gpu_check: part {part}", flush=True)

@@ -73,3 +73,13 @@ def test_fused_check_passes_the_reference_and_fails_a_wrong_kernel(monkeypatch):
     werr, ey, ez = gpu_check.fused_errors(halves_z, 40, 30, 4, 0.0)
     assert werr == 0.0 and ey == 0.0 and abs(ez - 0.5) < 1e-6
     assert gpu_check._check_fused(halves_z, 40, 30, 4, 0.0).startswith("FAILED ")
+
+
+def test_logcost_part_writes_its_rows(tmp_path, monkeypatch):
+    # The part as the GPU machine runs it, on the CPU and a tiny model.
+    monkeypatch.setattr(gpu_check, "DEV", "cpu")
+    gpu_check._run_log_cost(tmp_path, workloads=("gpt2-tiny",), rounds=3)
+    found = json.loads((tmp_path / "log_cost.json").read_text())
+    assert found["info"]["device_type"] == "cpu"
+    assert set(found["gpt2-tiny"]) == {"torch.optim.SGD", "SpectralSGD", "SpectralSGD + RunLog"}
+    assert "SpectralSGD + RunLog" in (tmp_path / "log_cost.txt").read_text()
