@@ -3,8 +3,11 @@
 :meth:`MatrixTracker.metrics` runs some sixty small tensor ops per matrix; logged every step
 for a network's twenty matrices, that was two to three times the whole step on a CPU (and as
 many launches on a GPU). The metrics of :mod:`lowrank.metrics` are batched over a leading
-dimension already, and take per-row shapes, so here the trackers of one sketch width, device
-and history are stacked and summarised once: a :class:`Block` per such group.
+dimension already, and take per-row shapes, so the trackers of one sketch width, device and
+history form a :class:`Block`, summarised as one batch. The log goes further
+(:class:`Deferred`): each step it keeps a copy of the state a block's metrics read (a few
+stacks), and when it flushes it computes the metrics of every buffered step of the block in
+one batch.
 
 Every op is elementwise or reduces within a row, so a row's values are those of the tracker's
 own :meth:`~lowrank.tracking.MatrixTracker.metrics`, bit for bit on the CPU (tested; a GPU's
@@ -54,29 +57,78 @@ def plan(trackers, histories) -> list[Block]:
     return blocks
 
 
-def block_metrics(trackers, block: Block, r: int, tol: float) -> dict[str, torch.Tensor]:
-    """The metrics of ``block``'s trackers as (len(block.rows), ...) tensors, rows in block
-    order: those of :meth:`MatrixTracker.metrics` (whose checks of r each tracker has passed
-    when it was made), each tensor its own memory."""
+def snapshot(trackers, block: Block) -> dict:
+    """Copies of the state that ``block``'s metrics read, stacked in block order (the state of
+    static trackers changes in place): the metrics can be computed later, from the copies."""
     trs = [trackers[i] for i in block.rows]
-
-    def stack(key):
-        return torch.cat([getattr(tr, key) for tr in trs])
-
-    sigma, fro2 = stack("sigma"), stack("fro2")
-    prev, overlap = (stack("sigma_prev"), stack("overlap_u")) if block.history else (None, None)
-    out = metrics.summarize(sigma, stack("sigma_y"), stack("sigma_z"), prev, fro2, None, overlap,
-                            block.shape, r, tol)
-    if "subspace_drift" not in out:
-        out["subspace_drift"] = torch.ones_like(fro2)
-    near_zero, start = [], 0
-    for run in block.m_runs:
-        near_zero.append(metrics.near_zero_rows(
-            torch.cat([tr.row_sq for tr in trs[start:start + run]])))
+    keys = ("sigma", "sigma_y", "sigma_z", "fro2", "nonfinite")
+    keys += ("sigma_prev", "overlap_u") if block.history else ()
+    out = {key: torch.cat([getattr(tr, key) for tr in trs]) for key in keys}
+    runs, start = [], 0
+    for run in block.m_runs:  # row norms: one stack per run of equal m
+        runs.append(torch.cat([tr.row_sq for tr in trs[start:start + run]]))
         start += run
-    out["near_zero_rows"] = near_zero[0] if len(near_zero) == 1 else torch.cat(near_zero)
-    out["nonfinite"] = stack("nonfinite")
+    out["row_sq_runs"] = runs
     return out
 
 
-__all__ = ["Block", "block_metrics", "history", "plan"]
+def snapshot_metrics(block: Block, snaps: list[dict], r: int, tol: float) -> dict:
+    """The metrics of ``block``'s trackers at the steps of ``snaps`` (:func:`snapshot`), in one
+    batch: (len(snaps) * len(block.rows), ...) tensors, step by step, block order within a step.
+    Each row is what :meth:`MatrixTracker.metrics` gave at that step (whose checks of r each
+    tracker passed when it was made)."""
+    def cat(key):
+        return snaps[0][key] if len(snaps) == 1 else torch.cat([s[key] for s in snaps])
+
+    steps = len(snaps)
+    shape = tuple(d.repeat(steps) for d in block.shape)
+    sigma, fro2 = cat("sigma"), cat("fro2")
+    prev, overlap = (cat("sigma_prev"), cat("overlap_u")) if block.history else (None, None)
+    out = metrics.summarize(sigma, cat("sigma_y"), cat("sigma_z"), prev, fro2, None, overlap,
+                            shape, r, tol)
+    if "subspace_drift" not in out:
+        out["subspace_drift"] = torch.ones_like(fro2)
+    # near-zero rows per run of equal m over all steps, then back to step-major order
+    near_zero = [metrics.near_zero_rows(torch.cat([s["row_sq_runs"][j] for s in snaps]))
+                 .view(steps, -1) for j in range(len(block.m_runs))]
+    out["near_zero_rows"] = (near_zero[0] if len(near_zero) == 1
+                             else torch.cat(near_zero, dim=1)).reshape(-1)
+    out["nonfinite"] = cat("nonfinite")
+    return out
+
+
+def block_metrics(trackers, block: Block, r: int, tol: float) -> dict[str, torch.Tensor]:
+    """The metrics of ``block``'s trackers now, as (len(block.rows), ...) tensors in block
+    order, each its own memory."""
+    return snapshot_metrics(block, [snapshot(trackers, block)], r, tol)
+
+
+class Deferred:
+    """One step's metrics of a block as the run log buffers them (:meth:`lowrank.RunLog.
+    record_blocks`): the state copied at the step, the metrics computed when the log flushes,
+    for all buffered steps of a block in one batch (:meth:`resolve`). ``extra``: per-row values
+    computed at the step (an audit's error, the gradient's metrics), added after the metrics."""
+
+    def __init__(self, trackers, block: Block, r: int, tol: float, extra: dict):
+        self.block, self.r, self.tol, self.extra = block, r, tol, extra
+        self.state = snapshot(trackers, block)
+        self.count = len(block.rows)
+
+    @property
+    def group(self) -> tuple:
+        """Items with equal groups are resolved in one batch: the same block (kept alive by
+        each item), rank and tolerance."""
+        return (id(self.block), self.r, self.tol)
+
+    @staticmethod
+    def resolve(items: list[Deferred]) -> list[dict]:
+        """The metrics of ``items`` (one group), one dict of (count, ...) values per item."""
+        first = items[0]
+        out = snapshot_metrics(first.block, [it.state for it in items], first.r, first.tol)
+        count = first.count
+        return [{**{key: value[i * count:(i + 1) * count] for key, value in out.items()},
+                 **it.extra} for i, it in enumerate(items)]
+
+
+__all__ = ["Block", "Deferred", "block_metrics", "history", "plan", "snapshot",
+           "snapshot_metrics"]

@@ -41,7 +41,8 @@ class _PartWriter:
         self.run_dir = run_dir
         self.flush_every = flush_every
         # Blocks (step, names, shapes, metrics): each metric holds one value per name, the
-        # rows (dim 0) of a tensor or the items of a list.
+        # rows (dim 0) of a tensor or the items of a list; or metrics still to be computed
+        # (see RunLog.record_blocks), resolved at the flush.
         self.buffer: list[tuple[int, tuple, tuple, dict]] = []
         self.steps_buffered = 0
         # Continue after the highest existing part (a resumed run must not overwrite one).
@@ -61,8 +62,9 @@ class _PartWriter:
         import pyarrow.parquet as pq
 
         columns: dict[str, list] = {"step": [], "name": [], "shape": [], "m": [], "n": []}
+        resolved = _resolve([metrics for _, _, _, metrics in self.buffer])
         keys = []
-        for _, _, _, metrics in self.buffer:
+        for metrics in resolved:
             for key in metrics:
                 if key not in keys:
                     keys.append(key)
@@ -73,8 +75,8 @@ class _PartWriter:
                 columns["shape"].append(f"{shape[0]}x{shape[1]}")
                 columns["m"].append(shape[0])
                 columns["n"].append(shape[1])
-        columns.update(_to_host([(metrics, len(names)) for _, names, _, metrics in self.buffer],
-                                keys))
+        columns.update(_to_host([(metrics, len(names)) for (_, names, _, _), metrics
+                                 in zip(self.buffer, resolved)], keys))
         table = pa.table(columns)
         final = self.run_dir / LOG_SUBDIR / f"part-{self.part:05d}.parquet"
         tmp = final.with_name("." + final.name + ".tmp")  # dot-files are ignored by readers
@@ -158,13 +160,25 @@ class RunLog:
     def record_blocks(self, step: int, blocks) -> None:
         """Buffer one step's metrics of several matrices at once; no sync. ``blocks``: a list of
         (names, shapes, metrics), where each metric holds one value per name in order: a device
-        tensor whose rows (dim 0) are the values, or a list. The batched metrics of
-        ``SpectralSGD`` and ``SpectrumTracker`` come this way, without a tensor per matrix."""
+        tensor whose rows (dim 0) are the values, or a list.
+
+        ``metrics`` may also be an object that computes them when the log flushes: with
+        ``count`` (the number of names), ``group`` (hashable) and ``resolve(items)``, which
+        takes the buffered objects of one group and returns their metrics dicts in order.
+        ``SpectralSGD`` and ``SpectrumTracker`` log that way
+        (:class:`lowrank.batched_metrics.Deferred`): a copy of the state per step, the metrics
+        of all buffered steps in one batch."""
         w = self._writer
         if w.closed:
             raise RuntimeError("RunLog is closed")
         for names, shapes, metrics in blocks:
             names, shapes = tuple(names), tuple(tuple(s) for s in shapes)
+            if not isinstance(metrics, dict):
+                if metrics.count != len(names):
+                    raise ValueError(f"deferred metrics of {metrics.count} matrices for "
+                                     f"{len(names)} names")
+                w.buffer.append((int(step), names, shapes, metrics))
+                continue
             for key, value in metrics.items():
                 if isinstance(value, torch.Tensor):
                     count = value.shape[0] if value.dim() else None
@@ -195,6 +209,20 @@ class RunLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _resolve(buffered: list) -> list[dict]:
+    """The buffered metrics as dicts: deferred ones computed, one ``resolve`` call per group."""
+    out = list(buffered)
+    groups: dict[tuple, list[int]] = {}
+    for i, metrics in enumerate(out):
+        if not isinstance(metrics, dict):
+            groups.setdefault((type(metrics), metrics.group), []).append(i)
+    for idx in groups.values():
+        items = [out[i] for i in idx]
+        for i, metrics in zip(idx, type(items[0]).resolve(items)):
+            out[i] = metrics
+    return out
 
 
 def _to_host(blocks: list[tuple[dict, int]], keys: list[str]) -> dict[str, list]:

@@ -523,8 +523,8 @@ class TrackedSet:
     def after_step(self, step: int, names) -> None:
         """Hand the metrics of the matrices tracked this step to the log (no host sync).
 
-        The metrics are computed in a few batches (:mod:`lowrank.batched_metrics`), not per
-        matrix. Every row has the same columns for the whole run (Parquet readers take the
+        The log gets a copy of the state per step and computes the metrics when it flushes,
+        in a few batches for all buffered steps (:mod:`lowrank.batched_metrics`). Every row has the same columns for the whole run (Parquet readers take the
         schema of the first part file): ``audit_max_rel_err`` is NaN on steps without an audit,
         and with ``track_grad`` the gradient columns are NaN for a matrix that had no gradient
         this step.
@@ -537,13 +537,14 @@ class TrackedSet:
         blocks = []
         for block in self._metric_plan(names, trackers):
             rows = [names[i] for i in block.rows]
-            values = batched_metrics.block_metrics(trackers, block, self.rank, self.rank_tol)
+            extra = {}
             if self.audit_every:
-                values["audit_max_rel_err"] = [self._audit_err(name) for name in rows]
+                extra["audit_max_rel_err"] = [self._audit_err(name) for name in rows]
             if self.track_grad:
                 grad = [self._grad_row(name, name in fresh) for name in rows]
                 for key in grad[0]:
-                    values[key] = torch.cat([g[key] for g in grad])
+                    extra[key] = torch.cat([g[key] for g in grad])
+            values = batched_metrics.Deferred(trackers, block, self.rank, self.rank_tol, extra)
             blocks.append((rows, [self.trackers[name].shape for name in rows], values))
         self.log.record_blocks(step, blocks)
 

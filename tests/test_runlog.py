@@ -370,6 +370,11 @@ def test_record_blocks_holds_one_value_per_name(tmp_path):
         log.record_blocks(0, [(["x", "y"], [(2, 3), (4, 5)], {"fro_norm": torch.ones(1)})])
     with pytest.raises(ValueError, match="holds None values"):
         log.record_blocks(0, [(["x"], [(2, 3)], {"fro_norm": torch.tensor(1.0)})])
+
+    class TwoRows:  # metrics computed at the flush, for two matrices
+        count, group = 2, "g"
+    with pytest.raises(ValueError, match="deferred metrics of 2 matrices for 1 names"):
+        log.record_blocks(0, [(["x"], [(2, 3)], TwoRows())])
     log.record_blocks(0, [(["x", "y"], [(2, 3), (4, 5)],
                            {"sigma": torch.tensor([[3.0, 1.0], [5.0, 2.0]]),
                             "fro_norm": torch.tensor([4.0, 6.0]), "note": [1.5, float("nan")]}),
