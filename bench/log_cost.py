@@ -62,6 +62,7 @@ def measure(name: str, device, backend: str, rounds: int, log=print) -> dict:
                 for _ in range(5):
                     prepare()
                     run()
+            run_log.flush()  # the first write imports pyarrow's Parquet writer: once a process
             budget = timing.Budget(min_samples=rounds, max_samples=rounds, target_s=math.inf,
                                    group_cap_s=math.inf)
             samples = timing.time_interleaved(tasks, device, budget)
