@@ -7,9 +7,10 @@ A run directory holds
                               "tracked" (name -> [m, n] of every tracked matrix)
     spectra/part-00000.parquet, part-00001.parquet, ...   one file per flush
 
-Metrics stay on the device in a buffer; every ``flush_every`` records (and at :meth:`close`)
-they are copied to the host in one go and written as a new part file, atomically (temporary
-file, then rename). A crash loses at most the unflushed buffer; every written part stays
+Metrics stay on the device in a buffer (SpectralSGD and SpectrumTracker buffer a copy of the
+tracker state they are computed from, and the flush computes them for all buffered steps in one
+batch); every ``flush_every`` records (and at :meth:`close`) they are copied to the host in one
+go and written as a new part file, atomically (temporary file, then rename). A crash loses at most the unflushed buffer; every written part stays
 readable. ``pandas.read_parquet(run_dir / "spectra")`` or :func:`load_log` reads them all.
 """
 
