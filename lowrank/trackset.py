@@ -581,9 +581,18 @@ class TrackedSet:
     # -- results and state --------------------------------------------------------------------
 
     def spectra(self) -> dict[str, SpectrumResult]:
+        """Each tracked matrix's :class:`SpectrumResult` of its latest step; the metrics in a
+        few batches (:mod:`lowrank.batched_metrics`), the same values as each tracker's own."""
+        names = list(self.trackers)
+        trackers = list(self.trackers.values())
+        found = {}
+        for block in self._metric_plan(names, trackers):
+            values = batched_metrics.block_metrics(trackers, block, self.rank, self.rank_tol)
+            for j, i in enumerate(block.rows):
+                found[names[i]] = {key: value[j] for key, value in values.items()}
         out = {}
         for name, tr in self.trackers.items():
-            res = tr.result(self.rank, self.rank_tol)
+            res = SpectrumResult(name=tr.name, shape=tr.shape, step=tr.step, **found[name])
             extra = dict(self.audits.get(name, {}))
             if self.track_grad:
                 gres = self.grad_trackers[name].result(self.rank, self.rank_tol)

@@ -389,3 +389,26 @@ def test_record_blocks_holds_one_value_per_name(tmp_path):
     assert [list(s) for s in df["sigma"]] == [[3.0, 1.0], [5.0, 2.0], [9.0, 8.0], [2.0, 0.5]]
     assert df["fro_norm"].tolist() == [4.0, 6.0, 10.0, 3.0]
     assert df["note"].iloc[0] == 1.5 and df["note"].iloc[1:].isna().all()
+
+
+def test_spectra_are_each_trackers_own_result_across_shapes():
+    """spectra() computes the metrics in batches too: every field must be the tracker's own
+    result(), bit for bit, for SpectralSGD and SpectrumTracker, at the first step and later."""
+    model = _Mixed()
+    opt = SpectralSGD(model.named_parameters(), lr=0.05, momentum=0.9, rank=3)
+    tracker = SpectrumTracker(_Mixed(), rank=3)
+    for step in range(3):
+        set_grads(model, step)
+        opt.step()
+        tracker.step()
+        for owner in (opt, tracker):
+            found = owner.spectra()
+            assert list(found) == list(owner.tracked.trackers)
+            for name, tr in owner.tracked.trackers.items():
+                want, got = tr.result(3), found[name]
+                for field in dataclasses.fields(SpectrumResult):
+                    a, b = getattr(got, field.name), getattr(want, field.name)
+                    if isinstance(b, torch.Tensor):
+                        assert a.shape == b.shape and torch.equal(a, b), (step, name, field.name)
+                    elif field.name != "extra":
+                        assert a == b, (step, name, field.name)
