@@ -5,13 +5,15 @@ for a network's twenty matrices, that was two to three times the whole step on a
 many launches on a GPU). The metrics of :mod:`lowrank.metrics` are batched over a leading
 dimension already, and take per-row shapes, so the trackers of one sketch width, device and
 history form a :class:`Block`, summarised as one batch. The log goes further
-(:class:`Deferred`): each step it keeps a copy of the state a block's metrics read (a few
-stacks), and when it flushes it computes the metrics of every buffered step of the block in
-one batch.
+(:class:`Deferred`): each step it keeps what a block's metrics need (copies of the estimates,
+and the two metrics that read the larger state), and when it flushes it computes the metrics
+of every buffered step of the block in one batch.
 
 Every op is elementwise or reduces within a row, so a row's values are those of the tracker's
-own :meth:`~lowrank.tracking.MatrixTracker.metrics`, bit for bit on the CPU (tested; a GPU's
-reductions may pick another order for another batch size, a last-bit difference).
+own :meth:`~lowrank.tracking.MatrixTracker.metrics`, bit for bit on the CPU (tested). On a GPU
+the last bit may differ: reductions may take another order for another batch size, and CUDA
+divides by a Python number as a multiplication by its inverse, by a tensor (the per-row tail
+counts here) as a division.
 """
 
 from __future__ import annotations
@@ -57,18 +59,23 @@ def plan(trackers, histories) -> list[Block]:
     return blocks
 
 
-def snapshot(trackers, block: Block) -> dict:
-    """Copies of the state that ``block``'s metrics read, stacked in block order (the state of
-    static trackers changes in place): the metrics can be computed later, from the copies."""
+def snapshot(trackers, block: Block, r: int) -> dict:
+    """What ``block``'s metrics need of this step, in block order, each its own memory (the
+    state of static trackers changes in place): copies of the estimates and of ||W||_F^2, and the
+    two metrics that read larger state (the overlap, k x k, and the row norms, m per matrix)
+    computed now, so a buffered step stays small."""
     trs = [trackers[i] for i in block.rows]
     keys = ("sigma", "sigma_y", "sigma_z", "fro2", "nonfinite")
-    keys += ("sigma_prev", "overlap_u") if block.history else ()
+    keys += ("sigma_prev",) if block.history else ()
     out = {key: torch.cat([getattr(tr, key) for tr in trs]) for key in keys}
-    runs, start = [], 0
+    out["subspace_drift"] = (metrics.subspace_drift(torch.cat([tr.overlap_u for tr in trs]), r)
+                             if block.history else torch.ones_like(out["fro2"]))
+    near_zero, start = [], 0
     for run in block.m_runs:  # row norms: one stack per run of equal m
-        runs.append(torch.cat([tr.row_sq for tr in trs[start:start + run]]))
+        near_zero.append(metrics.near_zero_rows(
+            torch.cat([tr.row_sq for tr in trs[start:start + run]])))
         start += run
-    out["row_sq_runs"] = runs
+    out["near_zero_rows"] = near_zero[0] if len(near_zero) == 1 else torch.cat(near_zero)
     return out
 
 
@@ -80,27 +87,19 @@ def snapshot_metrics(block: Block, snaps: list[dict], r: int, tol: float) -> dic
     def cat(key):
         return snaps[0][key] if len(snaps) == 1 else torch.cat([s[key] for s in snaps])
 
-    steps = len(snaps)
-    shape = tuple(d.repeat(steps) for d in block.shape)
-    sigma, fro2 = cat("sigma"), cat("fro2")
-    prev, overlap = (cat("sigma_prev"), cat("overlap_u")) if block.history else (None, None)
-    out = metrics.summarize(sigma, cat("sigma_y"), cat("sigma_z"), prev, fro2, None, overlap,
-                            shape, r, tol)
-    if "subspace_drift" not in out:
-        out["subspace_drift"] = torch.ones_like(fro2)
-    # near-zero rows per run of equal m over all steps, then back to step-major order
-    near_zero = [metrics.near_zero_rows(torch.cat([s["row_sq_runs"][j] for s in snaps]))
-                 .view(steps, -1) for j in range(len(block.m_runs))]
-    out["near_zero_rows"] = (near_zero[0] if len(near_zero) == 1
-                             else torch.cat(near_zero, dim=1)).reshape(-1)
-    out["nonfinite"] = cat("nonfinite")
+    shape = tuple(d.repeat(len(snaps)) for d in block.shape)
+    prev = cat("sigma_prev") if block.history else None
+    out = metrics.summarize(cat("sigma"), cat("sigma_y"), cat("sigma_z"), prev, cat("fro2"),
+                            None, None, shape, r, tol)
+    for key in ("subspace_drift", "near_zero_rows", "nonfinite"):
+        out[key] = cat(key)
     return out
 
 
 def block_metrics(trackers, block: Block, r: int, tol: float) -> dict[str, torch.Tensor]:
     """The metrics of ``block``'s trackers now, as (len(block.rows), ...) tensors in block
     order, each its own memory."""
-    return snapshot_metrics(block, [snapshot(trackers, block)], r, tol)
+    return snapshot_metrics(block, [snapshot(trackers, block, r)], r, tol)
 
 
 class Deferred:
@@ -111,7 +110,7 @@ class Deferred:
 
     def __init__(self, trackers, block: Block, r: int, tol: float, extra: dict):
         self.block, self.r, self.tol, self.extra = block, r, tol, extra
-        self.state = snapshot(trackers, block)
+        self.state = snapshot(trackers, block, r)
         self.count = len(block.rows)
 
     @property

@@ -172,23 +172,27 @@ class RunLog:
         w = self._writer
         if w.closed:
             raise RuntimeError("RunLog is closed")
+        checked = []  # every block is checked before any is buffered: a step whole or not at all
         for names, shapes, metrics in blocks:
             names, shapes = tuple(names), tuple(tuple(s) for s in shapes)
+            if len(shapes) != len(names):
+                raise ValueError(f"{len(shapes)} shapes for {len(names)} matrices")
             if not isinstance(metrics, dict):
                 if metrics.count != len(names):
                     raise ValueError(f"deferred metrics of {metrics.count} matrices for "
                                      f"{len(names)} names")
-                w.buffer.append((int(step), names, shapes, metrics))
-                continue
-            for key, value in metrics.items():
-                if isinstance(value, torch.Tensor):
-                    count = value.shape[0] if value.dim() else None
-                else:
-                    count = len(value)
-                if count != len(names):
-                    raise ValueError(f"metric {key!r} holds {count} values for {len(names)} "
-                                     "matrices")
-            w.buffer.append((int(step), names, shapes, metrics))
+            else:
+                for key, value in metrics.items():
+                    if isinstance(value, torch.Tensor):
+                        count = value.shape[0] if value.dim() else None
+                    else:
+                        count = len(value)
+                    if count != len(names):
+                        raise ValueError(f"metric {key!r} holds {count} values for "
+                                         f"{len(names)} matrices")
+            if names:  # a block of no matrices adds no rows
+                checked.append((int(step), names, shapes, metrics))
+        w.buffer += checked
         w.steps_buffered += 1
         if w.steps_buffered >= self.flush_every:
             w.flush()
@@ -221,7 +225,10 @@ def _resolve(buffered: list) -> list[dict]:
             groups.setdefault((type(metrics), metrics.group), []).append(i)
     for idx in groups.values():
         items = [out[i] for i in idx]
-        for i, metrics in zip(idx, type(items[0]).resolve(items)):
+        found = type(items[0]).resolve(items)
+        if len(found) != len(items):
+            raise RuntimeError(f"resolve gave {len(found)} metrics for {len(items)} blocks")
+        for i, metrics in zip(idx, found):
             out[i] = metrics
     return out
 

@@ -553,11 +553,13 @@ class TrackedSet:
         the same names come with the same histories (a run's steps after its second)."""
         histories = tuple(batched_metrics.history(tr) for tr in trackers)
         key = (tuple(names), histories)
-        plan = self._metric_plans.get(key)
+        # (setdefault: a set pickled before the plans existed has none)
+        plans = self.__dict__.setdefault("_metric_plans", {})
+        plan = plans.get(key)
         if plan is None:
-            if len(self._metric_plans) >= 8:  # e.g. changing subsets of names: keep a few
-                self._metric_plans.clear()
-            plan = self._metric_plans[key] = batched_metrics.plan(trackers, histories)
+            if len(plans) >= 8:  # e.g. changing subsets of names: keep a few
+                plans.clear()
+            plan = plans[key] = batched_metrics.plan(trackers, histories)
         return plan
 
     def _audit_err(self, name: str) -> float:

@@ -375,6 +375,11 @@ def test_record_blocks_holds_one_value_per_name(tmp_path):
         count, group = 2, "g"
     with pytest.raises(ValueError, match="deferred metrics of 2 matrices for 1 names"):
         log.record_blocks(0, [(["x"], [(2, 3)], TwoRows())])
+    # a step is buffered whole or not at all: a bad second block leaves the first out too
+    with pytest.raises(ValueError, match="holds 2 values for 1 matrices"):
+        log.record_blocks(0, [(["x"], [(2, 3)], {"fro_norm": torch.ones(1)}),
+                              (["y"], [(4, 5)], {"fro_norm": torch.ones(2)})])
+    log.record_blocks(0, [([], [], {"fro_norm": torch.ones(0)})])  # no matrices: no rows
     log.record_blocks(0, [(["x", "y"], [(2, 3), (4, 5)],
                            {"sigma": torch.tensor([[3.0, 1.0], [5.0, 2.0]]),
                             "fro_norm": torch.tensor([4.0, 6.0]), "note": [1.5, float("nan")]}),
