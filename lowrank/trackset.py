@@ -13,9 +13,9 @@ import fnmatch
 
 import torch
 
-from . import backends, batched_metrics
+from . import backends, batched_metrics, metrics
 from .post_graphs import PostGraphs
-from .sketch import matrix_shape, sketch_torch
+from .sketch import matrix_shape
 from .tracking import (STATE_KEYS, MatrixTracker, SpectrumResult, absorb_group,
                        absorb_groups, absorb_sequential, batched_bases)
 
@@ -193,6 +193,7 @@ class TrackedSet:
                 self.grad_trackers[name] = MatrixTracker(name + "#grad", (m, n), k, seed=seed,
                                                          device=p.device, basis_dtype=basis_dtype)
         self._grad_fresh: set[str] = set()  # names whose gradient was sketched this step
+        self._grad_pending: list[tuple] = []  # (name, gradient sketch) of this step
         self._metric_plans: dict[tuple, list] = {}  # after_step's batches, see _metric_plan
         self._packs: dict[tuple, dict] = {}
         self.pack()
@@ -291,8 +292,10 @@ class TrackedSet:
         if grad.is_sparse:
             grad = grad.to_dense()
         G = self.matrix(name, grad)
-        sk = sketch_torch(G, gt.U, gt.V)
-        gt.absorb(sk)
+        # both sketches of G in one pass on the weight's backend (its kernel's sketch-only pass)
+        sk = backends.sketch(G, gt.U, gt.V, backend=self.backend[name], sides="both",
+                             **self.options[name])
+        self._grad_pending.append((name, sk))  # post-processed in finish_step, batched
         W64 = self.matrix(name, weight.detach()).to(torch.float64)
         inner = (G.to(torch.float64) * W64).sum()
         wn = W64.square().sum().sqrt()
@@ -414,6 +417,9 @@ class TrackedSet:
         the audits that are due."""
         pending, self._pending = self._pending, []
         batched, self._batched = self._batched, []
+        grads, self._grad_pending = self._grad_pending, []
+        if grads:
+            self._absorb_grads(grads)
         # Both-sided groups, post-processed together where they share a backend, width, basis
         # dtype and device (absorb_groups: one CuPy launch sequence for all shapes).
         specs = []
@@ -457,6 +463,20 @@ class TrackedSet:
             tr = self.trackers[name]
             if self.audit_every and tr.step % self.audit_every == 0:
                 self.audits[name] = self._audit(name)
+
+    def _absorb_grads(self, pending) -> None:
+        """Post-process this step's gradient sketches (``pending``: (name, sketch)), one batch
+        per shape, width, basis dtype, device and backend, on that backend's post-processing
+        (a kernel where it has one, as for the weights): one call per shape, not per matrix."""
+        groups: dict[tuple, tuple[list, list]] = {}
+        for name, sk in pending:
+            gt = self.grad_trackers[name]
+            key = (gt.shape, gt.k, gt.U.dtype, gt.U.device, self.backend[name])
+            trackers, sketches = groups.setdefault(key, ([], []))
+            trackers.append(gt)
+            sketches.append(sk)
+        absorb_groups([(trackers, sketches, None, None, None, key[4])
+                       for key, (trackers, sketches) in groups.items()])
 
     def sketch_all(self, names) -> None:
         """The sketch-only pass of ``names``: under the "both" schedule the contiguous matrices
@@ -541,9 +561,7 @@ class TrackedSet:
             if self.audit_every:
                 extra["audit_max_rel_err"] = [self._audit_err(name) for name in rows]
             if self.track_grad:
-                grad = [self._grad_row(name, name in fresh) for name in rows]
-                for key in grad[0]:
-                    extra[key] = torch.cat([g[key] for g in grad])
+                extra.update(self._grad_columns(rows, fresh))
             values = batched_metrics.Deferred(trackers, block, self.rank, self.rank_tol, extra)
             blocks.append((rows, [self.trackers[name].shape for name in rows], values))
         self.log.record_blocks(step, blocks)
@@ -568,6 +586,23 @@ class TrackedSet:
         if audit is not None and audit["audit_step"] == self.trackers[name].step:
             return audit["audit_max_rel_err"]
         return _NAN
+
+    def _grad_columns(self, rows: list[str], fresh: set) -> dict[str, torch.Tensor]:
+        """The gradient columns of the matrices ``rows``, one tensor row each: stacked where
+        every one had its gradient sketched this step (the usual step), else row by row with
+        NaN rows for the others (:meth:`_grad_row`)."""
+        if not all(name in fresh for name in rows):
+            grad = [self._grad_row(name, name in fresh) for name in rows]
+            return {key: torch.cat([g[key] for g in grad]) for key in grad[0]}
+        trackers = [self.grad_trackers[name] for name in rows]
+        sigma = torch.cat([t.sigma for t in trackers])
+        fro2 = torch.cat([t.fro2 for t in trackers])
+        return {"grad_sigma": metrics.top_r(sigma, self.rank),
+                "grad_spectral_norm": metrics.spectral_norm(sigma),
+                "grad_fro_norm": metrics.fro_norm(fro2),
+                "grad_stable_rank": metrics.stable_rank(sigma, fro2),
+                "grad_weight_cosine": torch.cat([self.grad_stats[name]["grad_weight_cosine"]
+                                                .reshape(1) for name in rows])}
 
     def _grad_row(self, name: str, fresh: bool) -> dict[str, torch.Tensor]:
         g = self.grad_trackers[name].metrics(self.rank, self.rank_tol)

@@ -417,3 +417,38 @@ def test_spectra_are_each_trackers_own_result_across_shapes():
                         assert a.shape == b.shape and torch.equal(a, b), (step, name, field.name)
                     elif field.name != "extra":
                         assert a == b, (step, name, field.name)
+
+
+def test_logged_gradient_columns_are_each_gradient_trackers_own(tmp_path):
+    """With track_grad the gradient sketches are post-processed in batches at the end of the
+    step and their columns stacked: each row must be the gradient tracker's own metrics and
+    cosine of that step, bit for bit; a step where one matrix has no gradient takes the row by
+    row path, with NaN for that matrix."""
+    model = _Mixed()
+    expected = {}
+    with RunLog(tmp_path, flush_every=2) as log:
+        opt = SpectralSGD(model.named_parameters(), lr=0.05, momentum=0.9, rank=3,
+                          track_grad=True, log=log)
+        for step in range(4):
+            set_grads(model, step)
+            if step == 2:
+                model.c.weight.grad = None
+            opt.step()
+            for name, gt in opt.tracked.grad_trackers.items():
+                got_grad = not (step == 2 and name == "c.weight")
+                m = gt.metrics(3)
+                expected[step, name] = {
+                    "grad_sigma": m["sigma"][0].tolist() if got_grad else None,
+                    "grad_fro_norm": m["fro_norm"].item() if got_grad else None,
+                    "grad_stable_rank": m["stable_rank"].item() if got_grad else None,
+                    "grad_weight_cosine": (opt.tracked.grad_stats[name]["grad_weight_cosine"]
+                                           .item() if got_grad else None)}
+    df = load_log(tmp_path)
+    assert len(df) == 4 * 5
+    for _, row in df.iterrows():
+        for key, value in expected[row["step"], row["name"]].items():
+            if value is None:
+                assert pd.isna(row[key]).all() if key == "grad_sigma" else pd.isna(row[key])
+            else:
+                got = row[key].tolist() if key == "grad_sigma" else row[key]
+                assert got == value, (row["step"], row["name"], key)
