@@ -174,3 +174,49 @@ def test_replayed_step_makes_no_host_sync():
     replays = opt.tracked.post_graphs.replays
     _step_without_sync(opt)
     assert opt.tracked.post_graphs.replays == replays + 1
+
+
+@pytest.mark.parametrize("backend", ["cupy", "triton"])
+def test_gradient_tracking_with_a_log_on_the_gpu(backend, tmp_path):
+    """track_grad on a GPU backend: the gradient's sketch is that backend's sketch-only pass and
+    its post-processing the backend's batched one, sync-free like the weights' (the torch
+    reference's cuSOLVER calls synchronised once per matrix); the log buffers its blocks without
+    a sync too. The estimates of a nearly fixed gradient converge to its float64 singular
+    values, and the logged rows of the last step are spectra()'s (to the last bits a GPU
+    reduction may order otherwise in a batch of another size)."""
+    import pandas as pd
+
+    from lowrank import RunLog, load_log
+
+    g = torch.Generator().manual_seed(4)
+    G0 = (torch.linalg.qr(torch.randn(96, 6, generator=g, dtype=torch.float64)).Q
+          * torch.tensor([5.0, 3.0, 2.0, 1.2, 0.6, 0.3], dtype=torch.float64)
+          @ torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64)).Q.T)
+    params = {"a": torch.nn.Parameter(torch.randn(96, 64, device=DEV)),
+              "b": torch.nn.Parameter(torch.randn(200, 48, device=DEV))}
+    with RunLog(tmp_path, flush_every=1000) as log:
+        opt = SpectralSGD(list(params.items()), lr=1e-3, momentum=0.9, rank=4, sketch_rank=8,
+                          backend=backend, track_grad=True, log=log)
+        noise = _gen(5)
+        for step in range(25):
+            params["a"].grad = (G0.float().to(DEV)
+                                + 1e-5 * torch.randn(96, 64, generator=noise, device=DEV))
+            params["b"].grad = torch.randn(200, 48, generator=noise, device=DEV)
+            if step == 24:
+                _step_without_sync(opt)
+            else:
+                opt.step()
+        found = opt.spectra()
+    exact = torch.linalg.svdvals(params["a"].grad.double())[:4]
+    grad_sigma = found["a"].extra["grad_sigma"]
+    assert float(((grad_sigma - exact).abs() / exact[0]).max()) < 1e-3
+    torch.testing.assert_close(found["a"].extra["grad_fro_norm"],
+                               params["a"].grad.double().norm(), rtol=1e-6, atol=0)
+    last = load_log(tmp_path).query("step == 24").set_index("name")
+    for name, res in found.items():
+        row = last.loc[name]
+        for key in ("fro_norm", "stable_rank", "effective_rank", "convergence"):
+            assert row[key] == pytest.approx(float(getattr(res, key)), rel=1e-12, abs=0), key
+        assert list(row["grad_sigma"]) == pytest.approx(res.extra["grad_sigma"].tolist(),
+                                                        rel=1e-12, abs=0)
+        assert not pd.isna(row["grad_weight_cosine"])
