@@ -206,7 +206,8 @@ def test_log_cost_times_the_step_with_and_without_a_log():
     from bench.log_cost import measure
 
     out = measure("gpt2-tiny", torch.device("cpu"), "auto", rounds=3, log=lambda *a: None)
-    assert list(out) == ["torch.optim.SGD", "SpectralSGD", "SpectralSGD + RunLog"]
+    assert list(out) == ["torch.optim.SGD", "SpectralSGD", "SpectralSGD + RunLog",
+                         "SpectralSGD(track_grad) + RunLog"]
     for times in out.values():
         assert 0 < times["p20_ms"] <= times["median_ms"] <= times["p80_ms"]
 

@@ -806,3 +806,19 @@ def test_same_shape_matrices_batched_as_one_at_a_time(monkeypatch):
         for key in ("U", "V", "sigma", "sigma_prev", "overlap_u"):
             torch.testing.assert_close(getattr(tb, key), getattr(to, key), rtol=1e-5, atol=1e-6,
                                        msg=f"{name}.{key}")
+
+
+def test_gradient_inner_product_and_weight_norm_in_chunks_match_float64():
+    """Large matrices on the CPU take <G, W> and ||W||_F^2 in float64 chunks (no whole float64
+    copies): the same numbers as the whole-matrix float64 sums, to float64 rounding."""
+    from lowrank.trackset import _INNER_CHUNK, _inner_and_square_norm
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(300, 500), (17, _INNER_CHUNK // 17 + 3), (64, 64)]:
+        G, W = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        inner, square = _inner_and_square_norm(G, W)
+        G64, W64 = G.double(), W.double()
+        # another summation order: the error scales with sum |g w|, not with |<G, W>|
+        scale = float((G64 * W64).abs().sum())
+        torch.testing.assert_close(inner, (G64 * W64).sum(), rtol=0, atol=1e-13 * scale)
+        torch.testing.assert_close(square, W64.square().sum(), rtol=1e-13, atol=0)
