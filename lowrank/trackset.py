@@ -271,9 +271,9 @@ class TrackedSet:
 
     def step_in_place(self, names: list[str], Ws, Gs, bufs, **hyper) -> list:
         """The tracked step of ``names`` (:meth:`in_place` each) in the C kernel: update (``Gs``
-        None: sketch only; ``hyper``: torch.optim.SGD's), power sketch, post-processing and commit of the new state. A matrix
-        the kernel leaves (a sketch that is not finite, a refill) is queued with its sketch for
-        :meth:`finish_step`'s reference path. Returns the momentum buffers, as
+        None: sketch only; ``hyper``: torch.optim.SGD's), power sketch, post-processing and
+        commit of the new state. A matrix the kernel leaves (a sketch that is not finite, a
+        refill) is queued with its sketch for :meth:`finish_step`'s reference path. Returns the momentum buffers, as
         :func:`lowrank.backends.fused_sgd_sketch_list`."""
         trs = [self.trackers[n] for n in names]
         new_bufs, rest = backends.fused_sequential_step_list(Ws, Gs, bufs, trs, backend="cpu",
@@ -564,10 +564,10 @@ class TrackedSet:
         """Hand the metrics of the matrices tracked this step to the log (no host sync).
 
         The log gets a copy of the state per step and computes the metrics when it flushes,
-        in a few batches for all buffered steps (:mod:`lowrank.batched_metrics`). Every row has the same columns for the whole run (Parquet readers take the
-        schema of the first part file): ``audit_max_rel_err`` is NaN on steps without an audit,
-        and with ``track_grad`` the gradient columns are NaN for a matrix that had no gradient
-        this step.
+        in a few batches for all buffered steps (:mod:`lowrank.batched_metrics`). Every row has
+        the same columns for the whole run (Parquet readers take the schema of the first part
+        file): ``audit_max_rel_err`` is NaN on steps without an audit, and with ``track_grad``
+        the gradient columns are NaN for a matrix that had no gradient this step.
         """
         fresh, self._grad_fresh = self._grad_fresh, set()
         if self.log is None:
@@ -608,32 +608,25 @@ class TrackedSet:
         return _NAN
 
     def _grad_columns(self, rows: list[str], fresh: set) -> dict[str, torch.Tensor]:
-        """The gradient columns of the matrices ``rows``, one tensor row each: stacked where
-        every one had its gradient sketched this step (the usual step), else row by row with
-        NaN rows for the others (:meth:`_grad_row`)."""
-        if not all(name in fresh for name in rows):
-            grad = [self._grad_row(name, name in fresh) for name in rows]
-            return {key: torch.cat([g[key] for g in grad]) for key in grad[0]}
+        """The gradient columns of the matrices ``rows``, stacked, one tensor row each (the
+        metrics of :mod:`lowrank.metrics`, as each gradient tracker's own); NaN in the rows of
+        the matrices whose gradient was not sketched this step (``fresh``)."""
         trackers = [self.grad_trackers[name] for name in rows]
         sigma = torch.cat([t.sigma for t in trackers])
         fro2 = torch.cat([t.fro2 for t in trackers])
-        return {"grad_sigma": metrics.top_r(sigma, self.rank),
-                "grad_spectral_norm": metrics.spectral_norm(sigma),
-                "grad_fro_norm": metrics.fro_norm(fro2),
-                "grad_stable_rank": metrics.stable_rank(sigma, fro2),
-                "grad_weight_cosine": torch.cat([self.grad_stats[name]["grad_weight_cosine"]
-                                                .reshape(1) for name in rows])}
-
-    def _grad_row(self, name: str, fresh: bool) -> dict[str, torch.Tensor]:
-        g = self.grad_trackers[name].metrics(self.rank, self.rank_tol)
-        row = {"grad_sigma": g["sigma"], "grad_spectral_norm": g["spectral_norm"],
-               "grad_fro_norm": g["fro_norm"], "grad_stable_rank": g["stable_rank"]}
-        stats = self.grad_stats.get(name)
-        cos = stats["grad_weight_cosine"].reshape(1) if stats else torch.zeros_like(g["fro_norm"])
-        row["grad_weight_cosine"] = cos
-        if not fresh:
-            row = {k: torch.full_like(v, _NAN) for k, v in row.items()}
-        return row
+        cosine = torch.cat([self.grad_stats[name]["grad_weight_cosine"].reshape(1)
+                            if name in fresh else torch.zeros_like(t.fro2)
+                            for name, t in zip(rows, trackers)])
+        columns = {"grad_sigma": metrics.top_r(sigma, self.rank),
+                   "grad_spectral_norm": metrics.spectral_norm(sigma),
+                   "grad_fro_norm": metrics.fro_norm(fro2),
+                   "grad_stable_rank": metrics.stable_rank(sigma, fro2),
+                   "grad_weight_cosine": cosine}
+        for j, name in enumerate(rows):
+            if name not in fresh:  # (a fill on the device: no host sync)
+                for value in columns.values():
+                    value[j] = _NAN
+        return columns
 
     # -- results and state --------------------------------------------------------------------
 
