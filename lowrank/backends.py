@@ -1,4 +1,5 @@
-"""Backend dispatch for the three ops: ``sketch``, ``fused_sgd_sketch``, ``postprocess``.
+"""Backend dispatch for the ops: ``sketch``, ``fused_sgd_sketch``, ``postprocess`` (and
+``inner_and_square_norm`` of gradient tracking).
 
 ``backend`` is one of "auto", "torch", "triton", "cupy", "cpu". "auto" picks the fastest available
 for the tensor's device and dtype: on CUDA, CuPy where it runs (Triton for its TF32 and
@@ -24,7 +25,7 @@ import torch
 
 from .fused_sgd_sketch import fused_sgd_sketch_torch
 from .postprocess import postprocess_torch
-from .sketch import SketchOut, sketch_torch
+from .sketch import SketchOut, inner_and_square_norm_torch, sketch_torch
 
 BACKENDS = ("auto", "torch", "triton", "cupy", "cpu")
 # Weight dtypes of the "cpu" backend (kernels/cpu: float32 updated in the pass; the 16-bit ones
@@ -302,6 +303,18 @@ def fused_sequential_step_list(Ws, Gs, bufs, states, *, backend: str = "cpu", **
         raise ValueError(f"fused_sequential_step_list runs on the cpu backend, not {backend!r}")
     return kernel_module("cpu", "sequential_step").fused_sequential_step_cpu_list(
         Ws, Gs, bufs, states, **hyper)
+
+
+def inner_and_square_norm(G, W, *, backend: str = "torch"):
+    """Op ``inner_and_square_norm``: (<G, W>, ||W||_F^2) in float64 (0-d tensors) for gradient
+    tracking; see :func:`lowrank.sketch.inner_and_square_norm_torch`. The cpu backend reads a
+    contiguous pair of one dtype in its kernel (one read of each, no float64 copies); the other
+    backends, and other layouts, take the reference."""
+    if backend == "cpu":
+        kernel = kernel_module("cpu", "inner_and_square_norm")
+        if kernel.takes(G, W):
+            return kernel.inner_and_square_norm_cpu(G, W)
+    return inner_and_square_norm_torch(G, W)
 
 
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):

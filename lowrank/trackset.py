@@ -71,27 +71,6 @@ def trackable(p: torch.Tensor) -> bool:
     return p.dim() >= 2 and p.numel() > 0
 
 
-# Elements per float64 chunk of _inner_and_square_norm on the CPU: two 512 KiB temporaries.
-_INNER_CHUNK = 1 << 16
-
-
-def _inner_and_square_norm(G: torch.Tensor, W: torch.Tensor):
-    """<G, W> and ||W||_F^2 in float64 (each product of float32 entries exact, the sums in
-    float64), as 0-d tensors. On the CPU in chunks: float64 copies of a whole large G and W
-    cost more in fresh pages than in arithmetic (8 of 16 ms of an MLP step with gradient
-    tracking, 3 matrices of 1024 x 1024)."""
-    if G.device.type != "cpu" or G.numel() <= _INNER_CHUNK:
-        W64 = W.to(torch.float64)
-        return (G.to(torch.float64) * W64).sum(), W64.square().sum()
-    g, w = G.reshape(-1), W.reshape(-1)
-    inner, square = [], []
-    for start in range(0, g.numel(), _INNER_CHUNK):
-        wc = w[start:start + _INNER_CHUNK].to(torch.float64)
-        inner.append(torch.dot(g[start:start + _INNER_CHUNK].to(torch.float64), wc))
-        square.append(torch.dot(wc, wc))
-    return torch.stack(inner).sum(), torch.stack(square).sum()
-
-
 def select_tracked(named_params, include=None, exclude=None) -> list[tuple[str, torch.Tensor]]:
     """The (name, param) pairs to track: >= 2-D, non-empty, matching include and not exclude.
 
@@ -317,7 +296,8 @@ class TrackedSet:
         sk = backends.sketch(G, gt.U, gt.V, backend=self.backend[name], sides="both",
                              **self.options[name])
         self._grad_pending.append((name, sk))  # post-processed in finish_step, batched
-        inner, wn2 = _inner_and_square_norm(G, self.matrix(name, weight.detach()))
+        inner, wn2 = backends.inner_and_square_norm(G, self.matrix(name, weight.detach()),
+                                                     backend=self.backend[name])
         wn = wn2.sqrt()
         gn = sk.fro2[0].sqrt()
         denom = (gn * wn).clamp_min(1e-300)

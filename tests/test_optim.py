@@ -809,14 +809,15 @@ def test_same_shape_matrices_batched_as_one_at_a_time(monkeypatch):
 
 
 def test_gradient_inner_product_and_weight_norm_in_chunks_match_float64():
-    """Large matrices on the CPU take <G, W> and ||W||_F^2 in float64 chunks (no whole float64
-    copies): the same numbers as the whole-matrix float64 sums, to float64 rounding."""
-    from lowrank.trackset import _INNER_CHUNK, _inner_and_square_norm
+    """The torch reference of op inner_and_square_norm takes <G, W> and ||W||_F^2 of large CPU
+    matrices in float64 chunks (no whole float64 copies): the same numbers as the whole-matrix
+    float64 sums, to float64 rounding. (The cpu backend's kernel: test_cpu_inner_and_square_norm.py.)"""
+    from lowrank.sketch import INNER_CHUNK, inner_and_square_norm_torch
 
     g = torch.Generator().manual_seed(3)
-    for shape in [(300, 500), (17, _INNER_CHUNK // 17 + 3), (64, 64)]:
+    for shape in [(300, 500), (17, INNER_CHUNK // 17 + 3), (64, 64)]:
         G, W = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        inner, square = _inner_and_square_norm(G, W)
+        inner, square = inner_and_square_norm_torch(G, W)
         G64, W64 = G.double(), W.double()
         # another summation order: the error scales with sum |g w|, not with |<G, W>|
         scale = float((G64 * W64).abs().sum())

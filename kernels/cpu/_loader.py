@@ -1,4 +1,5 @@
-"""Build and load the CPU kernel library (``sgd_sketch.c`` and ``postprocess.c``).
+"""Build and load the CPU kernel library (``sgd_sketch.c``, ``postprocess.c`` and
+``inner_and_square_norm.c``).
 
 On first use the sources are compiled with the system C compiler (``$CC``, default ``cc``) for
 this machine's instruction set (``-march=native``) and OpenMP, into a cache folder
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from lowrank.backends import BackendUnavailable
 
-SOURCES = ("sgd_sketch.c", "postprocess.c")
+SOURCES = ("sgd_sketch.c", "postprocess.c", "inner_and_square_norm.c")
+HEADERS = ("widen.h",)  # included by the sources: written beside them, hashed with them
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _lock = threading.Lock()
@@ -71,8 +73,9 @@ def _build(compiler: str, sources: dict[str, str], target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         c_files = []
         for name, text in sources.items():
-            c_files.append(Path(tmp) / name)
-            c_files[-1].write_text(text, encoding="utf-8")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+            if name.endswith(".c"):
+                c_files.append(Path(tmp) / name)
         out = Path(tmp) / target.name
         proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, c_files)],
                               capture_output=True, text=True)
@@ -96,7 +99,8 @@ def library() -> ctypes.CDLL:
             raise BackendUnavailable(f"backend='cpu' needs a C compiler with OpenMP ({compiler!r} "
                                      "not found; set CC); use backend='torch'")
         here = importlib.resources.files(__package__)
-        sources = {name: here.joinpath(name).read_text(encoding="utf-8") for name in SOURCES}
+        sources = {name: here.joinpath(name).read_text(encoding="utf-8")
+                   for name in (*SOURCES, *HEADERS)}
         version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
         key = hashlib.sha256("\0".join([*sources.values(), " ".join(FLAGS), version,
                                         _cpu_features()]).encode()).hexdigest()[:16]
@@ -129,6 +133,9 @@ def library() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn = lib.lowrank_postprocess_sequential_commit
         fn.argtypes = [i64, ptr, ptr, ctypes.c_double, ptr, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        fn = lib.lowrank_inner_and_square_norm
+        fn.argtypes = [i64, ptr, ptr, ctypes.c_int, ctypes.c_int, ptr]
         fn.restype = ctypes.c_int
         _library = lib
         return lib
