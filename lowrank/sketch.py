@@ -138,24 +138,28 @@ def sketch_torch(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *,
     return SketchOut(Y, Z, row_sq.sum(dim=-1), row_sq, P)
 
 
-# Elements per float64 chunk of inner_and_square_norm_torch on the CPU: two 512 KiB temporaries.
+# Elements per float64 chunk of inner_and_square_norm_torch: two 512 KiB temporaries on the CPU
+# (cache-sized); 128 MiB ones on a GPU, where a launch costs more than fresh memory but whole
+# float64 copies of a vocabulary embedding (50257 x 768: 0.3 GB each) would be a spike.
 INNER_CHUNK = 1 << 16
+INNER_CHUNK_GPU = 1 << 24
 
 
 def inner_and_square_norm_torch(G: torch.Tensor, W: torch.Tensor):
     """Op ``inner_and_square_norm`` (gradient tracking): <G, W> and ||W||_F^2 in float64, as 0-d
     tensors. Each product of two float32 (or 16-bit) entries is exact in float64; only the sums
-    round. On the CPU in chunks: float64 copies of a whole large G and W cost more in fresh
-    pages than in arithmetic (8 of 16 ms of an MLP step with gradient tracking, 3 matrices of
-    1024 x 1024). The cpu backend's kernel computes the same from one read of G and W
-    (:func:`lowrank.backends.inner_and_square_norm`)."""
-    if G.device.type != "cpu" or G.numel() <= INNER_CHUNK:
+    round. In chunks of float64 copies: whole copies of a large G and W cost more in fresh
+    pages than in arithmetic on the CPU (8 of 16 ms of an MLP step with gradient tracking, 3
+    matrices of 1024 x 1024). The cpu backend's kernel computes the same from one read of G
+    and W (:func:`lowrank.backends.inner_and_square_norm`). No host synchronisation."""
+    chunk = INNER_CHUNK if G.device.type == "cpu" else INNER_CHUNK_GPU
+    if G.numel() <= chunk:
         W64 = W.to(torch.float64)
         return (G.to(torch.float64) * W64).sum(), W64.square().sum()
     g, w = G.reshape(-1), W.reshape(-1)
     inner, square = [], []
-    for start in range(0, g.numel(), INNER_CHUNK):
-        wc = w[start:start + INNER_CHUNK].to(torch.float64)
-        inner.append(torch.dot(g[start:start + INNER_CHUNK].to(torch.float64), wc))
+    for start in range(0, g.numel(), chunk):
+        wc = w[start:start + chunk].to(torch.float64)
+        inner.append(torch.dot(g[start:start + chunk].to(torch.float64), wc))
         square.append(torch.dot(wc, wc))
     return torch.stack(inner).sum(), torch.stack(square).sum()
