@@ -250,6 +250,8 @@ def _to_host(blocks: list[tuple[dict, int]], keys: list[str]) -> dict[str, list]
                 column[start:start + count] = list(value)
             start += count
         if tensors:
+            if len({t.device for t in tensors}) > 1:  # a model spread over devices
+                tensors = [t.cpu() for t in tensors]
             if len({tuple(t.shape[1:]) for t in tensors}) == 1:
                 values = torch.cat(tensors).cpu().tolist()
             else:

@@ -603,9 +603,11 @@ class TrackedSet:
                    "grad_stable_rank": metrics.stable_rank(sigma, fro2),
                    "grad_weight_cosine": cosine}
         for j, name in enumerate(rows):
-            if name not in fresh:  # (a fill on the device: no host sync)
+            if name not in fresh:
                 for value in columns.values():
-                    value[j] = _NAN
+                    # fill_ on a slice runs on the device; value[j] = nan on a 1-D CUDA tensor
+                    # would copy a 0-d CPU tensor in, a blocking copy (a sync) per column
+                    value.narrow(0, j, 1).fill_(_NAN)
         return columns
 
     # -- results and state --------------------------------------------------------------------
