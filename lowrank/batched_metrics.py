@@ -68,8 +68,11 @@ def snapshot(trackers, block: Block, r: int) -> dict:
     keys = ("sigma", "sigma_y", "sigma_z", "fro2", "nonfinite")
     keys += ("sigma_prev",) if block.history else ()
     out = {key: torch.cat([getattr(tr, key) for tr in trs]) for key in keys}
-    out["subspace_drift"] = (metrics.subspace_drift(torch.cat([tr.overlap_u for tr in trs]), r)
-                             if block.history else torch.ones_like(out["fro2"]))
+    if block.history:  # r capped at k, as metrics.summarize caps it
+        overlap = torch.cat([tr.overlap_u for tr in trs])
+        out["subspace_drift"] = metrics.subspace_drift(overlap, min(r, overlap.shape[-1]))
+    else:
+        out["subspace_drift"] = torch.ones_like(out["fro2"])
     near_zero, start = [], 0
     for run in block.m_runs:  # row norms: one stack per run of equal m
         near_zero.append(metrics.near_zero_rows(

@@ -197,7 +197,10 @@ def near_zero_rows(row_sq: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
 
 def summarize(sigma, sigma_y, sigma_z, sigma_prev, fro2, row_sq, overlap_u, shape, r: int,
               tol: float = 1e-3) -> dict[str, torch.Tensor]:
-    """All metrics of a batch of tracked matrices as a dict of (b, ...) tensors, no host sync."""
+    """All metrics of a batch of tracked matrices as a dict of (b, ...) tensors, no host sync.
+    ``r`` is capped at the sketch width k: a matrix with fewer than r singular values (its
+    sketch spans all min(m, n) of them) reports the k it has."""
+    r = min(r, sigma.shape[-1])
     rank, rank_upper, censored = numerical_rank(sigma, fro2, shape, tol)
     erank, erank_lo, erank_hi = effective_rank(sigma, fro2, shape)
     out = {

@@ -59,8 +59,9 @@ class SpectralSGD(torch.optim.Optimizer):
     bit, so ``foreach=True``, ``fused=True`` and ``differentiable=True`` raise ValueError.
 
     Tracking arguments:
-        rank: number of singular values reported per matrix (r).
-        sketch_rank: sketch width k >= rank (default min(2 * rank, min(m, n))).
+        rank: number of singular values reported per matrix (r); a matrix with fewer
+            (min(m, n) < rank, e.g. a 1-unit output layer) reports all min(m, n) of them.
+        sketch_rank: sketch width k >= rank (default 2 * rank), capped at min(m, n) per matrix.
         track_every: track every N-th step (others are plain updates).
         track_grad: also track the spectrum of each gradient and its alignment with W.
         audit_every: every N tracked steps, exact ``torch.linalg.svdvals`` (float64) of each

@@ -157,10 +157,10 @@ class TrackedSet:
         self._batched: list[tuple] = []  # (names, batched sketch) of this step, ditto
         for name, p in select_tracked(named_params, include, exclude):
             m, n = matrix_shape(p.shape)
-            if rank > min(m, n):
-                raise ValueError(
-                    f"rank={rank} exceeds min(m, n) = {min(m, n)} of parameter {name!r} "
-                    f"(tracked as {m} x {n}); lower rank or exclude it with exclude=[{name!r}]")
+            # A matrix with fewer than `rank` singular values (an output layer of 1 or 10
+            # units) reports all of them: its sketch spans min(m, n) directions, so its
+            # estimates are its exact spectrum once converged, and every per-matrix result
+            # holds min(rank, m, n) values.
             k = min(sketch_rank if sketch_rank is not None else 2 * rank, m, n)
             basis_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             try:
@@ -627,7 +627,8 @@ class TrackedSet:
             res = SpectrumResult(name=tr.name, shape=tr.shape, step=tr.step, **found[name])
             extra = dict(self.audits.get(name, {}))
             if self.track_grad:
-                gres = self.grad_trackers[name].result(self.rank, self.rank_tol)
+                gt = self.grad_trackers[name]
+                gres = gt.result(min(self.rank, gt.k), self.rank_tol)
                 extra.update({
                     "grad_sigma": gres.sigma, "grad_fro_norm": gres.fro_norm,
                     "grad_stable_rank": gres.stable_rank,
@@ -641,7 +642,7 @@ class TrackedSet:
         return out
 
     def _subspace_alignment(self, name: str) -> torch.Tensor:
-        r = self.rank
+        r = min(self.rank, self.trackers[name].k)  # a matrix narrower than rank: all of it
         Uw = self.trackers[name].U[0, :, :r].to(torch.float64)
         Ug = self.grad_trackers[name].U[0, :, :r].to(torch.float64)
         return (Uw.T @ Ug).square().sum() / r
