@@ -43,7 +43,8 @@ class SpectrumTracker:
                                   precision=precision, deterministic=deterministic,
                                   schedule=schedule)
         if not self.tracked.trackers:
-            raise ValueError("no parameter with 2 or more dimensions to track")
+            raise ValueError("no parameter with 2 or more dimensions, at least one element and a "
+                             "real floating-point dtype to track")
         if log is not None:
             # Nested, so that the user's own config keys are never replaced.
             log.update_config({"tracker": {

@@ -67,8 +67,10 @@ def capturing() -> bool:
 
 
 def trackable(p: torch.Tensor) -> bool:
-    """A parameter can be tracked when it has >= 2 dims and at least one element."""
-    return p.dim() >= 2 and p.numel() > 0
+    """A parameter can be tracked when it has >= 2 dims, at least one element and a real
+    floating-point dtype (the sketches and singular values are real: a complex weight would be
+    read by its real part alone; optimizers update such parameters untracked)."""
+    return p.dim() >= 2 and p.numel() > 0 and p.is_floating_point()
 
 
 def select_tracked(named_params, include=None, exclude=None) -> list[tuple[str, torch.Tensor]]:
@@ -76,8 +78,8 @@ def select_tracked(named_params, include=None, exclude=None) -> list[tuple[str, 
 
     Patterns are exact names or fnmatch globs ("layers.*.weight"). A pattern that matches no
     parameter at all raises ValueError (a typo must not silently track nothing), and so does an
-    include pattern that matches only parameters that cannot be tracked (1-D, empty). A glob
-    that also matches biases simply skips them.
+    include pattern that matches only parameters that cannot be tracked (1-D, empty, complex or
+    integer). A glob that also matches biases simply skips them.
     """
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     names = [name for name, _ in named_params]
@@ -92,9 +94,10 @@ def select_tracked(named_params, include=None, exclude=None) -> list[tuple[str, 
     for pat in include or ():
         hits = [(n, p) for n, p in named_params if fnmatch.fnmatchcase(n, pat)]
         if not any(trackable(p) for _, p in hits):
-            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in hits[:5])
+            shapes = ", ".join(f"{n} {tuple(p.shape)} {p.dtype}" for n, p in hits[:5])
             raise ValueError(f"include pattern {pat!r} matches only parameters that cannot be "
-                             f"tracked ({shapes}): tracking needs >= 2 dims and >= 1 element")
+                             f"tracked ({shapes}): tracking needs >= 2 dims, >= 1 element "
+                             "and a real floating-point dtype")
     chosen = []
     for name, p in named_params:
         if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):

@@ -423,6 +423,31 @@ def test_track_every_tracks_every_nth_step_and_keeps_sgd_updates():
     assert_same_params(ref, model)
 
 
+def test_complex_parameters_are_updated_as_torch_sgd_and_not_tracked():
+    """Singular values here are those of real matrices: a complex weight (whose real part alone
+    a sketch would read) is updated untracked, bit for bit as torch.optim.SGD does, and an
+    include pattern that names only it raises."""
+    torch.manual_seed(0)
+    c, w = torch.randn(6, 4, dtype=torch.cfloat), torch.randn(5, 3)
+    ours = [nn.Parameter(c.clone()), nn.Parameter(w.clone())]
+    theirs = [nn.Parameter(c.clone()), nn.Parameter(w.clone())]
+    opt = SpectralSGD(list(zip(("c", "w"), ours)), lr=0.1, momentum=0.9, weight_decay=0.01,
+                      rank=2)
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(4):
+        grads = [torch.randn(6, 4, dtype=torch.cfloat), torch.randn(5, 3)]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert list(opt.spectra()) == ["w"]
+    with pytest.raises(ValueError, match="real floating-point dtype"):
+        SpectralSGD([("c", nn.Parameter(c.clone()))], lr=0.1, include=["c"])
+    with pytest.raises(ValueError, match="real floating-point dtype"):
+        lowrank.SpectrumTracker([("c", nn.Parameter(c.clone()))], rank=2)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_matrices_narrower_than_rank_report_all_their_singular_values(backend, tmp_path):
     """The default rank=8 on a model with a 1-unit layer and a 1 x 3 one: no error; each matrix
