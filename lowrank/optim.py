@@ -232,6 +232,7 @@ class SpectralSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.tracked.check_log_open()
         capturing = trackset.capturing()
         if capturing:
             self._prepare_capture()

@@ -110,14 +110,25 @@ class RunLog:
         tensorboard: also write scalars (spectral norm = top sigma, stable rank, numerical rank,
             effective rank) through ``torch.utils.tensorboard`` into run_dir/tb.
 
+        resume: append to the log already in run_dir (a run continued from a checkpoint:
+            steps it runs again replace the earlier rows in :func:`load_log`). Without it, a
+            run_dir that holds a log raises FileExistsError: a new run's rows would mix with
+            the old run's under the same step numbers.
+
     Use it as a context manager or call :meth:`close`; a log dropped or left open at interpreter
     exit is flushed too (but a killed process loses its unflushed buffer).
     """
 
     def __init__(self, run_dir, config: dict | None = None, *, flush_every: int = 50,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, resume: bool = False):
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
+        existing = sorted((Path(run_dir) / LOG_SUBDIR).glob("part-*.parquet"))
+        if existing and not resume:
+            raise FileExistsError(
+                f"{run_dir} already holds a run log ({len(existing)} part files); pass "
+                "resume=True to append to it (a run continued from a checkpoint), or choose "
+                "another folder")
         try:
             import pyarrow  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -282,13 +293,16 @@ def _write_tensorboard(tb, columns: dict) -> None:
 
 
 def load_log(run_dir):
-    """The run's log as a pandas DataFrame sorted by (step, name); ``sigma`` is a list column."""
+    """The run's log as a pandas DataFrame sorted by (step, name); ``sigma`` is a list column.
+    A step logged more than once (a run resumed from a checkpoint older than its last logged
+    step runs those steps again) keeps the rows of the latest part file."""
     import pandas as pd
 
     parts = sorted((Path(run_dir) / LOG_SUBDIR).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no log parts under {Path(run_dir) / LOG_SUBDIR}")
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    df = df.drop_duplicates(["step", "name"], keep="last")  # parts are in write order
     return df.sort_values(["step", "name"], kind="stable").reset_index(drop=True)
 
 

@@ -71,6 +71,7 @@ class SpectrumTracker:
 
         Can be captured in a CUDA graph (with the optimizer step, after a few eager steps) with
         every=1 and a sync-free backend ("cupy"); a replay then tracks a step as a call does."""
+        self.tracked.check_log_open()
         if trackset.capturing():
             if self.every != 1:
                 raise RuntimeError(f"SpectrumTracker cannot be captured in a CUDA graph: every="

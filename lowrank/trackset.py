@@ -279,6 +279,13 @@ class TrackedSet:
             return "power"
         return "y" if self.trackers[name].step % 2 == 0 else "z"
 
+    def check_log_open(self) -> None:
+        """Raise before a step changes anything when its log is closed (the step would update
+        the weights and then fail to log them)."""
+        if self.log is not None and self.log.closed:
+            raise RuntimeError(f"the RunLog of this optimizer/tracker ({self.log.run_dir}) is "
+                               "closed; open a new RunLog on the folder to go on logging")
+
     def matrix(self, name: str, t: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` (default: the parameter) as the (m, n) matrix it is tracked as (a view when the
         layout allows: conv kernels (o, i, kh, kw) -> (o, i*kh*kw))."""
@@ -620,6 +627,9 @@ class TrackedSet:
         few batches (:mod:`lowrank.batched_metrics`), the same values as each tracker's own."""
         names = list(self.trackers)
         trackers = list(self.trackers.values())
+        if any(tr.step == 0 for tr in trackers):  # (every tracking step sketches all of them)
+            raise RuntimeError("no spectra yet: no tracked step has run (call step() first; the "
+                               "estimates before it would be zeros)")
         found = {}
         for block in self._metric_plan(names, trackers):
             values = batched_metrics.block_metrics(trackers, block, self.rank, self.rank_tol)

@@ -423,6 +423,17 @@ def test_track_every_tracks_every_nth_step_and_keeps_sgd_updates():
     assert_same_params(ref, model)
 
 
+def test_spectra_before_the_first_tracked_step_raise():
+    """Before any tracked step the estimates are zeros, which would read as rank 0."""
+    opt = SpectralSGD(Net().named_parameters(), lr=0.1, rank=2)
+    tracker = lowrank.SpectrumTracker(Net(), rank=2)
+    for owner in (opt, tracker):
+        with pytest.raises(RuntimeError, match="no tracked step"):
+            owner.spectra()
+    tracker.step()
+    assert all(res.step == 1 for res in tracker.spectra().values())
+
+
 def test_complex_parameters_are_updated_as_torch_sgd_and_not_tracked():
     """Singular values here are those of real matrices: a complex weight (whose real part alone
     a sketch would read) is updated untracked, bit for bit as torch.optim.SGD does, and an

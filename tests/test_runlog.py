@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import os
@@ -189,8 +190,8 @@ def test_crash_leaves_only_complete_parts(tmp_path, mode, n_parts, steps):
     for df in (load_log(run_dir), pd.read_parquet(run_dir / "spectra")):
         assert sorted(set(df["step"])) == steps
         assert len(df) == 2 * len(steps)
-    # A new log in the same directory continues after the last complete part.
-    with RunLog(run_dir) as log:
+    # A resumed log in the same directory continues after the last complete part.
+    with RunLog(run_dir, resume=True) as log:
         log.record(50, {"w": {"x": torch.ones(1)}}, {"w": (1, 1)})
     assert parts(run_dir)[-1] == f"part-{n_parts:05d}.parquet"
 
@@ -227,13 +228,62 @@ def test_log_dropped_without_close_is_flushed(tmp_path):
 
 def test_resumed_log_never_overwrites_a_part(tmp_path):
     for step in range(3):
-        with RunLog(tmp_path) as log:
+        with RunLog(tmp_path, resume=step > 0) as log:
             log.record(step, {"w": {"x": torch.full((1,), float(step))}}, {"w": (1, 1)})
     (tmp_path / "spectra" / "part-00001.parquet").unlink()
-    with RunLog(tmp_path) as log:
+    with RunLog(tmp_path, resume=True) as log:
         log.record(3, {"w": {"x": torch.full((1,), 3.0)}}, {"w": (1, 1)})
     assert parts(tmp_path) == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert load_log(tmp_path)["x"].tolist() == [0.0, 2.0, 3.0]
+
+
+def test_a_new_log_refuses_a_folder_with_a_log_and_a_resumed_one_replaces_rerun_steps(tmp_path):
+    """A fresh RunLog on a folder that holds a log raises (its rows would mix with the old
+    run's under the same steps) and leaves the folder as it was; resume=True appends, and
+    steps run again after a resume from an older checkpoint keep their latest rows."""
+    model = make_model()
+    with RunLog(tmp_path, flush_every=2) as log:
+        opt = SpectralSGD(model.named_parameters(), lr=0.05, rank=3, log=log)
+        train(model, opt, 4)
+        checkpoint = copy.deepcopy(opt.state_dict())
+        train(model, opt, 2)  # steps 4, 5: logged, then "lost" with the process
+    before = parts(tmp_path)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        RunLog(tmp_path)
+    assert parts(tmp_path) == before and (tmp_path / "config.json").exists()
+    with RunLog(tmp_path, resume=True) as log:
+        opt = SpectralSGD(model.named_parameters(), lr=0.05, rank=3, log=log)
+        opt.load_state_dict(checkpoint)
+        train(model, opt, 1, start=4)  # step 4 again, from other weights than the first time
+        rerun = opt.spectra()
+        train(model, opt, 2, start=5)
+    df = load_log(tmp_path)
+    assert df.groupby("name")["step"].apply(list).map(lambda s: s == list(range(7))).all()
+    again = df.query("step == 4").set_index("name")
+    for name, res in rerun.items():
+        assert again.loc[name, "fro_norm"] == pytest.approx(float(res.fro_norm), rel=1e-12)
+
+
+def test_a_step_after_its_log_closed_raises_before_changing_anything(tmp_path):
+    """SpectralSGD and SpectrumTracker check their log first: the weights, the momentum and the
+    step count stay as they were (a step that logged nothing must not update either)."""
+    model = make_model()
+    log = RunLog(tmp_path)
+    opt = SpectralSGD(model.named_parameters(), lr=0.05, momentum=0.9, rank=3, log=log)
+    train(model, opt, 2)
+    log.close()
+    before = [p.detach().clone() for p in model.parameters()]
+    set_grads(model, 2)
+    with pytest.raises(RuntimeError, match="closed"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.steps == 2
+    tracker = SpectrumTracker(model, rank=3, log=RunLog(tmp_path / "t"))
+    tracker.step()
+    tracker.tracked.log.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        tracker.step()
+    assert tracker.calls == 1
 
 
 def test_tensorboard_writes_event_files(tmp_path):
