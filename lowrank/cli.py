@@ -54,12 +54,18 @@ def _cmd_estimate(argv) -> int:
     parser.add_argument("-k", type=int, default=8)
     parser.add_argument("--exact", action="store_true", help="also compute exact float64 svdvals")
     args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"-k must be >= 1, got {args.k}")
     import torch
 
     from .oneshot import svdvals
     from .sketch import as_batched
 
-    obj = torch.load(args.path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(args.path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # missing, not a torch file
+        print(f"lowrank estimate: cannot load {args.path}: {exc}", file=sys.stderr)
+        return 2
     items = obj.items() if isinstance(obj, dict) else [("tensor", obj)]
     for name, t in items:
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():

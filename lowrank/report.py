@@ -100,20 +100,37 @@ def plot_ranks(df, path: Path) -> Path:
     return path
 
 
+def _nonfinite_since(layer) -> int | None:
+    """The first step of the trailing run of steps whose weights were not finite (the tracker
+    then keeps its last finite estimates), or None where the last step was finite."""
+    if "nonfinite" not in layer or not bool(layer["nonfinite"].iloc[-1]):
+        return None
+    flags = layer["nonfinite"].astype(bool).to_numpy()
+    steps = layer["step"].to_numpy()
+    i = len(flags) - 1
+    while i > 0 and flags[i - 1]:
+        i -= 1
+    return int(steps[i])
+
+
 def summary_rows(df) -> list[dict]:
-    """One row per layer: its last logged step's key metrics."""
+    """One row per layer: its last logged step's key metrics, and whether its weights were
+    finite there (else the metrics are those of the last finite step, and "status" says since
+    when they are not)."""
     rows = []
-    last = df.sort_values("step").groupby("name", sort=False).tail(1)
-    for _, r in last.iterrows():
+    for name, layer in df.sort_values("step", kind="stable").groupby("name", sort=False):
+        r = layer.iloc[-1]
         rank = int(r["numerical_rank"])
         upper = int(r["numerical_rank_upper"])
+        since = _nonfinite_since(layer)
         rows.append({
-            "layer": r["name"], "shape": r["shape"], "step": int(r["step"]),
+            "layer": name, "shape": r["shape"], "step": int(r["step"]),
             "sigma_1": float(r["spectral_norm"]), "fro": float(r["fro_norm"]),
             "stable_rank": float(r["stable_rank"]),
             "rank@tol": f"{rank}" if upper == rank else f"{rank}..{upper}",
             "eff_rank": float(r["effective_rank"]),
-            "converged": float(r["convergence"]) < 1e-3,
+            "converged": since is None and float(r["convergence"]) < 1e-3,
+            "status": "ok" if since is None else f"NOT FINITE since step {since}",
         })
     return rows
 
