@@ -61,7 +61,7 @@ def test_report_of_a_folder_without_a_log_is_a_one_line_error(tmp_path, capsys):
 
 def test_estimate_matches_exact_svdvals(tmp_path, capsys):
     """On a decaying spectrum (a random Gaussian matrix's flat one is the one-shot sketch's
-    hard case: a few 1e-3, as its docs say) the printed values and error are float64 svdvals'."""
+    hard case: errors of a few 1e-3 there) the printed values and error are float64 svdvals'."""
     g = torch.Generator().manual_seed(1)
     Q1 = torch.linalg.qr(torch.randn(60, 40, generator=g, dtype=torch.float64)).Q
     Q2 = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q
