@@ -93,7 +93,7 @@ class Settings:
 
 
 PRESETS = {
-    # under a minute on 2 CPU cores: the test runs this
+    # under half a minute on 2 CPU cores: the test runs this
     "quick": dict(hidden=128, depth=2, batch_sizes=[16, 64], lrs=[0.1, 0.2], wds=[0.0, 0.05],
                   base=(16, 0.2, 0.05), epochs=10.0, rank=20, sketch_rank=40, audits=3),
     # under 5 minutes on 2 CPU cores
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "weight matrix every step; check the predictions of Galanti et al. (SGD + "
                     "weight decay minimise rank) and audit the tracker against exact SVDs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small model and grid, under a minute on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="small model and grid, under half a minute on 2 CPU cores")
     p.add_argument("--hidden", type=int, default=None, help="hidden width (quick 128, default 256)")
     p.add_argument("--depth", type=int, default=None, help="number of hidden layers (quick 2, default 3)")
     p.add_argument("--batch-sizes", type=_ints, default=None, metavar="B,B,...")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audits", type=int, default=None,
                    help="audit checkpoints per configuration (exact svdvals), the last at the final step")
     p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cupy"),
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "torch", "triton", "cupy"),
                    help="tracking kernels (see lowrank.backends)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
