@@ -17,6 +17,10 @@ def check_matrix(A, name: str = "A", *, finite: bool = True) -> None:
         raise TypeError(
             f"{name} has dtype {A.dtype}; expected one of float32, float64, bfloat16, float16"
         )
+    if A.layout != torch.strided:
+        raise TypeError(f"{name} is a {A.layout} tensor; pass a dense one (e.g. {name}.to_dense())")
+    if A.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no values)")
     if A.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (got shape {tuple(A.shape)})")
     if A.numel() == 0:

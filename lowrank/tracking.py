@@ -26,8 +26,10 @@ from .sketch import SketchOut, init_bases, name_seed
 class SpectrumResult:
     """The spectrum of one matrix at one step. Tensors are on the tracker's device, float64.
 
-    sigma: top-r singular values, descending (estimated lower bounds); step: the tracked step
-    count; the other fields are the metrics of :mod:`lowrank.metrics` (see each for what is exact).
+    sigma: top-r singular values, descending (estimated lower bounds); step: how many steps
+    tracked this matrix (not the optimizer's step: with track_every=10 and 55 optimizer steps it
+    is 6; a log's "step" column is the optimizer step, 0-based, so the latest row is step 50);
+    the other fields are the metrics of :mod:`lowrank.metrics` (see each for what is exact).
     subspace_drift is that of the left basis U (under the "alternate" schedule: of the basis
     updated that step, U or V in turn).
     """
