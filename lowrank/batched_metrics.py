@@ -85,8 +85,8 @@ def snapshot(trackers, block: Block, r: int) -> dict:
 def snapshot_metrics(block: Block, snaps: list[dict], r: int, tol: float) -> dict:
     """The metrics of ``block``'s trackers at the steps of ``snaps`` (:func:`snapshot`), in one
     batch: (len(snaps) * len(block.rows), ...) tensors, step by step, block order within a step.
-    Each row is what :meth:`MatrixTracker.metrics` gave at that step (whose checks of r each
-    tracker passed when it was made)."""
+    Each row is what :meth:`MatrixTracker.metrics` gave at that step, with r capped at the
+    block's sketch width k (a matrix with fewer than r singular values reports its k)."""
     def cat(key):
         return snaps[0][key] if len(snaps) == 1 else torch.cat([s[key] for s in snaps])
 

@@ -34,11 +34,17 @@ def _json_default(value):
     return repr(value)
 
 
+def _part_numbers(run_dir: Path) -> list[int]:
+    """The numbers of the part files already in ``run_dir``."""
+    return [int(p.stem.split("-")[1]) for p in (run_dir / LOG_SUBDIR).glob("part-*.parquet")
+            if p.stem.split("-")[1].isdigit()]
+
+
 class _PartWriter:
     """The buffer and the files of a RunLog. Separate from RunLog so that the finalizer that
     flushes a log dropped without close() can hold it (a finalizer must not hold the log)."""
 
-    def __init__(self, run_dir: Path, flush_every: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, flush_every: int, tensorboard: bool, first_part: int):
         self.run_dir = run_dir
         self.flush_every = flush_every
         # Blocks (step, names, shapes, metrics): each metric holds one value per name, the
@@ -46,10 +52,7 @@ class _PartWriter:
         # (see RunLog.record_blocks), resolved at the flush.
         self.buffer: list[tuple[int, tuple, tuple, dict]] = []
         self.steps_buffered = 0
-        # Continue after the highest existing part (a resumed run must not overwrite one).
-        taken = [int(p.stem.split("-")[1]) for p in (run_dir / LOG_SUBDIR).glob("part-*.parquet")
-                 if p.stem.split("-")[1].isdigit()]
-        self.part = max(taken) + 1 if taken else 0
+        self.part = first_part  # after the existing parts: a resumed run overwrites none
         self.closed = False
         self.tb = None
         if tensorboard:
@@ -123,7 +126,7 @@ class RunLog:
                  tensorboard: bool = False, resume: bool = False):
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
-        existing = sorted((Path(run_dir) / LOG_SUBDIR).glob("part-*.parquet"))
+        existing = _part_numbers(Path(run_dir))
         if existing and not resume:
             raise FileExistsError(
                 f"{run_dir} already holds a run log ({len(existing)} part files); pass "
@@ -137,7 +140,8 @@ class RunLog:
         (self.run_dir / LOG_SUBDIR).mkdir(parents=True, exist_ok=True)
         self.flush_every = flush_every
         self.config: dict = {}
-        self._writer = _PartWriter(self.run_dir, flush_every, tensorboard)
+        self._writer = _PartWriter(self.run_dir, flush_every, tensorboard,
+                                   max(existing) + 1 if existing else 0)
         self.update_config(config or {})
         # Flush what is buffered when the log is garbage-collected or the interpreter exits
         # without close() (the callback holds the writer, not the log).

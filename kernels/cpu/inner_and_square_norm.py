@@ -11,9 +11,6 @@ import torch
 from . import _loader
 from .fused_sgd_sketch import WEIGHT_DTYPES
 
-# Below this many elements the sums run on the calling thread (as the kernel decides by blocks).
-_PARALLEL_MIN = 1 << 16
-
 
 def takes(G: torch.Tensor, W: torch.Tensor) -> bool:
     """Whether the kernel reads this pair: CPU tensors of one dtype it widens, same number of
@@ -31,9 +28,10 @@ def inner_and_square_norm_cpu(G: torch.Tensor, W: torch.Tensor) -> tuple[torch.T
                          f"{tuple(G.shape)} on {G.device}, W {W.dtype} {tuple(W.shape)} on "
                          f"{W.device}")
     out = torch.empty(2, dtype=torch.float64)
-    threads = torch.get_num_threads() if G.numel() >= _PARALLEL_MIN else 1
+    # the kernel runs fewer than PARALLEL_BLOCKS blocks (64K elements) on the calling thread
     rc = _loader.library().lowrank_inner_and_square_norm(
-        G.numel(), G.data_ptr(), W.data_ptr(), WEIGHT_DTYPES[W.dtype], threads, out.data_ptr())
+        G.numel(), G.data_ptr(), W.data_ptr(), WEIGHT_DTYPES[W.dtype], torch.get_num_threads(),
+        out.data_ptr())
     if rc != 0:
         raise (MemoryError if rc == -1 else RuntimeError)(
             f"inner_and_square_norm_cpu: kernel status {rc}")
