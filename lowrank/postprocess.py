@@ -15,7 +15,8 @@ those columns are refilled with seeded Gaussian vectors, projected off the good 
 whole basis is re-orthonormalised by two rounds of Cholesky-QR (well conditioned by then, so
 ``cholesky_ex`` cannot fail). No data-dependent branch: the refill is computed for every column
 and selected with ``torch.where``, so no NaN, no exception, no host synchronisation for the
-branch. (``torch.linalg.eigh`` itself may synchronise on CUDA; the CuPy kernel avoids that.)
+branch. (``torch.linalg.eigh`` itself synchronises on CUDA; the CuPy kernel, and the Triton
+backend's ``gram_eigh`` kernel, avoid that.)
 
 The drift between consecutive bases is recorded as the k x k overlaps U_old^T U_next and
 V_old^T V_next, whose singular values are the cosines of the principal angles.
@@ -53,6 +54,15 @@ class PostOut(NamedTuple):
     overlap_v: torch.Tensor  # (b, k, k) float64, V_old^T V_next
 
 
+def gram_eigh_torch(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Op ``gram_eigh``: eigenvalues in descending order and eigenvectors of symmetric (b, k, k)
+    matrices (the lower triangle is read), in float64. ``torch.linalg.eigh`` reads cuSOLVER's
+    error flags on the host on CUDA; the Triton kernel
+    (:func:`lowrank.kernels.triton.postprocess.gram_eigh_triton`) does not."""
+    evals, evecs = torch.linalg.eigh(G.to(torch.float64))
+    return evals.flip(-1), evecs.flip(-1)
+
+
 def _cholesky_qr(X: torch.Tensor) -> torch.Tensor:
     """One Cholesky-QR round on a well-conditioned float64 batch (b, p, k)."""
     G = X.transpose(-2, -1) @ X
@@ -61,8 +71,8 @@ def _cholesky_qr(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.transpose(-2, -1), X, upper=True, left=False)
 
 
-def ritz_basis(S: torch.Tensor, refill, *, basis_dtype: torch.dtype = torch.float64
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def ritz_basis(S: torch.Tensor, refill, *, basis_dtype: torch.dtype = torch.float64,
+               eigh=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal Ritz basis of the sketch S (b, p, k) in float64, and its singular values.
 
     ``refill`` (b, p, k), or a function returning it, supplies candidate vectors for directions S
@@ -70,14 +80,16 @@ def ritz_basis(S: torch.Tensor, refill, *, basis_dtype: torch.dtype = torch.floa
     there); on a GPU it is always drawn, so that no host synchronisation decides.
     ``basis_dtype`` is the dtype the caller stores the basis in: on the CPU, a float32 basis of
     a well-conditioned S skips the Cholesky-QR round that only float64 storage could see.
+    ``eigh``: the ``gram_eigh`` implementation (default :func:`gram_eigh_torch`); another one
+    (the Triton kernel) takes the device path, with no host read, wherever S is.
     Returns (Q (b, p, k), sigma (b, k) descending).
     """
     S = S.to(torch.float64)
     gram = S.transpose(-2, -1) @ S
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(-1).clamp_min(0.0), evecs.flip(-1)  # descending
+    evals, evecs = (eigh or gram_eigh_torch)(gram)
+    evals = evals.clamp_min(0.0)
     top, low = evals[..., :1], evals[..., -1:]
-    if _checks.host_reads_are_free(S):
+    if eigh is None and _checks.host_reads_are_free(S):
         # One host read decides the path (free on the CPU): every direction well above the
         # floors, and whether the Ritz vectors are orthonormal to the basis dtype's rounding.
         full, well = torch.stack([((low > GRAM_RELATIVE_FLOOR * top) & (low > GRAM_ABSOLUTE_FLOOR)).all(),
@@ -152,9 +164,9 @@ def _fast_side(S: torch.Tensor, B_old: torch.Tensor):
     return (S64 @ T).to(B_old.dtype), evals.sqrt(), overlap * sign, T
 
 
-def _side(S: torch.Tensor, B_old: torch.Tensor, refill):
+def _side(S: torch.Tensor, B_old: torch.Tensor, refill, eigh=None):
     """(next basis in B_old's dtype, sigma, overlap B_old^T B_next) of one side."""
-    Q, sigma = ritz_basis(S, refill, basis_dtype=B_old.dtype)
+    Q, sigma = ritz_basis(S, refill, basis_dtype=B_old.dtype, eigh=eigh)
     Q, overlap = _align_signs(B_old, Q)
     return Q.to(B_old.dtype), sigma, overlap
 
@@ -175,13 +187,15 @@ def postprocess_side_torch(S: torch.Tensor, B_old: torch.Tensor, refill, *,
 
 
 def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_old: torch.Tensor,
-                      *, seed: int = 0, step: int = 0, refill=None) -> PostOut:
+                      *, seed: int = 0, step: int = 0, refill=None, eigh=None) -> PostOut:
     """Reference post-processing of one step's sketches (see the module docstring).
 
     Y (b, m, k), Z (b, n, k), U_old (b, m, k), V_old (b, n, k). ``seed`` and ``step`` make
     the refill of rank-deficient directions reproducible; ``refill`` = (Ry, Rz), tensors
     (b, m, k), (b, n, k) or functions returning them, gives the candidates instead (a batch of
-    matrices with seeds of their own).
+    matrices with seeds of their own). ``eigh``: another ``gram_eigh`` than
+    :func:`gram_eigh_torch` (see :func:`ritz_basis`); it skips the CPU fast paths, which read
+    the eigenvalues on the host.
     """
     b, m, k = Y.shape
     n = Z.shape[-2]
@@ -189,7 +203,10 @@ def postprocess_torch(Y: torch.Tensor, Z: torch.Tensor, U_old: torch.Tensor, V_o
         refill = (lambda: refill_candidates((b, m, k), seed, 2 * step, Y.device),
                   lambda: refill_candidates((b, n, k), seed, 2 * step + 1, Z.device))
     same_batch = U_old.shape[0] == b and V_old.shape[0] == b  # not broadcast (1, m, k) bases
-    if m == n and U_old.dtype == V_old.dtype and same_batch and _checks.host_reads_are_free(Y):
+    if eigh is not None:
+        Uq, sigma_y, overlap_u = _side(Y, U_old, refill[0], eigh)
+        Vq, sigma_z, overlap_v = _side(Z, V_old, refill[1], eigh)
+    elif m == n and U_old.dtype == V_old.dtype and same_batch and _checks.host_reads_are_free(Y):
         # Square on the CPU: both sides in one batch of the fast path.
         both = _fast_side(torch.cat([Y, Z]), torch.cat([U_old, V_old]))
         if both is not None:
