@@ -7,6 +7,11 @@ Z (b, n, k) (fp32, a decaying spectrum) and orthonormal fp32 bases, times:
 
 - ``cupy``: :func:`lowrank.kernels.cupy.postprocess.postprocess_cupy` (eager launches);
 - ``cupy_graph``: the same captured once in a CUDA graph and replayed (no launch overhead);
+- ``triton`` / ``triton_graph``: :func:`lowrank.kernels.triton.postprocess.postprocess_triton`,
+  the Triton backend's own (without CuPy): the reference's torch ops with a Triton Jacobi
+  eigensolver and refill, no host sync, eager and replayed;
+- ``triton_gram_eigh``: its eigensolver alone on both sides' Gram matrices (one launch of 2b),
+  beside ``linalg_eigh``;
 - ``torch_reference``: :func:`lowrank.postprocess.postprocess_torch` (eigh + Cholesky-QR);
 - ``linalg_eigh`` / ``linalg_qr`` / ``linalg_svdvals``: the bare batched torch.linalg call a user
   would write instead (float64, both sides), for scale.
@@ -17,8 +22,8 @@ GPT-2 small, 6 shapes; k = 16, each shape's matrices as one group; m, n empty, t
 before 2026-11-23) against ``cupy_many`` (:func:`postprocess_cupy_many`: one launch sequence for
 every shape), eager and captured (``_graph``).
 
-Before timing, the CuPy result is checked against the reference (``check``: max relative error of
-sigma over values >= 1e-3 sigma_1, and the orthonormality error of U). ``host_syncs`` counts the
+Before timing, the CuPy and Triton results are checked against the reference (``check``: max
+relative error of sigma over values >= 1e-3 sigma_1, and the orthonormality error of U). ``host_syncs`` counts the
 synchronisations torch reports in one call under ``torch.cuda.set_sync_debug_mode("warn")``
 (it sees torch's own syncs only, e.g. inside ``torch.linalg.eigh``; the CuPy kernels have none by
 construction: no device-to-host copy, no data-dependent host branch). Times: median, 20th and
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import sys
 import traceback
 from pathlib import Path
@@ -108,6 +114,12 @@ def run(out_dir, batches=BATCHES, ks=KS) -> Path:
     except Exception as exc:  # noqa: BLE001 (reported as a row, the torch rows still run)
         pp_cupy = None
         write(provider="cupy", error=f"{type(exc).__name__}: {exc}"[:500])
+    try:
+        triton_pp = kernel_module("triton", "postprocess")
+        pp_triton, eigh_triton = triton_pp.postprocess_triton, triton_pp.gram_eigh_triton
+    except Exception as exc:  # noqa: BLE001
+        pp_triton = eigh_triton = None
+        write(provider="triton", error=f"{type(exc).__name__}: {exc}"[:500])
     for b in batches:
         for k in ks:
             try:
@@ -128,42 +140,42 @@ def run(out_dir, batches=BATCHES, ks=KS) -> Path:
                 del providers["linalg_svdvals"]
                 write(provider="linalg_svdvals", b=b, k=k,
                       error=f"skipped: batched svdvals timed for b <= {SVDVALS_MAX_BATCH} only")
-            check = ""
-            if pp_cupy is not None:
-                providers["cupy"] = lambda: pp_cupy(Y, Z, U, V, seed=0, step=1)
+            checks = {}
+            ref = postprocess_torch(Y, Z, U, V, seed=0, step=1)
+            for kernel, pp in (("cupy", pp_cupy), ("triton", pp_triton)):
+                if pp is None:
+                    continue
+                call = functools.partial(pp, Y, Z, U, V, seed=0, step=1)
                 try:
-                    ours = pp_cupy(Y, Z, U, V, seed=0, step=1)
-                    ref = postprocess_torch(Y, Z, U, V, seed=0, step=1)
-                    s1 = ref.sigma[:, :1]
-                    big = ref.sigma >= 1e-3 * s1
-                    rel = ((ours.sigma - ref.sigma).abs() / ref.sigma.clamp_min(1e-300))[big].max()
-                    Uq = ours.U.double()
-                    eye = torch.eye(k, device="cuda", dtype=torch.float64)
-                    orth = (Uq.mT @ Uq - eye).abs().max()
-                    check = f"sigma rel err {rel.item():.1e}; U orth err {orth.item():.1e}"
-                    providers["cupy_graph"] = _graph_of(lambda: pp_cupy(Y, Z, U, V, seed=0, step=1))
+                    checks[kernel] = _check(call(), ref)
+                    providers[kernel] = call
+                    providers[kernel + "_graph"] = _graph_of(call)
                 except Exception as exc:  # noqa: BLE001
-                    write(provider="cupy", b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
-                    providers.pop("cupy", None)
+                    traceback.print_exc()
+                    write(provider=kernel, b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
+                    providers.pop(kernel, None)
+            if pp_triton is not None:
+                grams = torch.cat([Y64.mT @ Y64, Z64.mT @ Z64])
+                providers["triton_gram_eigh"] = lambda: eigh_triton(grams)
             for name, fn in providers.items():
                 try:
                     fn()  # warm-up (compilation, workspace)
-                    syncs = timing.count_host_syncs(fn) if name != "cupy_graph" else 0
+                    syncs = timing.count_host_syncs(fn) if not name.endswith("_graph") else 0
                     med, p20, p80 = _time_ms(fn)
                     write(provider=name, b=b, k=k, median_ms=med, p20_ms=p20, p80_ms=p80,
-                          host_syncs=syncs, check=check if name.startswith("cupy") else "")
+                          host_syncs=syncs, check=checks.get(name.removesuffix("_graph"), ""))
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc()
                     write(provider=name, b=b, k=k, error=f"{type(exc).__name__}: {exc}"[:500])
-            del Y, Z, U, V, Y64, Z64, providers
+            del Y, Z, U, V, Y64, Z64, providers, ref
             torch.cuda.empty_cache()
-    if pp_cupy is not None:
+    if pp_cupy is not None or pp_triton is not None:
         for model in MODELS:
             try:
                 _run_shapes(model, write)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
-                write(op="postprocess_shapes", provider="cupy_many", m="", n="", k=16,
+                write(op="postprocess_shapes", provider="shapes", m="", n="", k=16,
                       check=model, error=f"{type(exc).__name__}: {exc}"[:500])
     f.close()
     return path
@@ -203,14 +215,21 @@ def _run_shapes(model: str, write, k: int = 16) -> None:
     """One post-processing of every tracked shape of ``model``: per shape vs in one sequence."""
     from lowrank.backends import kernel_module
 
-    pp = kernel_module("cupy", "postprocess")
+    from lowrank.backends import cupy_available, triton_available
+
     groups = _model_groups(model, k)
     b = sum(g[0].shape[0] for g in groups)
     label = f"{model}: {len(groups)} shapes, {b} matrices"
-    providers = {
-        "cupy_per_shape": lambda: [pp.postprocess_cupy(*g[:4], seed=g[4], step=1) for g in groups],
-        "cupy_many": lambda: pp.postprocess_cupy_many(groups, step=1),
-    }
+    providers = {}
+    if cupy_available():
+        pp = kernel_module("cupy", "postprocess")
+        providers["cupy_per_shape"] = lambda: [pp.postprocess_cupy(*g[:4], seed=g[4], step=1)
+                                               for g in groups]
+        providers["cupy_many"] = lambda: pp.postprocess_cupy_many(groups, step=1)
+    if triton_available():
+        tp = kernel_module("triton", "postprocess")
+        providers["triton_per_shape"] = lambda: [tp.postprocess_triton(*g[:4], seed=g[4], step=1)
+                                                 for g in groups]
     for name in list(providers):
         providers[name + "_graph"] = _graph_of(providers[name])
     for name, fn in providers.items():
@@ -218,6 +237,19 @@ def _run_shapes(model: str, write, k: int = 16) -> None:
         med, p20, p80 = _time_ms(fn)
         write(op="postprocess_shapes", provider=name, m="", n="", b=b, k=k, median_ms=med,
               p20_ms=p20, p80_ms=p80, check=label)
+
+
+def _check(ours, ref) -> str:
+    """Largest relative error of sigma over values >= 1e-3 sigma_1 against the reference, and
+    the orthonormality error of U."""
+    import torch
+
+    big = ref.sigma >= 1e-3 * ref.sigma[:, :1]
+    rel = ((ours.sigma - ref.sigma).abs() / ref.sigma.clamp_min(1e-300))[big].max()
+    Uq = ours.U.double()
+    eye = torch.eye(Uq.shape[-1], device=Uq.device, dtype=torch.float64)
+    orth = (Uq.mT @ Uq - eye).abs().max()
+    return f"sigma rel err {rel.item():.1e}; U orth err {orth.item():.1e}"
 
 
 def _graph_of(fn):

@@ -10,8 +10,9 @@ Parts (default: all, in this order; ``make gpu-check`` runs them all in one comm
    reference. DIR/smoke.json says what ran, what failed and why. Run it first, and each part as
    its own command: a kernel that faults poisons the CUDA context of its process, and every
    later part of the same command would fail with it.
-1. ``tests``: ``pytest`` of each of tests/test_triton_gpu.py, test_cupy_gpu.py and
-   test_eager_gpu.py in its own process (a fault in one cannot fail the others), each
+1. ``tests``: ``pytest`` of each of tests/test_triton_gpu.py, test_triton_post_gpu.py,
+   test_cupy_gpu.py and test_eager_gpu.py in its own process (a fault in one cannot fail the
+   others), each
    streaming its log to DIR as it runs,
    with junit XML and a summary.
 2. ``kernels``: kernel benchmarks (fp32, cold L2) of ``fused_sgd_sketch`` and ``sketch`` on 4096^2, 8192^2 and
@@ -67,7 +68,8 @@ SHAPES = [(4096, 4096), (8192, 8192), (4096, 16384)]
 KS = [0, 8, 16, 32, 64]
 MOMENTA = [0.0, 0.9]
 PARTS = ("smoke", "tests", "kernels", "postprocess", "suite", "logcost")
-GPU_TEST_FILES = ("tests/test_triton_gpu.py", "tests/test_cupy_gpu.py", "tests/test_eager_gpu.py")
+GPU_TEST_FILES = ("tests/test_triton_gpu.py", "tests/test_triton_post_gpu.py",
+                  "tests/test_cupy_gpu.py", "tests/test_eager_gpu.py")
 DEV = "cuda"  # a module constant so the pipeline can be smoke-tested on the CPU interpreter
 LR = 1e-6  # tiny: W is updated in place by every timed run and must stay finite and O(1)
 

@@ -35,6 +35,9 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (~fp32 accuracy) or one (~1e-3 relative error per product) term. Only the Triton kernels offer
 # the TF32 modes; the torch and CuPy products are always exact fp32 (fp64 for fp64 weights).
 PRECISIONS = ("fp32", "tf32x3", "tf32")
+# Widest sketch the Triton backend post-processes with its own kernels (its one-program
+# eigensolver: kernels/triton/postprocess.py MAX_K); wider ones take the torch reference.
+TRITON_POST_MAX_K = 128
 
 
 class BackendUnavailable(RuntimeError):
@@ -319,17 +322,22 @@ def inner_and_square_norm(G, W, *, backend: str = "torch"):
 
 def postprocess(Y, Z, U, V, *, seed: int, step: int, refill=None, backend: str = "torch"):
     """Op ``postprocess``. CuPy and cpu have kernels (the cpu one for the common case only,
-    falling back to the torch reference); Triton uses the CuPy kernel where CuPy runs on the
-    device (see :func:`_cupy_post_for_triton`), else the torch reference.
+    falling back to the torch reference); Triton on a GPU uses the CuPy kernel where CuPy runs
+    on the device (see :func:`_cupy_post_for_triton`), else its own (the reference's math with
+    Triton kernels for the eigensolver and the refill: :func:`_triton_post`), and the torch
+    reference beyond that kernel's width.
 
     ``refill`` (see :func:`lowrank.postprocess.postprocess_torch`) is used by the torch path;
-    the CuPy kernel draws its own candidates from (seed, step) on the device.
+    the CuPy and Triton kernels draw their own candidates from (seed, step) on the device.
     """
     if backend == "cpu":
         return kernel_module("cpu", "postprocess").postprocess_cpu(Y, Z, U, V, seed=seed,
                                                                   step=step, refill=refill)
     if _post_on_cupy(backend, Y.device, Y.shape[-1], Y.shape[0]):
         return kernel_module("cupy", "postprocess").postprocess_cupy(Y, Z, U, V, seed=seed, step=step)
+    if backend == "triton" and _triton_post(Y.device, Y.shape[-1]):
+        return kernel_module("triton", "postprocess").postprocess_triton(Y, Z, U, V, seed=seed,
+                                                                         step=step)
     return postprocess_torch(Y, Z, U, V, seed=seed, step=step, refill=refill)
 
 
@@ -360,10 +368,12 @@ def capture_safe(backend: str, device: torch.device, k: int, batch: int = 1) -> 
     """Whether a tracked step of ``batch`` width-k matrices post-processed together on
     ``backend`` makes no host synchronisation, as a CUDA graph capture needs: the pass and the
     CuPy post-processing kernel (backends cupy, and triton where CuPy takes the batch) are
-    sync-free; the torch reference post-processing is not."""
+    sync-free, and so is the Triton backend's own (:func:`_triton_post`); the torch reference
+    post-processing is not (``torch.linalg.eigh`` reads cuSOLVER's flags on the host)."""
     if device.type != "cuda" or backend == "cupy":
         return True
-    return backend == "triton" and _cupy_post_for_triton(device, k, batch)
+    return backend == "triton" and (_cupy_post_for_triton(device, k, batch)
+                                    or _triton_post(device, k))
 
 
 def _cupy_post_for_triton(device: torch.device, k: int, batch: int = 1) -> bool:
@@ -371,8 +381,17 @@ def _cupy_post_for_triton(device: torch.device, k: int, batch: int = 1) -> bool:
     takes ``batch`` problems of width k: it is sync-free and, at small k, several times faster
     than the torch reference, whose dozens of small launches and cuSOLVER calls (with their
     host synchronisations) made the GPU step host-bound (H100, 4096^2, k = 16: 2.9 ms of host
-    time a step against 0.8 ms). Else (widths beyond its shared memory, batches beyond its
-    grid) the torch reference."""
+    time a step against 0.8 ms). Else (no CuPy, or widths beyond its shared memory) the Triton
+    backend's own kernels (:func:`_triton_post`)."""
     if device.type != "cuda" or _interpreting() or not cupy_runs(device):
         return False
     return kernel_module("cupy", "postprocess").supports(k, device, batch)
+
+
+def _triton_post(device: torch.device, k: int) -> bool:
+    """Whether the Triton backend post-processes with its own kernels
+    (:func:`lowrank.kernels.triton.postprocess.postprocess_triton`) where CuPy does not take
+    the batch: on a GPU, up to the one-program eigensolver's width. Under the interpreter (CPU
+    tensors) the steps keep the torch reference's CPU fast path; the tests call the kernels
+    directly."""
+    return device.type == "cuda" and k <= TRITON_POST_MAX_K

@@ -368,7 +368,8 @@ class TrackedSet:
                                 "(only 'both' is captured)")
             elif p.is_cuda and not backends.capture_safe(self.backend[name], p.device, tr.k):
                 problems.append(f"{name!r} is on backend {self.backend[name]!r}, whose "
-                                "post-processing synchronises the host (use 'cupy')")
+                                "post-processing synchronises the host (use 'cupy', or 'triton' "
+                                f"up to k = {backends.TRITON_POST_MAX_K})")
             if len(problems) >= 4:
                 break
         if len({tr._step for tr in self.trackers.values()}) > 1:

@@ -232,7 +232,8 @@ def test_graph_captured_tracked_step_replays_like_eager():
 def test_triton_backend_post_processes_with_the_cupy_kernel():
     """backend="triton" hands the post-processing to the CuPy kernel on a GPU where CuPy runs
     (the same function, so the same result to the bit), and its SpectralSGD step then makes no
-    host synchronisation; widths the kernel cannot take go to the torch reference."""
+    host synchronisation; widths the kernel cannot take go to the Triton backend's own
+    post-processing (tests/test_triton_post_gpu.py)."""
     from lowrank import SpectralSGD, backends
 
     b, m, n, k = 2, 300, 200, 16
@@ -244,7 +245,7 @@ def test_triton_backend_post_processes_with_the_cupy_kernel():
     direct = PP.postprocess_cupy(Y, Z, U, V, seed=3, step=5)
     for name, x, y in zip(via_triton._fields, via_triton, direct):
         assert torch.equal(x, y), name
-    assert not PP.supports(4096, DEV)  # far beyond shared memory: the torch reference's case
+    assert not PP.supports(4096, DEV)  # far beyond shared memory (and the Triton solver's 128)
 
     w = torch.nn.Parameter(torch.randn(512, 384, generator=_gen(64), device=DEV))
     opt = SpectralSGD([w], lr=1e-2, rank=4, sketch_rank=8, backend="triton")
