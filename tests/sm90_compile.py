@@ -1,5 +1,5 @@
 """Compile Triton kernels for an H100 (sm_90) on a machine without a GPU: Triton's own front end,
-LLVM and the ptxas it ships. The interpreter (TRITON_INTERPRET=1, how CI runs the kernels)
+LLVM and the ptxas it ships, for every Triton kernel of the package. The interpreter (TRITON_INTERPRET=1, how CI runs the kernels)
 executes kernels in numpy and never compiles them, so it misses what only the compiler rejects:
 a method called on an argument that Triton specialised into a constant (an int equal to 1), an
 op without a lowering for a dtype, a layout conversion that cannot be emitted. Run as a script
@@ -63,6 +63,54 @@ def postprocess_configs():
                    {"STEP_ON_DEVICE": on_device, "BLOCK": pp.REFILL_BLOCK, **ones}, 4)
 
 
+def _signature(fn, pointers: dict, floats=()) -> dict:
+    """Every non-constexpr argument of ``fn``: pointers by name (``pointers``), floats, and
+    int32 for the rest (sizes and strides of tensors under 2^31 elements, as launched)."""
+    return {a: pointers.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names
+            if not a.isupper()}
+
+
+def pass_configs():
+    """The fused update + sketch pass and the sketch-only pass at the launch configurations
+    launch_config picks (k <= 64, and 128; tracking off), in each weight dtype, with momentum
+    (first step and later), TF32 and deterministic variants."""
+    import triton.language as tl
+
+    fs, sk = kernel_module("triton", "fused_sgd_sketch"), kernel_module("triton", "sketch")
+    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    for dtype, (track, kp, first, precision, atomic) in [
+            (tl.float32, (True, 32, False, "ieee", True)),
+            (tl.float32, (True, 128, True, "tf32x3", False)),
+            (tl.float32, (False, 16, False, "ieee", False)),
+            (tl.bfloat16, (True, 16, False, "tf32", True)),
+            (tl.float16, (True, 64, True, "ieee", False))]:
+        bm, bn, nw = (128, 32, 8) if kp <= 64 else (64, 16, 8)
+        if not track:
+            bm, bn, nw = 32, 128, 4
+        ptr = "*" + names[dtype]
+        sig = _signature(fs._fused_sgd_sketch_kernel,
+                         {"w_ptr": ptr, "g_ptr": ptr, "buf_ptr": ptr, "lr_ptr": "*fp32",
+                          "u_ptr": "*fp32", "v_ptr": "*fp32", "y_ptr": "*fp32", "z_ptr": "*fp32",
+                          "rsq_ptr": "*fp64"},
+                         floats=("lr", "weight_decay", "momentum", "one_minus_dampening"))
+        yield ("fused_sgd_sketch", fs._fused_sgd_sketch_kernel, sig, {
+            "HAS_WD": True, "HAS_MOMENTUM": True, "FIRST_STEP": first, "NESTEROV": not first, "MAXIMIZE": False,
+            "LR_FROM_PTR": first, "TRACK": track, "PARAM_DTYPE": dtype, "PARAM_BF16": dtype == tl.bfloat16,
+            "ATOMIC_Y": atomic, "ATOMIC_Z": atomic, "PRECISION": precision, "BLOCK_M": bm, "BLOCK_N": bn,
+            "K_PAD": kp}, nw)
+        if track:
+            sig = _signature(sk._sketch_kernel, {"w_ptr": ptr, "u_ptr": "*fp32", "v_ptr": "*fp32",
+                                                 "y_ptr": "*fp32", "z_ptr": "*fp32",
+                                                 "rsq_ptr": "*fp64"})
+            yield ("sketch", sk._sketch_kernel, sig, {
+                "ATOMIC_Y": atomic, "ATOMIC_Z": atomic, "PRECISION": precision, "BLOCK_M": bm, "BLOCK_N": bn,
+                "K_PAD": kp}, nw)
+    for dtype in ("*fp32", "*fp64"):
+        yield ("sum_partials", sk._sum_partials_kernel,
+               _signature(sk._sum_partials_kernel, {"src_ptr": dtype, "dst_ptr": dtype}),
+               {"BLOCK": 1024}, 4)
+
+
 if __name__ == "__main__":
-    for config in postprocess_configs():
+    for config in [*postprocess_configs(), *pass_configs()]:
         print(json.dumps(compile_one(*config)), flush=True)
