@@ -229,10 +229,13 @@ def sketch(W, U, V, *, backend: str = "torch", sides: str = "both", **options):
 
 def sketch_many(Ws, U, V, *, backend: str = "torch", **options):
     """Op ``sketch`` (both sides) of b separate matrices of one shape and dtype (each (m, n),
-    contiguous for "cupy") with the batched bases U (b, m, k), V (b, n, k): one launch on CuPy
-    (:func:`sketch_cupy_many`), one call per matrix elsewhere. Returns SketchOut (b, ...)."""
+    contiguous for "cupy" and "triton") with the batched bases U (b, m, k), V (b, n, k): one
+    launch on CuPy and Triton (:func:`sketch_cupy_many`, :func:`sketch_triton_many`), one call
+    per matrix elsewhere. Returns SketchOut (b, ...)."""
     if backend == "cupy":
         return kernel_module("cupy", "sketch").sketch_cupy_many(Ws, U, V)
+    if backend == "triton" and len(Ws) > 1:
+        return kernel_module("triton", "sketch").sketch_triton_many(Ws, U, V, **options)
     outs = [sketch(W, U[i:i + 1], V[i:i + 1], backend=backend, **options)
             for i, W in enumerate(Ws)]
     return outs[0] if len(outs) == 1 else _cat_sketches(outs)
@@ -268,12 +271,17 @@ def fused_sgd_sketch_many(Ws, Gs, bufs, U, V, *, backend: str = "torch", options
                           **hyper):
     """Op ``fused_sgd_sketch`` over b separate matrices of one shape and dtype (each (m, n),
     contiguous for "cupy"), sketched with the batched bases U (b, m, k) and V (b, n, k), both
-    sides. ``bufs``: a list of b momentum buffers (or of b None: first step). CuPy makes one
-    launch for all (:func:`fused_sgd_sketch_cupy_many`); the other backends one call per
-    matrix. Returns (SketchOut (b, ...), list of b buffers, None entries without momentum)."""
+    sides. ``bufs``: a list of b momentum buffers (or of b None: first step). CuPy and Triton
+    make one launch for all (:func:`fused_sgd_sketch_cupy_many`,
+    :func:`fused_sgd_sketch_triton_many`: the kernels read the matrices' addresses from a
+    device table); the torch backend one call per matrix. Returns (SketchOut (b, ...), list of
+    b buffers, None entries without momentum)."""
     if backend == "cupy":
         return kernel_module("cupy", "fused_sgd_sketch").fused_sgd_sketch_cupy_many(
             Ws, Gs, bufs, U, V, **hyper)
+    if backend == "triton" and len(Ws) > 1:
+        return kernel_module("triton", "fused_sgd_sketch").fused_sgd_sketch_triton_many(
+            Ws, Gs, bufs, U, V, **hyper, **(options or {}))
     outs, new_bufs = [], []
     for i, (W, G, buf) in enumerate(zip(Ws, Gs, bufs)):
         sk, buf = fused_sgd_sketch(W, G, buf, U[i:i + 1], V[i:i + 1], backend=backend,

@@ -200,6 +200,38 @@ def test_fused_deterministic_bitwise_on_gpu():
             f"output {i} differs between deterministic runs"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_many_one_launch_equals_one_call_per_matrix_on_gpu(dtype):
+    """fused_sgd_sketch_triton_many (one launch over 4 separate 1024 x 768 parameters, their
+    addresses in a device table) against each matrix's own call, deterministic sums: weights,
+    buffers and sketches bit for bit, over a first momentum step and a second; and
+    sketch_triton_many likewise."""
+    b, m, n, k = 4, 1024, 768, 16
+    Ws = [rand(m, n, seed=70 + i, dtype=dtype) for i in range(b)]
+    Ws_one = [W.clone() for W in Ws]
+    U, V = rand(b, m, k, seed=80), rand(b, n, k, seed=81)
+    bufs = bufs_one = [None] * b
+    for s in range(2):
+        Gs = [rand(m, n, seed=90 + 10 * s + i, dtype=dtype) for i in range(b)]
+        out, bufs = FS.fused_sgd_sketch_triton_many(Ws, Gs, bufs, U, V, lr=0.05, momentum=0.9,
+                                                    nesterov=True, deterministic=True)
+        new = []
+        for i in range(b):
+            one, buf = FS.fused_sgd_sketch_triton(Ws_one[i], Gs[i], bufs_one[i], U[i:i + 1],
+                                                  V[i:i + 1], lr=0.05, momentum=0.9,
+                                                  nesterov=True, deterministic=True)
+            new.append(buf)
+            assert torch.equal(Ws[i], Ws_one[i]) and torch.equal(bufs[i], buf), (s, i)
+            for field in ("Y", "Z", "fro2", "row_sq"):
+                assert torch.equal(getattr(out, field)[i], getattr(one, field)[0]), (s, i, field)
+        bufs_one = new
+    sk = SK.sketch_triton_many(Ws, U, V, deterministic=True)
+    for i in range(b):
+        one = SK.sketch_triton(Ws[i], U[i:i + 1], V[i:i + 1], deterministic=True)
+        for field in ("Y", "Z", "fro2", "row_sq"):
+            assert torch.equal(getattr(sk, field)[i], getattr(one, field)[0]), (i, field)
+
+
 def _free_bytes():
     free, _ = torch.cuda.mem_get_info()
     return free

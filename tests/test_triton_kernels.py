@@ -576,3 +576,175 @@ def test_fused_rejects_bad_input_before_writing(case):
     with pytest.raises(exc, match=match):
         FS.fused_sgd_sketch_triton(args["W"], args["G"], args["buf"], args["U"], args["V"], **kw)
     assert torch.equal(W, W0), "a rejected call must leave W untouched"
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_sgd_sketch_triton_many: b separate same-shape parameters in one launch (address table)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hyper", [dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                   dict(momentum=0.0, weight_decay=0.0, maximize=True),
+                                   dict(momentum=0.5, dampening=0.1, lr_tensor=True)],
+                         ids=["nesterov", "plain", "dampening-lrT"])
+def test_fused_many_equals_one_call_per_matrix(hyper, dtype):
+    """One launch over 3 separate (conv-shaped) parameters: each matrix's update, buffer and
+    sketches are bit for bit those of its own call (deterministic sums: the same programs
+    compute each matrix's tiles in the same order), over a first step (new buffers) and two
+    more; the sketches also match the float64 truth of the updated weights."""
+    hyper = dict(hyper)
+    lr = torch.tensor(0.05, device=DEVICE) if hyper.pop("lr_tensor", False) else 0.05
+    shape, b, k = (33, 5, 3), 3, 4
+    m, n = 33, 15
+    Ws = [rand(*shape, seed=200 + i, dtype=dtype) for i in range(b)]
+    Ws_one = [W.clone() for W in Ws]
+    U, V = rand(b, m, k, seed=210), rand(b, n, k, seed=211)
+    bufs = bufs_one = [None] * b
+    for s in range(3):
+        Gs = [rand(*shape, seed=220 + 10 * s + i, dtype=dtype) for i in range(b)]
+        out, bufs = FS.fused_sgd_sketch_triton_many(Ws, Gs, bufs, U, V, lr=lr, deterministic=True,
+                                                    **SMALL_TILES, **hyper)
+        ones, new_bufs = [], []
+        for i in range(b):
+            o, buf = FS.fused_sgd_sketch_triton(Ws_one[i], Gs[i], bufs_one[i], U[i:i + 1],
+                                                V[i:i + 1], lr=lr, deterministic=True,
+                                                **SMALL_TILES, **hyper)
+            ones.append(o)
+            new_bufs.append(buf)
+        bufs_one = new_bufs
+        for i in range(b):
+            assert torch.equal(Ws[i], Ws_one[i]), (s, i)
+            assert (bufs[i] is None) == (bufs_one[i] is None) and (
+                bufs[i] is None or torch.equal(bufs[i], bufs_one[i])), (s, i)
+            for field in ("Y", "Z", "fro2", "row_sq"):
+                assert torch.equal(getattr(out, field)[i], getattr(ones[i], field)[0]), (s, i, field)
+        assert_sketch_matches(out, torch.stack([as_batched(W)[0] for W in Ws]), U, V)
+
+
+def test_fused_many_atomic_sums_and_version_counters():
+    """The default (atomic) sums: each matrix's sketches against the float64 truth; the
+    in-place writes are visible to autograd's version counters of every W and buffer."""
+    b, m, n, k = 4, 129, 65, 5
+    Ws = [rand(m, n, seed=230 + i) for i in range(b)]
+    bufs = [rand(m, n, seed=240 + i) for i in range(b)]
+    Gs = [rand(m, n, seed=250 + i) for i in range(b)]
+    refs = [W.clone() for W in Ws]
+    ref_bufs = [buf.clone() for buf in bufs]
+    versions = [(W._version, buf._version) for W, buf in zip(Ws, bufs)]
+    U, V = rand(b, m, k, seed=260), rand(b, n, k, seed=261)
+    out, new_bufs = FS.fused_sgd_sketch_triton_many(Ws, Gs, bufs, U, V, lr=0.1, momentum=0.9,
+                                                    **SMALL_TILES)
+    assert all(nb is buf for nb, buf in zip(new_bufs, bufs))  # updated in place
+    for i in range(b):
+        _, rb = fused_sgd_sketch_torch(refs[i], Gs[i], ref_bufs[i], U[i:i + 1], V[i:i + 1],
+                                       lr=0.1, momentum=0.9)
+        torch.testing.assert_close(Ws[i], refs[i], rtol=0, atol=sgd_tol(refs[i], 1))
+        torch.testing.assert_close(bufs[i], rb, rtol=0, atol=sgd_tol(rb, 1))
+        assert Ws[i]._version > versions[i][0] and bufs[i]._version > versions[i][1]
+    assert_sketch_matches(out, torch.stack(Ws), U, V)
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "non_contiguous", "mixed_buffers", "empty",
+                                  "U_batch"])
+def test_fused_many_rejects_bad_input_before_writing(case):
+    b, m, n, k = 2, 8, 6, 2
+    Ws = [rand(m, n, seed=270 + i) for i in range(b)]
+    Gs = [rand(m, n, seed=280 + i) for i in range(b)]
+    bufs = [None, None]
+    U, V = rand(b, m, k, seed=290), rand(b, n, k, seed=291)
+    before = [W.clone() for W in Ws]
+    exc, match = ValueError, "contiguous"
+    if case == "shape":
+        Gs[1] = rand(m, n + 1)
+    elif case == "dtype":
+        Gs[1] = Gs[1].bfloat16()
+    elif case == "non_contiguous":
+        Ws[1] = rand(n, m).T
+        before[1] = Ws[1].clone()
+    elif case == "mixed_buffers":
+        bufs = [rand(m, n), None]
+        match = "every matrix has a momentum buffer or none"
+    elif case == "empty":
+        Ws = Gs = bufs = []
+        match = "lists of one length"
+    elif case == "U_batch":
+        U = rand(3, m, k)
+        match = "batch"
+    with pytest.raises(exc, match=match):
+        FS.fused_sgd_sketch_triton_many(Ws, Gs, bufs, U, V, lr=0.1, momentum=0.9)
+    for W, W0 in zip(Ws, before):
+        assert torch.equal(W, W0)
+
+
+def test_spectral_sgd_triton_updates_same_shape_parameters_in_one_launch(monkeypatch):
+    """SpectralSGD(backend="triton") sends a param group's same-shape matrices to one batched
+    launch (counted), and its steps equal torch.optim.SGD's within the kernel's rounding."""
+    from lowrank import SpectralSGD
+
+    calls = []
+    real = FS.fused_sgd_sketch_triton_many
+    monkeypatch.setattr(FS, "fused_sgd_sketch_triton_many",
+                        lambda Ws, *a, **kw: calls.append(len(Ws)) or real(Ws, *a, **kw))
+    params = {f"w{i}": torch.nn.Parameter(rand(24, 16, seed=300 + i)) for i in range(3)}
+    params["other"] = torch.nn.Parameter(rand(10, 24, seed=310))
+    ref = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    opt = SpectralSGD(list(params.items()), lr=0.05, momentum=0.9, rank=2, sketch_rank=4,
+                      backend="triton")
+    sgd = torch.optim.SGD(list(ref.values()), lr=0.05, momentum=0.9, foreach=False)
+    for s in range(3):
+        for n in params:
+            g = rand(*params[n].shape, seed=320 + 10 * s + len(n))
+            params[n].grad, ref[n].grad = g.clone(), g.clone()
+        opt.step()
+        sgd.step()
+    assert calls == [3, 3, 3]
+    for n in params:
+        torch.testing.assert_close(params[n].detach(), ref[n].detach(), rtol=0,
+                                   atol=sgd_tol(ref[n].detach(), 3))
+    for n, result in opt.spectra().items():
+        exact = torch.linalg.svdvals(params[n].detach().double())[:2]
+        assert bool((result.sigma[:2].double() <= exact * (1 + 1e-5)).all()), n  # lower bounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sketch_many_equals_one_call_per_matrix(dtype):
+    """sketch_triton_many over 3 separate (conv-shaped) tensors in one launch: bit for bit each
+    matrix's own deterministic call, and the float64 truth within the rounding bounds."""
+    shape, b, k = (40, 3, 7), 3, 5
+    m, n = 40, 21
+    Ws = [rand(*shape, seed=330 + i, dtype=dtype) for i in range(b)]
+    U, V = rand(b, m, k, seed=340), rand(b, n, k, seed=341)
+    out = SK.sketch_triton_many(Ws, U, V, deterministic=True, **SMALL_TILES)
+    for i, W in enumerate(Ws):
+        one = SK.sketch_triton(as_batched(W), U[i:i + 1], V[i:i + 1], deterministic=True,
+                               **SMALL_TILES)
+        for field in ("Y", "Z", "fro2", "row_sq"):
+            assert torch.equal(getattr(out, field)[i], getattr(one, field)[0]), (i, field)
+    assert_sketch_matches(out, torch.stack([as_batched(W)[0] for W in Ws]), U, V)
+    with pytest.raises(ValueError, match="contiguous"):
+        SK.sketch_triton_many([Ws[0], rand(n, m).T], U[:2], V[:2])
+
+
+def test_spectrum_tracker_triton_sketches_same_shape_parameters_in_one_launch(monkeypatch):
+    """SpectrumTracker(backend="triton") sketches same-shape matrices in one batched launch
+    (counted); its estimates are lower bounds of float64 svdvals that converge to them."""
+    from lowrank import SpectrumTracker
+
+    calls = []
+    real = SK.sketch_triton_many
+    monkeypatch.setattr(SK, "sketch_triton_many",
+                        lambda Ws, *a, **kw: calls.append(len(Ws)) or real(Ws, *a, **kw))
+    g = torch.Generator().manual_seed(350)
+    params = {}
+    for i in range(3):  # a separated top 2: sigma 5, 3, then <= 0.5
+        Q1 = torch.linalg.qr(torch.randn(24, 16, generator=g))[0]
+        Q2 = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+        sigma = torch.cat([torch.tensor([5.0, 3.0]), 0.5 * torch.rand(14, generator=g)])
+        params[f"w{i}"] = torch.nn.Parameter(((Q1 * sigma) @ Q2.T).to(DEVICE))
+    tracker = SpectrumTracker(list(params.items()), rank=2, sketch_rank=4, backend="triton")
+    for _ in range(12):
+        tracker.step()
+    assert calls == [3] * 12
+    for n, result in tracker.spectra().items():
+        exact = torch.linalg.svdvals(params[n].detach().double())[:2].cpu()
+        torch.testing.assert_close(result.sigma[:2].double().cpu(), exact, rtol=1e-5, atol=0)

@@ -36,7 +36,9 @@ import triton.language as tl
 
 from lowrank.sketch import SketchOut
 
+from ..device_table import device_table
 from .sketch import (
+    _TL_DTYPES,
     SketchBuffers,
     _emit_band,
     _load_band_basis,
@@ -72,9 +74,12 @@ def _round_to_param(x, PARAM_DTYPE: tl.constexpr, PARAM_BF16: tl.constexpr):
 
 @triton.jit
 def _fused_sgd_sketch_kernel(
-    w_ptr,            # W (b, m, n) fp32/bf16/fp16, any strides; updated in place
-    g_ptr,            # G (b, m, n) gradient, dtype of W, any strides
-    buf_ptr,          # momentum buffer (b, m, n), dtype of W (unused without momentum)
+    w_ptr,            # W (b, m, n) fp32/bf16/fp16, any strides; updated in place. With
+                      # FROM_TABLE: an int64 table of 3 addresses per matrix (W, G, buf) of b
+                      # separate tensors of one shape, strides m/n as given (b stride unused)
+    g_ptr,            # G (b, m, n) gradient, dtype of W, any strides (unused with FROM_TABLE)
+    buf_ptr,          # momentum buffer (b, m, n), dtype of W (unused without momentum, or
+                      # with FROM_TABLE)
     lr_ptr,           # lr as a 1-element tensor on the device (used when LR_FROM_PTR)
     u_ptr,            # U (b, m, k) fp32 (unused when not TRACK)
     v_ptr,            # V (b, n, k) fp32
@@ -105,6 +110,7 @@ def _fused_sgd_sketch_kernel(
     ATOMIC_Y: tl.constexpr, ATOMIC_Z: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+    FROM_TABLE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -129,9 +135,17 @@ def _fused_sgd_sketch_kernel(
 
     col0 = pid_s.to(tl.int64) * cols_per_split
     hi = tl.minimum(cols_per_split, n - col0)
-    w_row = w_ptr + bid * stride_wb + rows[:, None] * stride_wm
-    g_row = g_ptr + bid * stride_gb + rows[:, None] * stride_gm
-    b_row = buf_ptr + bid * stride_bb + rows[:, None] * stride_bm
+    if FROM_TABLE:
+        w_mat = tl.load(w_ptr + 3 * bid).to(tl.pointer_type(PARAM_DTYPE))
+        g_mat = tl.load(w_ptr + 3 * bid + 1).to(tl.pointer_type(PARAM_DTYPE))
+        b_mat = tl.load(w_ptr + 3 * bid + 2).to(tl.pointer_type(PARAM_DTYPE))
+    else:
+        w_mat = w_ptr + bid * stride_wb
+        g_mat = g_ptr + bid * stride_gb
+        b_mat = buf_ptr + bid * stride_bb
+    w_row = w_mat + rows[:, None] * stride_wm
+    g_row = g_mat + rows[:, None] * stride_gm
+    b_row = b_mat + rows[:, None] * stride_bm
     for c in range(0, hi, BLOCK_N):
         cols = col0 + c + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = row_ok[:, None] & (cols < n)[None, :]
@@ -169,9 +183,6 @@ def _fused_sgd_sketch_kernel(
         y_base = (bid * y_slots + y_slot) * m * k
         rsq_base = (bid * nsplit + pid_s) * m
         _emit_band(acc_y, rsq, y_ptr, rsq_ptr, y_base, rsq_base, rows, kk, m, k, ATOMIC_Y)
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _matrix_view(X: torch.Tensor) -> torch.Tensor | None:
@@ -290,6 +301,32 @@ def fused_sgd_sketch_triton(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor 
         if b_copied:
             Bb = buf.contiguous().view(1, m, n)
 
+    out = _launch(Wb, Gb, Bb if has_momentum else None, lr_t, lr_f, U3, V3, (b, m, n, k),
+                  (Wb.stride(), Gb.stride(), Bb.stride() if has_momentum else Wb.stride()),
+                  W.dtype, {"weight_decay": weight_decay, "momentum": momentum,
+                                "dampening": dampening, "nesterov": nesterov, "maximize": maximize},
+                  first, ptx, deterministic, (block_m, block_n, splits, num_warps))
+    if w_copied:
+        W.copy_(Wb.view(W.shape))
+    if b_copied:
+        buf.copy_(Bb.view(buf.shape))
+    _bump_version(W)
+    if has_momentum and not first:
+        _bump_version(buf)
+    return (out.finish() if track else None), buf
+
+
+def _launch(w_arg, g_arg, b_arg, lr_t, lr_f, U3, V3, bmnk, strides, dtype, hyper, first, ptx,
+            deterministic, tiles, table=None):
+    """One launch of the fused kernel over a batch of b (m, n) matrices: the (b, m, n) views
+    ``w_arg``, ``g_arg``, ``b_arg`` (None: no momentum) with their ``strides``, or, with
+    ``table``, the device table of b (W, G, buf) addresses (the views are then unused and
+    ``strides`` hold the matrices' own). Returns the SketchBuffers (None when not tracking)."""
+    b, m, n, k = bmnk
+    track = U3 is not None
+    has_momentum = b_arg is not None or (table is not None and hyper["momentum"] != 0)
+    device = (w_arg if table is None else table).device
+    block_m, block_n, splits, num_warps = tiles
     kp = k_pad(k) if track else 16
     bm, bn, nw, bands, nsplits, cps = launch_config(
         b, m, n, kp, device, track=track, block_m=block_m, block_n=block_n,
@@ -301,32 +338,100 @@ def fused_sgd_sketch_triton(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor 
         atomic_y, atomic_z = out.atomic_y, out.atomic_z
     else:
         out = None
-        y = z = rsq = Wb  # never dereferenced when TRACK is off
+        y = z = rsq = U3 = V3 = table if table is not None else w_arg  # never dereferenced
         y_slots = z_slots = 1
         atomic_y = atomic_z = False
-    bb = Bb if has_momentum else Wb  # unused pointer without momentum
+    if table is not None:
+        w_arg = g_arg = b_arg = table
+    elif b_arg is None:
+        b_arg = w_arg  # unused pointer without momentum
     _fused_sgd_sketch_kernel[(bands, nsplits, b)](
-        Wb, Gb, bb, lr_t if lr_t is not None else Wb,
-        U3 if track else Wb, V3 if track else Wb, y, z, rsq,
-        m, n, k,
-        *Wb.stride(), *Gb.stride(), *bb.stride(),
+        w_arg, g_arg, b_arg, lr_t if lr_t is not None else w_arg, U3, V3, y, z, rsq,
+        m, n, k, *strides[0], *strides[1], *strides[2],
         *(U3.stride() if track else (0, 0, 0)), *(V3.stride() if track else (0, 0, 0)),
         cps, y_slots, z_slots,
-        lr_f, float(weight_decay), float(momentum), float(1.0 - dampening),
-        HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, FIRST_STEP=first,
-        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), LR_FROM_PTR=lr_t is not None,
-        TRACK=track, PARAM_DTYPE=_TL_DTYPES[W.dtype], PARAM_BF16=W.dtype == torch.bfloat16,
-        ATOMIC_Y=atomic_y, ATOMIC_Z=atomic_z, PRECISION=ptx,
-        BLOCK_M=bm, BLOCK_N=bn, K_PAD=kp, num_warps=nw,
+        lr_f, float(hyper["weight_decay"]), float(hyper["momentum"]),
+        float(1.0 - hyper["dampening"]),
+        HAS_WD=hyper["weight_decay"] != 0, HAS_MOMENTUM=has_momentum, FIRST_STEP=first,
+        NESTEROV=bool(hyper["nesterov"]), MAXIMIZE=bool(hyper["maximize"]),
+        LR_FROM_PTR=lr_t is not None, TRACK=track, PARAM_DTYPE=_TL_DTYPES[dtype],
+        PARAM_BF16=dtype == torch.bfloat16, ATOMIC_Y=atomic_y, ATOMIC_Z=atomic_z,
+        PRECISION=ptx, BLOCK_M=bm, BLOCK_N=bn, K_PAD=kp, FROM_TABLE=table is not None,
+        num_warps=nw,
     )
-    if w_copied:
-        W.copy_(Wb.view(W.shape))
-    if b_copied:
-        buf.copy_(Bb.view(buf.shape))
-    _bump_version(W)
-    if has_momentum and not first:
-        _bump_version(buf)
-    return (out.finish() if track else None), buf
+    return out
+
+
+def fused_sgd_sketch_triton_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor, *, lr,
+                                 weight_decay: float = 0.0, momentum: float = 0.0,
+                                 dampening: float = 0.0, nesterov: bool = False,
+                                 maximize: bool = False, precision: str = "fp32",
+                                 deterministic: bool = False, block_m=None, block_n=None,
+                                 splits=None, num_warps=None):
+    """:func:`fused_sgd_sketch_triton` for b separate parameters of one shape and dtype in ONE
+    launch: the kernel reads each matrix's W, G and buf addresses from a small device table
+    (:func:`lowrank.kernels.device_table.device_table`, uploaded once while the addresses stay
+    the same), so a model's same-shape layers pay one launch's host time instead of b.
+
+    Ws, Gs: lists of b contiguous tensors of one shape (>= 2-D, sketched as (m, n) with m =
+    shape[0]) and dtype; bufs: a list of b momentum buffers like W, or of b None (the first step
+    with momentum: new buffers, initialised to g by the kernel). U (b, m, k), V (b, n, k)
+    float32 bases. Returns (SketchOut (b, ...), list of the b buffers, None entries without
+    momentum); per matrix, the results of b calls of :func:`fused_sgd_sketch_triton` (to the
+    rounding of the atomics; bitwise with ``deterministic``).
+    """
+    op = "fused_sgd_sketch_triton_many"
+    if not isinstance(Ws, (list, tuple)) or not Ws or len(Gs) != len(Ws) or len(bufs) != len(Ws):
+        raise ValueError(f"{op}: Ws, Gs and bufs must be lists of one length >= 1")
+    W0 = Ws[0]
+    check_param_dtype(W0.dtype)
+    if not isinstance(W0, torch.Tensor) or W0.dim() < 2:
+        raise ValueError(f"{op}: W[0] must be a tensor with >= 2 dimensions")
+    has_momentum = momentum != 0
+    have = [buf is not None for buf in bufs]
+    if has_momentum and any(have) and not all(have):
+        raise ValueError(f"{op}: either every matrix has a momentum buffer or none (first step)")
+    first = has_momentum and not any(have)
+    for i, (W, G, buf) in enumerate(zip(Ws, Gs, bufs)):
+        for X, name in ((W, "W"), (G, "G"), (buf if has_momentum else None, "buf")):
+            if X is None:
+                if name != "buf":
+                    raise TypeError(f"{op}: {name}[{i}] is None")
+                continue
+            if not isinstance(X, torch.Tensor):
+                raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor")
+            if X.shape != W0.shape or X.dtype != W0.dtype or not X.is_contiguous():
+                raise ValueError(f"{op}: {name}[{i}] is {tuple(X.shape)} {X.dtype}"
+                                 f"{'' if X.is_contiguous() else ' non-contiguous'}; every "
+                                 f"operand must be a contiguous {tuple(W0.shape)} {W0.dtype}")
+    tensors = [*Ws, *Gs, *(buf for buf in bufs if buf is not None), U, V]
+    device = check_device(*tensors, names=["W"] * len(Ws) + ["G"] * len(Gs)
+                          + ["buf"] * sum(have) + ["U", "V"])
+    ptx = check_precision(precision)
+    lr_t, lr_f = _lr_arg(lr, device)
+    b, m = len(Ws), W0.shape[0]
+    n = W0.numel() // m
+    U3, V3, k = batched_bases(U, V, b, m, n)
+    if has_momentum and first:
+        bufs = [torch.empty_like(W) for W in Ws]  # torch clones g; the kernel writes it
+    elif not has_momentum:
+        bufs = [None] * b
+    if W0.numel() == 0:
+        return zero_sketch(b, m, n, k, device), bufs
+    addresses = []
+    for W, G, buf in zip(Ws, Gs, bufs):
+        addresses += [W.data_ptr(), G.data_ptr(), buf.data_ptr() if buf is not None else 0]
+    table = device_table(tuple(addresses), device)
+    dense = (m * n, n, 1)
+    out = _launch(None, None, None, lr_t, lr_f, U3, V3, (b, m, n, k), (dense, dense, dense),
+                  W0.dtype, {"weight_decay": weight_decay, "momentum": momentum,
+                                 "dampening": dampening, "nesterov": nesterov, "maximize": maximize},
+                  first, ptx, deterministic, (block_m, block_n, splits, num_warps), table=table)
+    for W, buf in zip(Ws, bufs):
+        _bump_version(W)
+        if has_momentum and not first:
+            _bump_version(buf)
+    return out.finish(), bufs
 
 
 def _bump_version(X: torch.Tensor) -> None:

@@ -38,8 +38,11 @@ import triton.language as tl
 
 from lowrank.sketch import SketchOut
 
+from ..device_table import device_table
+
 PRECISIONS = {"fp32": "ieee", "tf32x3": "tf32x3", "tf32": "tf32"}
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BASIS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Widest sketch the register budget allows: Y's accumulator is BLOCK_M x K_PAD fp32 per program.
 MAX_K = 256
@@ -105,7 +108,8 @@ def _emit_band(acc_y, rsq, y_ptr, rsq_ptr, y_base, rsq_base, rows, kk, m, k,
 
 @triton.jit
 def _sketch_kernel(
-    w_ptr,            # W (b, m, n) fp32/bf16/fp16, any strides
+    w_ptr,            # W (b, m, n) fp32/bf16/fp16, any strides; with FROM_TABLE an int64
+                      # table of the addresses of b separate (m, n) tensors of dtype W_DTYPE
     u_ptr,            # U (b, m, k) fp32, any strides (batch stride 0: one basis for all)
     v_ptr,            # V (b, n, k) fp32, any strides
     y_ptr,            # Y (b, y_slots, m, k) fp32 contiguous: the output, or per-split partials
@@ -122,6 +126,7 @@ def _sketch_kernel(
     ATOMIC_Z: tl.constexpr,   # Z summed across row bands with atomics
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+    FROM_TABLE: tl.constexpr = False, W_DTYPE: tl.constexpr = tl.float32,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -141,7 +146,11 @@ def _sketch_kernel(
 
     col0 = pid_s.to(tl.int64) * cols_per_split
     hi = tl.minimum(cols_per_split, n - col0)
-    w_row = w_ptr + bid * stride_wb + rows[:, None] * stride_wm
+    if FROM_TABLE:
+        w_mat = tl.load(w_ptr + bid).to(tl.pointer_type(W_DTYPE))
+    else:
+        w_mat = w_ptr + bid * stride_wb
+    w_row = w_mat + rows[:, None] * stride_wm
     for c in range(0, hi, BLOCK_N):
         cols = col0 + c + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = row_ok[:, None] & (cols < n)[None, :]
@@ -379,17 +388,61 @@ def sketch_triton(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *, precisio
     if Wb.numel() == 0 or k == 0:
         return zero_sketch(b, m, n, k, device)
 
+    return _launch_sketch(Wb, Wb.stride(), W.dtype, (b, m, n, k), U3, V3, ptx, deterministic,
+                          (block_m, block_n, splits, num_warps), device).finish()
+
+
+def _launch_sketch(w_arg, w_strides, dtype, bmnk, U3, V3, ptx, deterministic, tiles, device,
+                   from_table: bool = False) -> SketchBuffers:
+    """One launch of the sketch kernel over b (m, n) matrices: the (b, m, n) view ``w_arg``
+    with ``w_strides``, or (``from_table``) the device table of their addresses."""
+    b, m, n, k = bmnk
+    block_m, block_n, splits, num_warps = tiles
     kp = k_pad(k)
     bm, bn, nw, bands, splits, cps = launch_config(b, m, n, kp, device, block_m=block_m,
                                                    block_n=block_n, splits=splits,
                                                    num_warps=num_warps)
     out = SketchBuffers(b, m, n, k, bands, splits, deterministic, device)
     _sketch_kernel[(bands, splits, b)](
-        Wb, U3, V3, out.y, out.z, out.rsq,
+        w_arg, U3, V3, out.y, out.z, out.rsq,
         m, n, k,
-        *Wb.stride(), *U3.stride(), *V3.stride(),
+        *w_strides, *U3.stride(), *V3.stride(),
         cps, out.y_slots, out.z_slots,
         ATOMIC_Y=out.atomic_y, ATOMIC_Z=out.atomic_z, PRECISION=ptx,
-        BLOCK_M=bm, BLOCK_N=bn, K_PAD=kp, num_warps=nw,
+        BLOCK_M=bm, BLOCK_N=bn, K_PAD=kp, FROM_TABLE=from_table, W_DTYPE=_TL_DTYPES[dtype],
+        num_warps=nw,
     )
-    return out.finish()
+    return out
+
+
+def sketch_triton_many(Ws, U: torch.Tensor, V: torch.Tensor, *, precision: str = "fp32",
+                       deterministic: bool = False, block_m=None, block_n=None, splits=None,
+                       num_warps=None) -> SketchOut:
+    """:func:`sketch_triton` of b separate matrices of one shape and dtype (contiguous, >= 2-D,
+    read as (m, n) with m = shape[0]) with the batched bases U (b, m, k), V (b, n, k), in ONE
+    launch: the kernel reads each matrix's address from a device table
+    (:func:`lowrank.kernels.device_table.device_table`). Returns SketchOut (b, ...): per
+    matrix, its own call's results (bitwise with ``deterministic``)."""
+    op = "sketch_triton_many"
+    if not isinstance(Ws, (list, tuple)) or not Ws:
+        raise ValueError(f"{op}: Ws must be a non-empty list of tensors")
+    W0 = Ws[0]
+    for i, W in enumerate(Ws):
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"{op}: W[{i}] must be a torch.Tensor, got {type(W).__name__}")
+        if W.shape != W0.shape or W.dtype != W0.dtype or not W.is_contiguous() or W.dim() < 2:
+            raise ValueError(f"{op}: W[{i}] is {tuple(W.shape)} {W.dtype}"
+                             f"{'' if W.is_contiguous() else ' non-contiguous'}; every matrix "
+                             f"must be a contiguous {tuple(W0.shape)} {W0.dtype} with >= 2 dims")
+    check_param_dtype(W0.dtype)
+    ptx = check_precision(precision)
+    b, m = len(Ws), W0.shape[0]
+    n = W0.numel() // m
+    U3, V3, k = batched_bases(U, V, b, m, n)
+    device = check_device(*Ws, U, V, names=[f"W[{i}]" for i in range(b)] + ["U", "V"])
+    if W0.numel() == 0 or k == 0:
+        return zero_sketch(b, m, n, k, device)
+    table = device_table(tuple(W.data_ptr() for W in Ws), device)
+    return _launch_sketch(table, (m * n, n, 1), W0.dtype, (b, m, n, k), U3, V3, ptx,
+                          deterministic, (block_m, block_n, splits, num_warps), device,
+                          from_table=True).finish()
