@@ -390,7 +390,8 @@ def _cupy_post_for_triton(device: torch.device, k: int, batch: int = 1) -> bool:
     than the torch reference, whose dozens of small launches and cuSOLVER calls (with their
     host synchronisations) made the GPU step host-bound (H100, 4096^2, k = 16: 2.9 ms of host
     time a step against 0.8 ms). Else (no CuPy, or widths beyond its shared memory) the Triton
-    backend's own kernels (:func:`_triton_post`)."""
+    backend's own kernels where they take the width (:func:`_triton_post`), else the torch
+    reference."""
     if device.type != "cuda" or _interpreting() or not cupy_runs(device):
         return False
     return kernel_module("cupy", "postprocess").supports(k, device, batch)
@@ -399,7 +400,10 @@ def _cupy_post_for_triton(device: torch.device, k: int, batch: int = 1) -> bool:
 def _triton_post(device: torch.device, k: int) -> bool:
     """Whether the Triton backend post-processes with its own kernels
     (:func:`lowrank.kernels.triton.postprocess.postprocess_triton`) where CuPy does not take
-    the batch: on a GPU, up to the one-program eigensolver's width. Under the interpreter (CPU
-    tensors) the steps keep the torch reference's CPU fast path; the tests call the kernels
-    directly."""
-    return device.type == "cuda" and k <= TRITON_POST_MAX_K
+    the batch: on a GPU, up to the one-program eigensolver's width and shared memory (k <= 64
+    everywhere, up to 128 on GPUs with 128 KB a block); wider ones take the torch reference.
+    Under the interpreter the steps keep the torch reference (on CPU tensors its CPU fast
+    path); the tests call the kernels directly."""
+    if device.type != "cuda" or _interpreting() or k > TRITON_POST_MAX_K:
+        return False
+    return kernel_module("triton", "postprocess").fits(k, device)

@@ -59,17 +59,16 @@ def compile_one(name, fn, signature: dict, constexprs: dict, num_warps: int = 4)
 def postprocess_configs():
     pp = kernel_module("triton", "postprocess")
     eigh = {"a_ptr": "*fp64", "evals_ptr": "*fp64", "evecs_ptr": "*fp64", "sweeps_ptr": "*i32",
-            "k": "i32", "tol2": "fp64", "max_sweeps": "i32"}
+            "k": "i32", "tol2": "fp32", "max_sweeps": "i32"}  # a Python float arrives as fp32
     for K in (2, 16, 32, 64, pp.MAX_K):
         yield ("gram_eigh", pp._gram_eigh_kernel, eigh, {"K": K}, pp._num_warps(K))
     # k = 1 is specialised into a constant by the launcher
     yield ("gram_eigh", pp._gram_eigh_kernel, eigh, {"K": 2, "k": 1}, pp._num_warps(2))
-    refill = {"r_ptr": "*fp64", "seed": "i64", "step": "i64", "step_ptr": "*i64", "side": "i32",
-              "p": "i32", "k": "i32"}
-    for on_device in (False, True):
-        for ones in ({}, {"side": 1, "k": 1}):
-            yield ("refill_candidates", pp._refill_kernel, refill,
-                   {"STEP_ON_DEVICE": on_device, "BLOCK": pp.REFILL_BLOCK, **ones}, 4)
+    refill = {"r_ptr": "*fp64", "seed": "i64", "step": "i64", "step_ptr": "*i64",
+              "step_on_device": "i32", "side": "i32", "p": "i32", "k": "i32"}
+    for ones in ({}, {"k": 1}):
+        yield ("refill_candidates", pp._refill_kernel, refill,
+               {"BLOCK": pp.REFILL_BLOCK, **ones}, 4)
 
 
 def _signature(fn, pointers: dict, floats=()) -> dict:

@@ -29,6 +29,6 @@ def test_triton_kernels_compile_for_sm90():
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in rows} == {"gram_eigh", "refill_candidates", "fused_sgd_sketch",
                                            "sketch", "sum_partials"}
-    assert len(rows) == 25
+    assert len(rows) == 23
     for r in rows:
         assert r["regs"] > 0, r  # ptxas produced a kernel and cuobjdump read it

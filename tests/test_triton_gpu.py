@@ -203,9 +203,9 @@ def test_fused_deterministic_bitwise_on_gpu():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_many_one_launch_equals_one_call_per_matrix_on_gpu(dtype):
     """fused_sgd_sketch_triton_many (one launch over 4 separate 1024 x 768 parameters, their
-    addresses in a device table) against each matrix's own call, deterministic sums: weights,
-    buffers and sketches bit for bit, over a first momentum step and a second; and
-    sketch_triton_many likewise."""
+    addresses in a device table) against each matrix's own call, deterministic sums and the
+    same column splits (the default splits depend on the batch): weights, buffers and sketches
+    bit for bit, over a first momentum step and a second; and sketch_triton_many likewise."""
     b, m, n, k = 4, 1024, 768, 16
     Ws = [rand(m, n, seed=70 + i, dtype=dtype) for i in range(b)]
     Ws_one = [W.clone() for W in Ws]
@@ -214,20 +214,20 @@ def test_fused_many_one_launch_equals_one_call_per_matrix_on_gpu(dtype):
     for s in range(2):
         Gs = [rand(m, n, seed=90 + 10 * s + i, dtype=dtype) for i in range(b)]
         out, bufs = FS.fused_sgd_sketch_triton_many(Ws, Gs, bufs, U, V, lr=0.05, momentum=0.9,
-                                                    nesterov=True, deterministic=True)
+                                                    nesterov=True, deterministic=True, splits=6)
         new = []
         for i in range(b):
             one, buf = FS.fused_sgd_sketch_triton(Ws_one[i], Gs[i], bufs_one[i], U[i:i + 1],
                                                   V[i:i + 1], lr=0.05, momentum=0.9,
-                                                  nesterov=True, deterministic=True)
+                                                  nesterov=True, deterministic=True, splits=6)
             new.append(buf)
             assert torch.equal(Ws[i], Ws_one[i]) and torch.equal(bufs[i], buf), (s, i)
             for field in ("Y", "Z", "fro2", "row_sq"):
                 assert torch.equal(getattr(out, field)[i], getattr(one, field)[0]), (s, i, field)
         bufs_one = new
-    sk = SK.sketch_triton_many(Ws, U, V, deterministic=True)
+    sk = SK.sketch_triton_many(Ws, U, V, deterministic=True, splits=6)
     for i in range(b):
-        one = SK.sketch_triton(Ws[i], U[i:i + 1], V[i:i + 1], deterministic=True)
+        one = SK.sketch_triton(Ws[i], U[i:i + 1], V[i:i + 1], deterministic=True, splits=6)
         for field in ("Y", "Z", "fro2", "row_sq"):
             assert torch.equal(getattr(sk, field)[i], getattr(one, field)[0]), (i, field)
 

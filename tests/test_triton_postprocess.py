@@ -3,7 +3,7 @@ sync-free ``postprocess``, against float64 ``torch.linalg`` and the torch refere
 
 Runs on CUDA, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1, as in CI; the
 interpreter runs each program in numpy, so the matrices are small). The GPU-only properties (no
-host synchronisation, CUDA graph capture) are in tests/test_triton_gpu.py.
+host synchronisation, CUDA graph capture) are in tests/test_triton_post_gpu.py.
 """
 
 from __future__ import annotations
@@ -111,6 +111,20 @@ def test_gram_eigh_reads_the_lower_triangle_and_stops_at_once_on_a_diagonal():
     assert torch.equal(E.cpu().abs(), torch.eye(k, dtype=F64)[:, [1, 4, 2, 0, 3]].unsqueeze(0))
 
 
+@pytest.mark.parametrize("exponent", [-565, -900, 531, 996])
+def test_gram_eigh_extreme_scales(exponent):
+    """Entries whose squares under- or overflow float64 (2^-565 ~ 1e-170 .. 2^996 ~ 1e300):
+    the kernel scales by a power of two first, so a matrix times 2^e gives exactly the results
+    at scale 1 (eigenvalues times 2^e), not an unrotated diagonal (underflow) or NaN (overflow)."""
+    scale = 2.0**exponent
+    A = _gram("graded", 2, 6, seed=8) + torch.eye(6, dtype=F64)
+    lam1, E1 = PP.gram_eigh_triton(A.to(DEVICE))
+    lam, E, sweeps = PP.gram_eigh_triton((A * scale).to(DEVICE), return_sweeps=True)
+    assert int(sweeps.min()) > 0
+    assert torch.equal(lam.cpu() / scale, lam1.cpu())
+    assert torch.equal(E.cpu(), E1.cpu())
+
+
 def test_gram_eigh_zero_and_non_finite():
     """A zero matrix: zero eigenvalues, an orthonormal basis. A NaN or Inf anywhere: every output
     of that matrix NaN (and only of that one), never a plausible spectrum."""
@@ -155,8 +169,9 @@ def test_refill_candidates_are_keyed_normals():
     R = PP.refill_candidates_triton(shape, 7, 5, 0, DEVICE).cpu()
     assert R.shape == shape and R.dtype == F64
     assert torch.equal(R, PP.refill_candidates_triton(shape, 7, 5, 0, DEVICE).cpu())
-    step_t = torch.tensor([5], dtype=torch.int64, device=DEVICE)
-    assert torch.equal(R, PP.refill_candidates_triton(shape, 7, step_t, 0, DEVICE).cpu())
+    for dtype in (torch.int64, torch.int32):  # (an int32 step is widened on the device)
+        step_t = torch.tensor([5], dtype=dtype, device=DEVICE)
+        assert torch.equal(R, PP.refill_candidates_triton(shape, 7, step_t, 0, DEVICE).cpu())
     others = [PP.refill_candidates_triton(shape, 8, 5, 0, DEVICE), PP.refill_candidates_triton(shape, 7, 6, 0, DEVICE),
               PP.refill_candidates_triton(shape, 7, 5, 1, DEVICE)]
     for other in others:  # independent normals: E|x - y| = 2 / sqrt(pi) = 1.13

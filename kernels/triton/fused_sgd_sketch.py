@@ -39,6 +39,7 @@ from lowrank.sketch import SketchOut
 from ..device_table import device_table
 from .sketch import (
     _TL_DTYPES,
+    SKETCH_FIELDS,
     SketchBuffers,
     _emit_band,
     _load_band_basis,
@@ -136,9 +137,11 @@ def _fused_sgd_sketch_kernel(
     col0 = pid_s.to(tl.int64) * cols_per_split
     hi = tl.minimum(cols_per_split, n - col0)
     if FROM_TABLE:
-        w_mat = tl.load(w_ptr + 3 * bid).to(tl.pointer_type(PARAM_DTYPE))
-        g_mat = tl.load(w_ptr + 3 * bid + 1).to(tl.pointer_type(PARAM_DTYPE))
-        b_mat = tl.load(w_ptr + 3 * bid + 2).to(tl.pointer_type(PARAM_DTYPE))
+        # 16-byte aligned (the launcher checks): as for a pointer argument, the loads and
+        # stores of a row can then be vectorised.
+        w_mat = tl.multiple_of(tl.load(w_ptr + 3 * bid).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        g_mat = tl.multiple_of(tl.load(w_ptr + 3 * bid + 1).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        b_mat = tl.multiple_of(tl.load(w_ptr + 3 * bid + 2).to(tl.pointer_type(PARAM_DTYPE)), 16)
     else:
         w_mat = w_ptr + bid * stride_wb
         g_mat = g_ptr + bid * stride_gb
@@ -378,7 +381,9 @@ def fused_sgd_sketch_triton_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor,
     with momentum: new buffers, initialised to g by the kernel). U (b, m, k), V (b, n, k)
     float32 bases. Returns (SketchOut (b, ...), list of the b buffers, None entries without
     momentum); per matrix, the results of b calls of :func:`fused_sgd_sketch_triton` (to the
-    rounding of the atomics; bitwise with ``deterministic``).
+    rounding of the atomics; bitwise with ``deterministic`` and the same ``splits``: on a GPU
+    the default splits depend on b). An operand not aligned to 16 bytes (a view at an odd
+    offset) makes it b such calls.
     """
     op = "fused_sgd_sketch_triton_many"
     if not isinstance(Ws, (list, tuple)) or not Ws or len(Gs) != len(Ws) or len(bufs) != len(Ws):
@@ -421,6 +426,17 @@ def fused_sgd_sketch_triton_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor,
     addresses = []
     for W, G, buf in zip(Ws, Gs, bufs):
         addresses += [W.data_ptr(), G.data_ptr(), buf.data_ptr() if buf is not None else 0]
+    if any(a % 16 for a in addresses):  # a view at an odd offset: one call per matrix
+        outs = []
+        for i in range(b):
+            sk, bufs[i] = fused_sgd_sketch_triton(
+                Ws[i], Gs[i], None if first else bufs[i], U3[i:i + 1], V3[i:i + 1], lr=lr,
+                weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, maximize=maximize, precision=precision,
+                deterministic=deterministic, block_m=block_m, block_n=block_n, splits=splits,
+                num_warps=num_warps)
+            outs.append(sk)
+        return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in SKETCH_FIELDS)), bufs
     table = device_table(tuple(addresses), device)
     dense = (m * n, n, 1)
     out = _launch(None, None, None, lr_t, lr_f, U3, V3, (b, m, n, k), (dense, dense, dense),

@@ -22,6 +22,8 @@ results are the reference's up to the eigensolver's rounding and the refill cand
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -57,6 +59,13 @@ def _gram_eigh_kernel(a_ptr, evals_ptr, evecs_ptr, sweeps_ptr, k, tol2, max_swee
     base = b * k * k
     A = tl.load(a_ptr + base + rows * k + cols, mask=inside, other=0.0).to(tl.float64)
     A = tl.where(rows >= cols, A, tl.trans(A))  # the lower triangle, as torch.linalg.eigh reads
+    # Scale by a power of two (exact) to bring max |a| into [1, 2): the squares summed below
+    # neither overflow (|a| > 1e154) nor underflow (|a| < 1e-154) on any finite input.
+    amax = tl.max(tl.max(tl.abs(A), axis=1), axis=0)
+    finite_max = (amax > 0.0) & (amax < float("inf"))
+    expo = tl.floor(tl.log2(tl.where(finite_max, amax, 1.0)))
+    scale = tl.exp2(tl.minimum(tl.maximum(-expo, -1000.0), 1000.0))
+    A = A * scale
     diag = rows == cols
     V = tl.where(diag, 1.0, 0.0).to(tl.float64)
     total = tl.sum(tl.sum(A * A, axis=1), axis=0)
@@ -97,7 +106,7 @@ def _gram_eigh_kernel(a_ptr, evals_ptr, evecs_ptr, sweeps_ptr, k, tol2, max_swee
             V = V * c[None, :] + tl.gather(V, by_col, axis=1) * sgn_s[None, :]
         off = tl.sum(tl.sum(tl.where(diag, 0.0, A * A), axis=1), axis=0)
         sweep += 1
-    lam = tl.sum(tl.where(diag, A, 0.0), axis=1)
+    lam = tl.sum(tl.where(diag, A, 0.0), axis=1) / scale
     # Descending order, padding last: rank_i = #{j before i in the order}; order[r] = the i of
     # rank r. Ties keep index order, so the permutation is exact.
     key = tl.where(idx < k, lam, float("-inf"))
@@ -107,13 +116,42 @@ def _gram_eigh_kernel(a_ptr, evals_ptr, evecs_ptr, sweeps_ptr, k, tol2, max_swee
     lam_sorted = tl.sum(tl.where(rank[:, None] == cols, lam[:, None], 0.0), axis=0)
     V_sorted = tl.gather(V, tl.broadcast_to(order[None, :], (K, K)), axis=1)
     # A non-finite input gives NaN everywhere, not a mix of numbers and NaN that could pass for
-    # a spectrum (its stopping test is false on NaN and Inf: no sweep ran).
+    # a spectrum (its stopping test is false on NaN and Inf: no sweep ran). After the scaling a
+    # finite input has a finite total.
     bad = (total != total) | (total == float("inf"))  # noqa: PLR0124 (a NaN test in Triton)
     lam_sorted = tl.where(bad, float("nan"), lam_sorted)
     V_sorted = tl.where(bad, float("nan"), V_sorted)
     tl.store(evals_ptr + b * k + idx, lam_sorted, mask=idx < k)
     tl.store(evecs_ptr + base + rows * k + cols, V_sorted, mask=inside)
     tl.store(sweeps_ptr + b, sweep)
+
+
+def _pad(k: int) -> int:
+    return max(2, triton.next_power_of_2(k))
+
+
+def shared_bytes(k: int) -> int:
+    """Shared memory of the eigensolver at width k: one K x K float64 buffer (its gathers and
+    layout conversions; ptxas through Triton 3.6 and 3.9 reports 8 K^2 bytes, K = 16 .. 128)."""
+    return 8 * _pad(k) ** 2
+
+
+@functools.cache
+def _shared_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 49152))
+
+
+def fits(k: int, device: torch.device) -> bool:
+    """Whether the eigensolver takes width k on ``device``: k <= MAX_K and its shared memory
+    within the device's per-block limit (K = 128 needs 128 KB: H100 and A100 yes, sm_86/89
+    GPUs with about 100 KB no)."""
+    if k > MAX_K:
+        return False
+    if device.type != "cuda":
+        return True  # the interpreter
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return shared_bytes(k) <= _shared_limit(index)
 
 
 def _num_warps(K: int) -> int:
@@ -146,24 +184,27 @@ def gram_eigh_triton(A: torch.Tensor, *, max_sweeps: int = MAX_SWEEPS, return_sw
     evecs = torch.empty((b, k, k), dtype=torch.float64, device=A.device)
     sweeps = torch.zeros((b,), dtype=torch.int32, device=A.device)
     if b > 0:
-        K = max(2, triton.next_power_of_2(k))
+        K = _pad(k)
         _gram_eigh_kernel[(b,)](A, evals, evecs, sweeps, k, JACOBI_TOL**2, max_sweeps, K=K,
                                 num_warps=_num_warps(K))
     return (evals, evecs, sweeps) if return_sweeps else (evals, evecs)
 
 
-@triton.jit(do_not_specialize=["seed", "step", "side"])  # one compilation for every step
-def _refill_kernel(r_ptr, seed, step, step_ptr, side, p, k,
-                   STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    """Standard normal candidates R[b] (p x k) from Philox keyed by (seed, 2 step + side, b)."""
+# One compiled variant for every call: an int step and a device step run the same binary (the
+# branch is a runtime one), and no argument is specialised on its value (1, multiples of 16).
+# A CUDA graph capture that met a variant for the first time would have to load it, which a
+# capture does not allow: eager steps pass an int step, captured ones the device counter.
+@triton.jit(do_not_specialize=["seed", "step", "step_on_device", "side"])
+def _refill_kernel(r_ptr, seed, step, step_ptr, step_on_device, side, p, k, BLOCK: tl.constexpr):
+    """Standard normal candidates R[b] (p x k) from Philox keyed by (seed, 2 step + side, b);
+    the step is read from ``step_ptr`` (int64) where ``step_on_device`` is nonzero."""
     b = tl.program_id(1).to(tl.int64)
     # int64 throughout: a small int argument arrives as int32, and the key must not depend on
     # whether the step came as an int or from the device.
     zero = tl.zeros((), dtype=tl.int64)
-    if STEP_ON_DEVICE:
+    step = zero + step
+    if step_on_device != 0:
         step = tl.load(step_ptr).to(tl.int64)
-    else:
-        step = zero + step
     seed = zero + seed
     # One 64-bit Philox key per matrix and side: refill_candidates' mix of seed and
     # 2 step + side, then the index in the group (distinct below a million matrices a group).
@@ -191,13 +232,16 @@ def refill_candidates_triton(shape, seed: int, step, side: int, device) -> torch
     if R.numel() == 0:
         return R
     on_device = isinstance(step, torch.Tensor)
-    if on_device and (step.numel() != 1 or step.device != R.device or step.is_floating_point()):
-        raise ValueError("refill_candidates_triton: a tensor step must be one integer on the "
-                         f"candidates' device; got {tuple(step.shape)} {step.dtype} on {step.device}")
+    if on_device:
+        if step.numel() != 1 or step.device != R.device or step.is_floating_point():
+            raise ValueError("refill_candidates_triton: a tensor step must be one integer on the "
+                             f"candidates' device; got {tuple(step.shape)} {step.dtype} on {step.device}")
+        step_ptr = step.reshape(1).to(torch.int64)  # a device op (no sync) where not int64
+    else:
+        step_ptr = R.view(torch.int64)  # not read: any int64 pointer of the same alignment
     grid = (triton.cdiv(p * k, REFILL_BLOCK), b)
-    _refill_kernel[grid](R, int(seed) % 2**62, 0 if on_device else int(step),
-                         step if on_device else R, int(side), p, k,
-                         STEP_ON_DEVICE=on_device, BLOCK=REFILL_BLOCK)
+    _refill_kernel[grid](R, int(seed) % 2**62, 0 if on_device else int(step), step_ptr,
+                         int(on_device), int(side), p, k, BLOCK=REFILL_BLOCK)
     return R
 
 

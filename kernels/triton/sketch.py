@@ -43,6 +43,7 @@ from ..device_table import device_table
 PRECISIONS = {"fp32": "ieee", "tf32x3": "tf32x3", "tf32": "tf32"}
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SKETCH_FIELDS = ("Y", "Z", "fro2", "row_sq")
 BASIS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Widest sketch the register budget allows: Y's accumulator is BLOCK_M x K_PAD fp32 per program.
 MAX_K = 256
@@ -147,7 +148,7 @@ def _sketch_kernel(
     col0 = pid_s.to(tl.int64) * cols_per_split
     hi = tl.minimum(cols_per_split, n - col0)
     if FROM_TABLE:
-        w_mat = tl.load(w_ptr + bid).to(tl.pointer_type(W_DTYPE))
+        w_mat = tl.multiple_of(tl.load(w_ptr + bid).to(tl.pointer_type(W_DTYPE)), 16)  # checked
     else:
         w_mat = w_ptr + bid * stride_wb
     w_row = w_mat + rows[:, None] * stride_wm
@@ -422,7 +423,9 @@ def sketch_triton_many(Ws, U: torch.Tensor, V: torch.Tensor, *, precision: str =
     read as (m, n) with m = shape[0]) with the batched bases U (b, m, k), V (b, n, k), in ONE
     launch: the kernel reads each matrix's address from a device table
     (:func:`lowrank.kernels.device_table.device_table`). Returns SketchOut (b, ...): per
-    matrix, its own call's results (bitwise with ``deterministic``)."""
+    matrix, its own call's results (bitwise with ``deterministic`` and the same ``splits``; on
+    a GPU the default splits depend on b). A matrix not aligned to 16 bytes (a view at an odd
+    offset) makes it b calls."""
     op = "sketch_triton_many"
     if not isinstance(Ws, (list, tuple)) or not Ws:
         raise ValueError(f"{op}: Ws must be a non-empty list of tensors")
@@ -442,7 +445,13 @@ def sketch_triton_many(Ws, U: torch.Tensor, V: torch.Tensor, *, precision: str =
     device = check_device(*Ws, U, V, names=[f"W[{i}]" for i in range(b)] + ["U", "V"])
     if W0.numel() == 0 or k == 0:
         return zero_sketch(b, m, n, k, device)
-    table = device_table(tuple(W.data_ptr() for W in Ws), device)
+    addresses = tuple(W.data_ptr() for W in Ws)
+    if any(a % 16 for a in addresses):  # a view at an odd offset: one call per matrix
+        outs = [sketch_triton(W.view(1, m, n), U3[i:i + 1], V3[i:i + 1], precision=precision,
+                              deterministic=deterministic, block_m=block_m, block_n=block_n,
+                              splits=splits, num_warps=num_warps) for i, W in enumerate(Ws)]
+        return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in SKETCH_FIELDS))
+    table = device_table(addresses, device)
     return _launch_sketch(table, (m * n, n, 1), W0.dtype, (b, m, n, k), U3, V3, ptx,
                           deterministic, (block_m, block_n, splits, num_warps), device,
                           from_table=True).finish()
