@@ -36,7 +36,8 @@ from .sketch import check_device
 # spread over the program's registers (K = 128 and 16 warps: 64 doubles a thread).
 MAX_K = 128  # lowrank.backends.TRITON_POST_MAX_K routes on it (a test checks they agree)
 # The sweeps stop when ||offdiag(A)||_F <= JACOBI_TOL ||A||_F, the level of a backward-stable
-# solver (as the CuPy kernel's); MAX_SWEEPS only bounds a pathological stall (or a NaN).
+# solver (as the CuPy kernel's); MAX_SWEEPS only bounds a pathological stall (a NaN or Inf
+# input fails the test at once: no sweep).
 JACOBI_TOL = 1e-15
 MAX_SWEEPS = 40
 
