@@ -25,7 +25,7 @@ import torch
 
 from .fused_sgd_sketch import fused_sgd_sketch_torch
 from .postprocess import postprocess_torch
-from .sketch import SketchOut, inner_and_square_norm_torch, sketch_torch
+from .sketch import cat_sketches, inner_and_square_norm_torch, sketch_torch
 
 BACKENDS = ("auto", "torch", "triton", "cupy", "cpu")
 # Weight dtypes of the "cpu" backend (kernels/cpu: float32 updated in the pass; the 16-bit ones
@@ -238,11 +238,7 @@ def sketch_many(Ws, U, V, *, backend: str = "torch", **options):
         return kernel_module("triton", "sketch").sketch_triton_many(Ws, U, V, **options)
     outs = [sketch(W, U[i:i + 1], V[i:i + 1], backend=backend, **options)
             for i, W in enumerate(Ws)]
-    return outs[0] if len(outs) == 1 else _cat_sketches(outs)
-
-
-def _cat_sketches(outs) -> SketchOut:
-    return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in ("Y", "Z", "fro2", "row_sq")))
+    return outs[0] if len(outs) == 1 else cat_sketches(outs)
 
 
 def _both_sides(backend: str, sides: str) -> None:
@@ -288,7 +284,7 @@ def fused_sgd_sketch_many(Ws, Gs, bufs, U, V, *, backend: str = "torch", options
                                    options=options, **hyper)
         outs.append(sk)
         new_bufs.append(buf)
-    return (outs[0] if len(outs) == 1 else _cat_sketches(outs)), new_bufs
+    return (outs[0] if len(outs) == 1 else cat_sketches(outs)), new_bufs
 
 
 def fused_sgd_sketch_list(Ws, Gs, bufs, Us, Vs, sides, *, backend: str = "cpu", **hyper):
@@ -404,6 +400,6 @@ def _triton_post(device: torch.device, k: int) -> bool:
     everywhere, up to 128 on GPUs with 128 KB a block); wider ones take the torch reference.
     Under the interpreter the steps keep the torch reference (on CPU tensors its CPU fast
     path); the tests call the kernels directly."""
-    if device.type != "cuda" or _interpreting() or k > TRITON_POST_MAX_K:
+    if device.type != "cuda" or _interpreting():
         return False
-    return kernel_module("triton", "postprocess").fits(k, device)
+    return kernel_module("triton", "postprocess").fits(k, device)  # (k <= TRITON_POST_MAX_K too)

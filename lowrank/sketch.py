@@ -33,6 +33,11 @@ class SketchOut(NamedTuple):
     P: torch.Tensor | None = None
 
 
+def cat_sketches(outs) -> SketchOut:
+    """The both-sided sketches ``outs`` (each (b_i, ...)) as one batch, in order."""
+    return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in ("Y", "Z", "fro2", "row_sq")))
+
+
 def as_batched(W: torch.Tensor) -> torch.Tensor:
     """View a weight as a batch of one matrix, shaped as :func:`matrix_shape` says.
 

@@ -34,12 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank.sketch import SketchOut
+from lowrank.sketch import SketchOut, cat_sketches
 
 from ..device_table import device_table
 from .sketch import (
     _TL_DTYPES,
-    SKETCH_FIELDS,
     SketchBuffers,
     _emit_band,
     _load_band_basis,
@@ -304,11 +303,11 @@ def fused_sgd_sketch_triton(W: torch.Tensor, G: torch.Tensor, buf: torch.Tensor 
         if b_copied:
             Bb = buf.contiguous().view(1, m, n)
 
+    hyper = {"weight_decay": weight_decay, "momentum": momentum, "dampening": dampening,
+             "nesterov": nesterov, "maximize": maximize}
     out = _launch(Wb, Gb, Bb if has_momentum else None, lr_t, lr_f, U3, V3, (b, m, n, k),
                   (Wb.stride(), Gb.stride(), Bb.stride() if has_momentum else Wb.stride()),
-                  W.dtype, {"weight_decay": weight_decay, "momentum": momentum,
-                                "dampening": dampening, "nesterov": nesterov, "maximize": maximize},
-                  first, ptx, deterministic, (block_m, block_n, splits, num_warps))
+                  W.dtype, hyper, first, ptx, deterministic, (block_m, block_n, splits, num_warps))
     if w_copied:
         W.copy_(Wb.view(W.shape))
     if b_copied:
@@ -324,10 +323,11 @@ def _launch(w_arg, g_arg, b_arg, lr_t, lr_f, U3, V3, bmnk, strides, dtype, hyper
     """One launch of the fused kernel over a batch of b (m, n) matrices: the (b, m, n) views
     ``w_arg``, ``g_arg``, ``b_arg`` (None: no momentum) with their ``strides``, or, with
     ``table``, the device table of b (W, G, buf) addresses (the views are then unused and
-    ``strides`` hold the matrices' own). Returns the SketchBuffers (None when not tracking)."""
+    ``strides`` hold the matrices' own). ``hyper``: weight_decay, momentum (nonzero: a
+    buffer), dampening, nesterov, maximize. Returns the SketchBuffers (None when not tracking)."""
     b, m, n, k = bmnk
     track = U3 is not None
-    has_momentum = b_arg is not None or (table is not None and hyper["momentum"] != 0)
+    has_momentum = hyper["momentum"] != 0
     device = (w_arg if table is None else table).device
     block_m, block_n, splits, num_warps = tiles
     kp = k_pad(k) if track else 16
@@ -389,9 +389,9 @@ def fused_sgd_sketch_triton_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor,
     if not isinstance(Ws, (list, tuple)) or not Ws or len(Gs) != len(Ws) or len(bufs) != len(Ws):
         raise ValueError(f"{op}: Ws, Gs and bufs must be lists of one length >= 1")
     W0 = Ws[0]
-    check_param_dtype(W0.dtype)
     if not isinstance(W0, torch.Tensor) or W0.dim() < 2:
         raise ValueError(f"{op}: W[0] must be a tensor with >= 2 dimensions")
+    check_param_dtype(W0.dtype)
     has_momentum = momentum != 0
     have = [buf is not None for buf in bufs]
     if has_momentum and any(have) and not all(have):
@@ -417,7 +417,7 @@ def fused_sgd_sketch_triton_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor,
     b, m = len(Ws), W0.shape[0]
     n = W0.numel() // m
     U3, V3, k = batched_bases(U, V, b, m, n)
-    if has_momentum and first:
+    if first:
         bufs = [torch.empty_like(W) for W in Ws]  # torch clones g; the kernel writes it
     elif not has_momentum:
         bufs = [None] * b
@@ -436,13 +436,14 @@ def fused_sgd_sketch_triton_many(Ws, Gs, bufs, U: torch.Tensor, V: torch.Tensor,
                 deterministic=deterministic, block_m=block_m, block_n=block_n, splits=splits,
                 num_warps=num_warps)
             outs.append(sk)
-        return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in SKETCH_FIELDS)), bufs
+        return cat_sketches(outs), bufs
     table = device_table(tuple(addresses), device)
     dense = (m * n, n, 1)
+    hyper = {"weight_decay": weight_decay, "momentum": momentum, "dampening": dampening,
+             "nesterov": nesterov, "maximize": maximize}
     out = _launch(None, None, None, lr_t, lr_f, U3, V3, (b, m, n, k), (dense, dense, dense),
-                  W0.dtype, {"weight_decay": weight_decay, "momentum": momentum,
-                                 "dampening": dampening, "nesterov": nesterov, "maximize": maximize},
-                  first, ptx, deterministic, (block_m, block_n, splits, num_warps), table=table)
+                  W0.dtype, hyper, first, ptx, deterministic,
+                  (block_m, block_n, splits, num_warps), table=table)
     for W, buf in zip(Ws, bufs):
         _bump_version(W)
         if has_momentum and not first:

@@ -36,14 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank.sketch import SketchOut
+from lowrank.sketch import SketchOut, cat_sketches
 
 from ..device_table import device_table
 
 PRECISIONS = {"fp32": "ieee", "tf32x3": "tf32x3", "tf32": "tf32"}
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-SKETCH_FIELDS = ("Y", "Z", "fro2", "row_sq")
 BASIS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Widest sketch the register budget allows: Y's accumulator is BLOCK_M x K_PAD fp32 per program.
 MAX_K = 256
@@ -450,7 +449,7 @@ def sketch_triton_many(Ws, U: torch.Tensor, V: torch.Tensor, *, precision: str =
         outs = [sketch_triton(W.view(1, m, n), U3[i:i + 1], V3[i:i + 1], precision=precision,
                               deterministic=deterministic, block_m=block_m, block_n=block_n,
                               splits=splits, num_warps=num_warps) for i, W in enumerate(Ws)]
-        return SketchOut(*(torch.cat([getattr(o, f) for o in outs]) for f in SKETCH_FIELDS))
+        return cat_sketches(outs)
     table = device_table(addresses, device)
     return _launch_sketch(table, (m * n, n, 1), W0.dtype, (b, m, n, k), U3, V3, ptx,
                           deterministic, (block_m, block_n, splits, num_warps), device,
